@@ -1,0 +1,43 @@
+# One-line entry points for a fresh clone: `make run` (default matrix) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Where pip finds the CPU build when no local wheel of it is on the machine.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+# Metaflow needs a user name; CI machines may have no USER.
+export METAFLOW_USER ?= $(or $(USER),$(shell id -un 2>/dev/null),finetune-matrix)
+
+.PHONY: setup run test test-quick clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "setuptools>=68" wheel
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing torch $(TORCH_VERSION) (CUDA build)"; \
+		$(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "no GPU: installing torch $(TORCH_VERSION) (CPU build)"; \
+		$(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
+		$(BIN)/pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.17"
+	$(BIN)/pip install -q -e ".[dev]"
+	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
+	touch $@
+
+run: setup
+	$(BIN)/python flows/finetune_matrix.py run
+
+test: setup
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# The quick loop: everything but the slow tests (under a minute).
+test-quick: setup
+	$(BIN)/python -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,86 @@
+"""The YAML catalogs under `configs/`: model presets and instance types."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field
+
+from steps import CONFIGS_DIR
+from steps.schema import Strict, validate
+
+MODELS_DIR = CONFIGS_DIR / "models"
+INSTANCES_FILE = CONFIGS_DIR / "instances.yaml"
+
+
+class ModelPreset(Strict):
+    """A named architecture: `init: random` builds it from `config` with no download."""
+
+    name: str
+    description: str = ""
+    init: Literal["random", "pretrained"] = "random"
+    # Hub id or local directory of real weights, used when init is `pretrained`.
+    source: str | None = None
+    tokenizer: str = "byte"
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class Instance(Strict):
+    name: str
+    description: str = ""
+    accelerator: str
+    devices_per_node: int = Field(ge=0)
+    memory_per_device_gb: float | None = None
+    # Dense peak per device, from the vendor's datasheet (no sparsity); None where unpublished.
+    peak_tflops_bf16: float | None = None
+    peak_tflops_fp32: float | None = None
+    bf16: bool = True
+    interconnect: str = ""
+    price_per_hour_usd: float = Field(ge=0.0)
+    source: str
+
+
+def _read_yaml(path: Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+@functools.cache
+def model_presets() -> dict[str, ModelPreset]:
+    presets = {}
+    for path in sorted(MODELS_DIR.glob("*.yaml")):
+        data = {"name": path.stem, **(_read_yaml(path) or {})}
+        presets[path.stem] = validate(ModelPreset, data, str(path))
+    return presets
+
+
+@functools.cache
+def instances() -> dict[str, Instance]:
+    raw = (_read_yaml(INSTANCES_FILE) or {}).get("instances", {})
+    return {
+        name: validate(Instance, {"name": name, **entry}, f"{INSTANCES_FILE}:{name}")
+        for name, entry in raw.items()
+    }
+
+
+def model_reference_problem(name: str) -> str | None:
+    """Why `name` names no model: not a preset, not a local directory, not a hub id."""
+    if name in model_presets() or Path(name).is_dir():
+        return None
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return None  # a hub id such as TinyLlama/TinyLlama-1.1B-Chat-v1.0
+    return (
+        f"{name!r} is not a model preset, a local directory or a hub id; presets: "
+        f"{', '.join(model_presets())}"
+    )
+
+
+def peak_tflops(instance: str, precision: str) -> float | None:
+    """Per-device peak for the precision the matmuls run in (fp32 cells use the fp32 peak)."""
+    entry = instances().get(instance)
+    if entry is None:
+        return None
+    return entry.peak_tflops_fp32 if precision == "fp32" else entry.peak_tflops_bf16

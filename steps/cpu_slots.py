@@ -1,0 +1,62 @@
+"""This machine's CPU cores as slots, so cells that run at once do not skew each other.
+
+On `local-cpu` a rank is one device and a device is `FINETUNE_MATRIX_CORES_PER_RANK` cores
+(default 1). A cell holds its cores (file locks, shared by every process of this user) while it
+runs and its ranks are pinned to them; a cell that finds too few free cores waits. Without
+this, `--max-workers 4` on a 2-core machine would run 8 ranks on 2 cores and every tokens/s
+in the table would measure the contention, not the strategy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def cores_per_rank() -> int:
+    return max(1, int(os.environ.get("FINETUNE_MATRIX_CORES_PER_RANK", "1")))
+
+
+def _lock_dir() -> Path:
+    root = os.environ.get("FINETUNE_MATRIX_SLOTS_DIR") or tempfile.gettempdir()
+    path = Path(root) / f"finetune-matrix-cpu-slots-{os.getuid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _release(held: list) -> None:
+    for _, fh in held:
+        fh.close()  # closing drops the flock
+
+
+@contextlib.contextmanager
+def reserve(ranks: int, poll_s: float = 0.25) -> Iterator[list[int]]:
+    """Hold `ranks * cores_per_rank()` cores (all of them if the machine has fewer)."""
+    cores = sorted(os.sched_getaffinity(0))
+    want = min(len(cores), ranks * cores_per_rank())
+    lock_dir = _lock_dir()
+    while True:
+        held = []
+        for core in cores:
+            fh = open(lock_dir / f"core{core}.lock", "w")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                continue
+            held.append((core, fh))
+            if len(held) == want:
+                break
+        if len(held) == want:
+            break
+        _release(held)  # all or nothing, so two waiting cells cannot deadlock
+        time.sleep(poll_s)
+    try:
+        yield [core for core, _ in held]
+    finally:
+        _release(held)

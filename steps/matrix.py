@@ -1,0 +1,170 @@
+"""Matrix files: load and validate, expand into cells with stable ids, show them.
+
+    python -m steps.matrix configs/matrix/default.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from steps import catalog, compat
+from steps.schema import AXES, AXIS_FIELD, CellSpec, ConfigError, MatrixSpec, key_path, validate
+
+# Settings that change how a cell is run, not what it measures: kept out of its id.
+_ID_EXCLUDE = {"cell_id": True, "matrix": True, "train": {"timeout_s", "eval_every"}}
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    cell: CellSpec
+    refused: str | None = None  # why it cannot run; it becomes a `skipped` row
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, so artifacts read back without this package installed."""
+        return {"cell": self.cell.model_dump(mode="json"), "refused": self.refused}
+
+
+def _reference_problems(data: dict) -> list[str]:
+    """Names that must exist in the catalogs (checked on the raw values, beside the schema)."""
+    problems = []
+    for axis, check in (("models", catalog.model_reference_problem), ("instance", _instance_problem)):
+        values = data.get(axis)
+        values = values if isinstance(values, list) else [values] if values is not None else []
+        for i, value in enumerate(values):
+            if isinstance(value, str) and (msg := check(value)):
+                problems.append(f"{key_path((axis, i))}: {msg}")
+    return problems
+
+
+def _instance_problem(name: str) -> str | None:
+    known = catalog.instances()
+    if name in known:
+        return None
+    return f"{name!r} is not in configs/instances.yaml; allowed values: {', '.join(known)}"
+
+
+def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
+    """Validate a matrix mapping; every problem is reported at once in one ConfigError."""
+    problems: list[str] = []
+    spec = None
+    try:
+        spec = validate(MatrixSpec, data, source)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if isinstance(data, dict):
+        problems.extend(_reference_problems(data))
+    if problems:
+        raise ConfigError(problems, source)
+    return spec
+
+
+def parse_matrix_text(text: str) -> dict[str, Any]:
+    """Metaflow Config parser: YAML text in, the validated and normalised matrix out.
+
+    Problems are raised as a MetaflowException so the CLI prints them, not a traceback.
+    """
+    from metaflow.exception import MetaflowException
+
+    try:
+        data = yaml.safe_load(text)
+        return parse_matrix(data).model_dump(mode="json")
+    except yaml.YAMLError as exc:
+        raise MetaflowException(f"matrix: not valid YAML: {exc}") from None
+    except ConfigError as exc:
+        raise MetaflowException(str(exc)) from None
+
+
+def load_matrix(path: str | Path) -> MatrixSpec:
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"<top>: not valid YAML: {exc}"], str(path)) from None
+    return parse_matrix(data, str(path))
+
+
+def _prune(d: dict[str, Any]) -> dict[str, Any]:
+    """Drop sections left empty once defaults and run limits are taken out."""
+    out = {}
+    for k, v in d.items():
+        v = _prune(v) if isinstance(v, dict) else v
+        if v != {}:
+            out[k] = v
+    return out
+
+
+def cell_id(settings: dict[str, Any]) -> str:
+    """Readable prefix + hash of the settings that differ from the defaults.
+
+    Hashing only non-default values keeps ids stable when a later version adds a setting
+    with a default, and makes `seed: 0` written out equal to leaving it out.
+    """
+    cell = CellSpec.model_validate({**settings, "cell_id": ""})
+    canonical = _prune(cell.model_dump(mode="json", exclude_defaults=True, exclude=_ID_EXCLUDE))
+    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+    model = re.sub(r"[^A-Za-z0-9.]+", "-", cell.model.rstrip("/").split("/")[-1]).strip("-")
+    return f"{model}-{cell.peft}-{cell.strategy}-{cell.nodes}x{cell.gpus}-{digest}"
+
+
+def expand(spec: MatrixSpec) -> list[PlannedCell]:
+    """The cartesian product of the axes, in file order, each cell checked for compatibility.
+
+    `single` runs one process whatever the gpus/nodes axes say; duplicates are merged.
+    """
+    shared = {"train": spec.train.model_dump(), "data": spec.data.model_dump(), "matrix": spec.name}
+    planned: dict[str, PlannedCell] = {}
+    for values in itertools.product(*(getattr(spec, axis) for axis in AXES)):
+        settings = {AXIS_FIELD[axis]: v for axis, v in zip(AXES, values)}
+        if settings["strategy"] == "single":
+            settings.update(nodes=1, gpus=1)
+        settings.update(shared)
+        cid = cell_id(settings)
+        if cid not in planned:
+            cell = CellSpec.model_validate({**settings, "cell_id": cid})
+            planned[cid] = PlannedCell(cell, compat.refusal(cell))
+    return list(planned.values())
+
+
+def show(planned: list[PlannedCell], out=sys.stdout) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(planned)} cells", show_lines=False)
+    for col in ("cell_id", "peft", "strategy", "world", "lr", "mb x ga", "precision", "status"):
+        table.add_column(col)
+    for p in planned:
+        c = p.cell
+        table.add_row(
+            c.cell_id, c.peft, c.strategy, str(c.world_size), f"{c.lr:g}",
+            f"{c.micro_batch} x {c.grad_accum}", c.precision,
+            f"refused: {p.refused}" if p.refused else "runs",
+        )
+    Console(file=out, width=200).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("matrix", help="matrix YAML file")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_matrix(args.matrix)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    show(expand(spec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Shared helpers: cells for the tiny debug model, and a real torchrun launch of the trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from steps.matrix import cell_id
+from steps.schema import CellSpec
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# Metaflow reads its settings when first imported: point its local datastore at a scratch
+# folder for the whole session, before any test imports it, and give it a user name (CI
+# machines may have no USER). Flows run with this folder as their working directory: local
+# cards are written under the working directory's .metaflow but read from the datastore's.
+_SCRATCH = Path(tempfile.mkdtemp(prefix="finetune-matrix-tests-"))
+METAFLOW_ROOT = _SCRATCH / "metaflow"
+METAFLOW_ROOT.mkdir()
+os.environ.setdefault("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(METAFLOW_ROOT))
+os.environ.setdefault("METAFLOW_USER", "tests")
+
+
+def make_cell(**overrides) -> CellSpec:
+    """A cell of the debug model that trains in a few seconds on CPU."""
+    settings = {
+        "model": "llama-debug", "peft": "lora", "strategy": "single", "nodes": 1, "gpus": 1,
+        "lr": 1e-3, "micro_batch": 4, "grad_accum": 1, "precision": "fp32", "seq_len": 32,
+        "train": {"max_steps": 6, "timing_warmup_steps": 1, "timeout_s": 300},
+        "data": {"train_samples": 256, "val_samples": 32},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(settings.get(key), dict):
+            settings[key] = {**settings[key], **value}
+        else:
+            settings[key] = value
+    return CellSpec.model_validate({**settings, "cell_id": cell_id({**settings, "cell_id": ""})})
+
+
+def torchrun_trainer(cell: CellSpec, out: Path, nproc: int | None = None, timeout: float = 300):
+    """`torchrun --nproc_per_node N -m steps.train --cell CELL.yaml --out DIR`, for real."""
+    out.mkdir(parents=True, exist_ok=True)
+    cell_file = out / "cell.yaml"
+    cell_file.write_text(yaml.safe_dump(cell.model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", str(nproc or cell.gpus), "-m", "steps.train",
+           "--cell", str(cell_file), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return proc, metrics
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED / "data").is_dir():
+        pytest.skip("../shared/data is absent (a user's fresh clone has none)")
+    return SHARED / "data"

@@ -1,0 +1,105 @@
+"""The flow for real: Metaflow's Runner API runs a small matrix, the Client API reads it back."""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from steps.results import COLUMNS
+from tests.conftest import METAFLOW_ROOT, REPO
+
+pytestmark = pytest.mark.slow
+
+FLOW = str(REPO / "flows" / "finetune_matrix.py")
+SMALL = {
+    "name": "small", "models": "llama-debug", "peft": "lora", "strategy": ["single", "ddp"],
+    "gpus": 2, "lr": [3e-3, 1e-2], "micro_batch": 4, "seq_len": 32,
+    "train": {"max_steps": 20, "timing_warmup_steps": 2, "timeout_s": 300},
+    "data": {"train_samples": 256, "val_samples": 32},
+}
+
+
+def card_payload(html: str) -> str:
+    """A Metaflow card embeds its components as base64 JSON."""
+    (blob,) = re.findall(r'__MF_DATA__\["[^"]+"\] = "([^"]+)"', html)
+    return base64.b64decode(blob).decode()
+
+
+def run_flow(tmp_path, matrix: dict, **run_kwargs):
+    from metaflow import Runner
+
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump(matrix))
+    env = {"FINETUNE_MATRIX_REPORTS": str(tmp_path / "reports")}
+    with Runner(FLOW, show_output=False, env=env, cwd=str(METAFLOW_ROOT),
+                config=[("matrix", str(path))]) as runner:
+        result = runner.run(**run_kwargs)
+        return result.status, result.run.pathspec, result.stdout + result.stderr
+
+
+def test_matrix_runs_end_to_end_and_reads_back_through_the_client(tmp_path):
+    status, pathspec, output = run_flow(tmp_path, SMALL, max_workers=2)
+    assert status == "successful", output[-4000:]
+
+    from metaflow import Run, namespace
+    from metaflow.cards import get_cards
+
+    namespace(None)
+    run = Run(pathspec)
+    df = run["join"].task["results"].data
+    assert list(df.columns[: len(COLUMNS)]) == COLUMNS
+    assert len(df) == 4 and set(df["outcome"]) == {"ok"}
+    assert (df["tokens_per_s"] > 0).all() and df["val_loss"].map(math.isfinite).all()
+    assert sorted(df["world_size"]) == [1, 1, 2, 2] and set(df["run_id"]) == {run.id}
+    assert df["cell_id"].is_unique
+
+    out = tmp_path / "reports" / run.id
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), df)
+    assert len(pd.read_csv(out / "results.csv")) == 4
+    report = (out / "report.md").read_text()
+    for cid in df["cell_id"]:
+        assert cid in report
+        assert sorted(p.name for p in (out / "cells" / cid).iterdir()) == [
+            "cell.yaml", "metrics.json", "train.log"]
+    train_tasks = list(run["train"])
+    assert sorted(t["metrics"].data["cell_id"] for t in train_tasks) == sorted(df["cell_id"])
+    assert run["start"].task["cells"].data[0]["cell"]["matrix"] == "small"
+    cards = get_cards(run["end"].task)
+    assert len(cards) == 1
+    card_data = card_payload(cards[0].get())
+    assert all(cid in card_data for cid in df["cell_id"])
+
+    # Two cells at once (--max-workers 2): their own ports, folders and cores.
+    logs = {cid: (out / "cells" / cid / "train.log").read_text().splitlines()[0] for cid in df["cell_id"]}
+    ports = {line.split("--master-port ")[1].split()[0] for line in logs.values()}
+    assert len(ports) == 4
+    if len(os.sched_getaffinity(0)) >= 2:
+        singles = [t["metrics"].data for t in train_tasks if t["cell"].data["strategy"] == "single"]
+        a, b = sorted(singles, key=lambda m: m["started_at"])
+        assert b["started_at"] < a["ended_at"], "the two 1-process cells did not overlap"
+        assert not set(a["cores"]) & set(b["cores"])
+
+
+def test_a_matrix_with_three_mistakes_fails_before_any_training(tmp_path):
+    bad = {**SMALL, "strategy": ["single", "dpp"], "lr": -1e-3, "learning_rate": 0.1}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    env = {**os.environ, "FINETUNE_MATRIX_REPORTS": str(tmp_path / "reports")}
+    proc = subprocess.run([sys.executable, FLOW, "--config", "matrix", str(path), "run"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "3 problem(s)" in output
+    assert "strategy[1]: 'dpp' is not allowed" in output
+    assert "lr[0]: -0.001 is invalid: input should be greater than 0" in output
+    assert "learning_rate: unknown key (did you mean 'lr'?)" in output
+    assert "Task is starting" not in output and "Traceback" not in output
+    assert not (tmp_path / "reports").exists()
