@@ -6,8 +6,6 @@ TORCH_VERSION ?= 2.13.0
 # Where pip finds the CPU build when no local wheel of it is on the machine.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
-# Metaflow needs a user name; CI machines may have no USER.
-export METAFLOW_USER ?= $(or $(USER),$(shell id -un 2>/dev/null),finetune-matrix)
 
 .PHONY: setup run test test-quick clean-venv
 

@@ -5,10 +5,14 @@
     python flows/finetune_matrix.py resume                                # re-run failed cells
 """
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `steps`
+# Metaflow refuses to run as "root" or with no user name (containers, CI): give it one.
+if all(os.environ.get(v) in (None, "", "root") for v in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
+    os.environ["METAFLOW_USER"] = "finetune-matrix"
 
 from metaflow import Config, FlowSpec, card, current, step  # noqa: E402
 
@@ -24,22 +28,20 @@ class FinetuneMatrixFlow(FlowSpec):
     @step
     def start(self):
         self.cells = runs.plan(self.matrix)
-        self.out_dir = str(runs.run_dir(current.run_id))
-        print(f"{len(self.cells)} cells; results will be written to {self.out_dir}")
+        print(f"{len(self.cells)} cells; results go to {runs.run_dir(current.run_id)}")
         self.next(self.train, foreach="cells")
 
     @step
     def train(self):
         self.cell = self.input["cell"]
-        self.metrics = runs.train_cell(self.input, self.out_dir)
+        self.metrics = runs.train_cell(self.input, runs.run_dir(current.run_id))
         self.next(self.join)
 
     @step
     def join(self, inputs):
-        self.out_dir = inputs[0].out_dir
         meta = runs.provenance(current.run_id, current.flow_name, self.matrix)
         self.results, self.paths = runs.join(
-            current.run_id, [(i.cell, i.metrics) for i in inputs], Path(self.out_dir), meta)
+            current.run_id, [(i.cell, i.metrics) for i in inputs], runs.run_dir(current.run_id), meta)
         self.provenance = meta
         self.next(self.end)
 

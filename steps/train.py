@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.nn.functional as F
 import yaml
@@ -235,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(exc, Terminated):
             traceback.print_exc()
     m["trainer_wall_s"] = time.perf_counter() - t_start
+    # Launch to exit as this process sees it (interpreter start and imports included); the
+    # launcher replaces it with its own measure, which includes torchrun.
+    m["wall_s"] = time.time() - psutil.Process().create_time()
     if code == EXIT_OK:
         if d is None or d.is_main:
             metrics.write_json_atomic(out / "metrics.json", m)
