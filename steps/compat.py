@@ -11,8 +11,9 @@ from collections.abc import Callable
 from steps.schema import CellSpec
 
 # What the trainer implements in this version; the rest of the schema's names are refused.
-IMPLEMENTED_PEFT = {"full", "lora"}
-IMPLEMENTED_STRATEGIES = {"single", "ddp"}
+IMPLEMENTED_PEFT = {"full", "lora", "qlora", "dora"}
+IMPLEMENTED_STRATEGIES = {"single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload",
+                          "tensor", "pipeline", "hybrid"}
 
 
 def _implemented(cell: CellSpec) -> str | None:

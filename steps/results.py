@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from steps.schema import CellSpec
+
 # Fixed by the design: users' scripts and checks read these names.
 COLUMNS = [
     "run_id", "cell_id", "outcome", "error", "model", "peft", "strategy", "instance", "nodes",
@@ -25,9 +27,9 @@ SETTINGS = ["model", "peft", "strategy", "instance", "nodes", "gpus", "lr", "mic
 
 def row(run_id: str, cell: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
     out = {"run_id": run_id, "cell_id": cell["cell_id"], "matrix": cell.get("matrix", "")}
+    spec = CellSpec.model_validate(cell)
     out.update({k: cell[k] for k in SETTINGS})
-    out["world_size"] = cell["nodes"] * cell["gpus"]
-    out["global_batch"] = out["world_size"] * cell["micro_batch"] * cell["grad_accum"]
+    out.update(world_size=spec.world_size, dp_size=spec.dp_size, global_batch=spec.global_batch)
     for k in COLUMNS + EXTRA_METRICS:
         out.setdefault(k, m.get(k))
     out["warmup_tokens_per_s"] = (m.get("warmup") or {}).get("tokens_per_s")

@@ -55,28 +55,95 @@ class LoraSettings(Strict):
     )
 
 
+class QLoraSettings(Strict):
+    """bitsandbytes 4-bit base weights (QLoRA)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    # auto: bf16 where the precision is bf16, fp16 for fp16-mixed, fp32 otherwise.
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # The dtype the packed 4-bit weights are stored in; sharding strategies (fsdp, zero3) need
+    # a float storage so that every parameter of a shard has one dtype. auto picks for you.
+    quant_storage: Literal["auto", "uint8", "fp32", "bf16", "fp16"] = "auto"
+
+
+class ParallelSettings(Strict):
+    """How model-parallel strategies split the model."""
+
+    # hybrid: data parallel across groups of `model_parallel` ranks that run `hybrid_inner`.
+    hybrid_inner: Literal["tensor", "pipeline"] = "pipeline"
+    model_parallel: PositiveInt = 2
+    pipeline_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+
+
+class FaultSettings(Strict):
+    """Make a cell fail on purpose, to test what the tool does with failures."""
+
+    kind: Literal["raise", "oom", "hang", "kill"]
+    at_step: PositiveInt = 1
+    rank: int = Field(0, ge=0)
+
+
 class TrainSettings(Strict):
     """Settings every cell of a matrix shares."""
 
     max_steps: PositiveInt = 20
+    # When set, the run lasts this many passes over the training split instead of max_steps.
+    epochs: PositiveFloat | None = None
     # Steps excluded from throughput (compile, allocator and cache warm-up); reported apart.
     timing_warmup_steps: int = Field(2, ge=0)
     lr_warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "paged_adamw_8bit", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
+    gradient_checkpointing: bool = False
     seed: int = 0
+    # Model weights: `random` builds the architecture with random weights (no download),
+    # `pretrained` loads them; `auto` follows the preset (hub ids and directories: pretrained).
+    init: Literal["auto", "random", "pretrained"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
+    # Time and tokens until the validation loss (train loss when eval_every is 0) first
+    # reaches this value: the goodput / statistical-efficiency measure.
+    target_loss: PositiveFloat | None = None
+    checkpoint_every: int = Field(0, ge=0, description="0: no checkpoints")
+    # Cap on each rank's memory (GPU: the caching allocator; CPU: the process's data
+    # segment), to find out what fits in a smaller device; exceeding it is outcome `oom`.
+    memory_cap_gb: PositiveFloat | None = None
+    save_adapter: bool = True
     timeout_s: PositiveFloat = 1800.0
+    fault: FaultSettings | None = None
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    qlora: QLoraSettings = Field(default_factory=QLoraSettings)
+    parallel: ParallelSettings = Field(default_factory=ParallelSettings)
 
 
 class DataSettings(Strict):
-    # synthetic: majority letter of a string (learnable fast); synthetic-reverse: reverse it.
-    task: Literal["synthetic", "synthetic-reverse"] = "synthetic"
-    train_samples: PositiveInt = 2048
-    val_samples: PositiveInt = 128
+    """Where the examples come from and how they become token sequences."""
+
+    # synthetic: majority letter of a string (learnable fast); synthetic-reverse: reverse it;
+    # instructions: JSONL with instruction/context/response (Alpaca, Dolly); classification:
+    # TSV of label and text (SST-2); text: plain text packed in blocks; hub: datasets.load_dataset.
+    task: Literal[
+        "synthetic", "synthetic-reverse", "instructions", "classification", "text", "hub"
+    ] = "synthetic"
+    # A file, or a folder holding a train file and a dev/validation file.
+    path: str | None = None
+    # hub: the dataset name (and config) for datasets.load_dataset.
+    hub_name: str | None = None
+    hub_config: str | None = None
+    # Caps on the number of examples (synthetic: how many to generate, default 2048 / 128).
+    train_samples: PositiveInt | None = None
+    val_samples: PositiveInt | None = None
+    # Share held out for validation when the source has no validation split of its own.
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    # Concatenate examples into full seq_len rows (no padding); loss masks are kept.
+    packing: bool = False
+    # classification: the prompt ({text} is replaced) and the answer word of each label id.
+    prompt_template: str | None = None
+    labels: list[str] = Field(default_factory=lambda: ["negative", "positive"], min_length=2)
     seed: int = 1234
 
 
@@ -133,8 +200,23 @@ class CellSpec(Strict):
         return self.nodes * self.gpus
 
     @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one copy of the model between them (tensor or pipeline group)."""
+        if self.strategy in ("tensor", "pipeline"):
+            return self.world_size
+        if self.strategy == "hybrid":
+            return self.train.parallel.model_parallel
+        return 1
+
+    @property
+    def dp_size(self) -> int:
+        """Model replicas, each fed its own slice of the global batch."""
+        return max(1, self.world_size // self.model_parallel_size)
+
+    @property
     def global_batch(self) -> int:
-        return self.world_size * self.micro_batch * self.grad_accum
+        """Sequences per optimizer step. Tensor and pipeline ranks share their samples."""
+        return self.dp_size * self.micro_batch * self.grad_accum
 
 
 class ConfigError(ValueError):

@@ -1,6 +1,6 @@
 """Train and measure one cell, on its own (no Metaflow):
 
-    torchrun --nproc_per_node N -m steps.train --cell CELL.yaml --out DIR
+    torchrun --nproc_per_node N -m steps.train --cell CELL.yaml --out DIR [--resume]
 
 Writes DIR/metrics.json whatever happens: outcome `ok`, `oom` (exit code 3) or `error`
 (exit code 1, with the message), with everything measured until then.
@@ -9,8 +9,9 @@ Writes DIR/metrics.json whatever happens: outcome `ok`, `oom` (exit code 3) or `
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
+import os
+import resource
 import signal
 import sys
 import time
@@ -20,16 +21,16 @@ from typing import Any
 
 import psutil
 import torch
-import torch.nn.functional as F
 import yaml
 
-from steps import catalog, data, distributed, metrics, modeling, strategies
+from steps import catalog, checkpoint, data, distributed, metrics, modeling
 from steps.metrics import EXIT_ERROR, EXIT_OK, EXIT_OOM
+from steps.parallel import build_engine
 from steps.schema import CellSpec, validate
 
 
 class Terminated(Exception):
-    """SIGTERM from torchrun (another rank failed) or from the launcher (timeout)."""
+    """SIGTERM from torchrun (another rank failed) or from the launcher (timeout, hang)."""
 
 
 def _on_sigterm(signum, frame):
@@ -40,9 +41,8 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
-    )
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("out of memory", "can't allocate memory", "not enough memory"))
 
 
 def load_cell(path: str) -> CellSpec:
@@ -50,176 +50,212 @@ def load_cell(path: str) -> CellSpec:
         return validate(CellSpec, yaml.safe_load(fh), path)
 
 
-def lr_lambda(cell: CellSpec):
-    warmup, total, kind = cell.train.lr_warmup_steps, cell.train.max_steps, cell.train.lr_schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
-
-    return factor
-
-
-def build_optimizer(params, cell: CellSpec) -> torch.optim.Optimizer:
-    if cell.train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cell.lr, weight_decay=cell.train.weight_decay)
-    return torch.optim.AdamW(params, lr=cell.lr, weight_decay=cell.train.weight_decay)
+def apply_memory_cap(cell: CellSpec, device: torch.device) -> None:
+    """GPU: cap the caching allocator; CPU: cap the process's data segment (malloc fails)."""
+    cap = cell.train.memory_cap_gb
+    if not cap:
+        return
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total), device)
+    else:
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        resource.setrlimit(resource.RLIMIT_DATA, (int(cap * 1e9), hard))
 
 
-def autocast(cell: CellSpec, device: torch.device):
-    dtype = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(cell.precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def inject_fault(cell: CellSpec, step: int, rank: int) -> None:
+    """`train.fault`: fail on purpose at a step, to test how failures are recorded."""
+    fault = cell.train.fault
+    if fault is None or fault.at_step != step or fault.rank != rank:
+        return
+    if fault.kind == "raise":
+        raise RuntimeError(f"injected failure at step {step}")
+    if fault.kind == "oom":
+        raise torch.OutOfMemoryError(f"injected out of memory at step {step}")
+    if fault.kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    while True:  # hang: stop making progress without exiting, like a stuck collective
+        time.sleep(3600)
 
 
-def token_loss_sum(module, batch, cell, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss over target tokens, and the logits (labels are pre-shifted)."""
-    with autocast(cell, device):
-        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = F.cross_entropy(
-        logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=data.IGNORE,
-        reduction="sum",
-    )
-    return loss, logits
+def new_progress() -> dict[str, Any]:
+    return {"loss_curve": [], "val_curve": [], "train_s": 0.0, "timed_tokens": 0.0, "timed_s": 0.0,
+            "timed_steps": 0, "warm_tokens": 0.0, "warm_s": 0.0, "seq_tokens": 0.0, "seq_count": 0.0,
+            "target": None}
 
 
-@torch.no_grad()
-def evaluate(module, examples, cell, d, pad_id: int) -> dict[str, float]:
-    """Validation loss per target token; exact-match accuracy of the answer (teacher-forced
-    argmax, which equals greedy decoding of the answer) and per-token accuracy."""
-    module.eval()
-    loss_sum = n_tokens = n_correct_tokens = n_exact = n_seqs = 0.0
-    mine = data.shard(examples, d.rank, d.world)
-    for k in range(0, len(mine), cell.micro_batch):
-        batch = {key: t.to(d.device) for key, t in data.collate(mine[k : k + cell.micro_batch], pad_id).items()}
-        loss, logits = token_loss_sum(module, batch, cell, d.device)
-        target = batch["labels"] != data.IGNORE
-        hit = (logits.argmax(-1) == batch["labels"]) & target
-        loss_sum += loss.item()
-        n_tokens += target.sum().item()
-        n_correct_tokens += hit.sum().item()
-        n_exact += (hit.sum(1) == target.sum(1)).sum().item()
-        n_seqs += len(batch["labels"])
-    module.train()
-    loss_sum, n_tokens, n_correct_tokens, n_exact, n_seqs = distributed.all_reduce_sum(
-        [loss_sum, n_tokens, n_correct_tokens, n_exact, n_seqs], d.device
-    )
+def evaluate(engine, examples, cell: CellSpec, d: distributed.Dist, pad_id: int, eos_id: int,
+             has_answers: bool) -> dict[str, float | None]:
+    """Validation loss per target token, exact-answer accuracy and per-token accuracy."""
+    width, group = engine.eval_shape()
+    mine = data.shard(examples, engine.layout.dp_rank, engine.layout.dp_size)
+    rows = cell.micro_batch
+    per_step = rows * group
+    # Every replica runs the same number of eval steps (collectives must match).
+    (n_steps,) = distributed.all_reduce_max([math.ceil(len(mine) / per_step)], d.device)
+    filler = data.Example(ids=[pad_id, pad_id], target=[False, False])
+    engine.eval()
+    counts = [0.0] * 5
+    for k in range(int(n_steps)):
+        chunk = mine[k * per_step : (k + 1) * per_step]
+        chunk = chunk + [filler] * (per_step - len(chunk))  # padding rows carry no targets
+        micro = [{n: t.to(d.device) for n, t in data.collate(chunk[i : i + rows], pad_id, width).items()}
+                 for i in range(0, per_step, rows)]
+        counts = [a + b for a, b in zip(counts, engine.eval_step(micro, eos_id))]
+    engine.train()
+    loss_sum, n_tokens, n_correct, n_exact, n_answered = distributed.all_reduce_sum(counts, d.device)
     return {
         "val_loss": loss_sum / max(n_tokens, 1),
-        "accuracy": n_exact / max(n_seqs, 1),
-        "token_accuracy": n_correct_tokens / max(n_tokens, 1),
+        "accuracy": n_exact / n_answered if has_answers and n_answered else None,
+        "token_accuracy": n_correct / max(n_tokens, 1),
     }
 
 
-def train(cell: CellSpec, d: distributed.Dist, m: dict[str, Any]) -> None:
+def train(cell: CellSpec, d: distributed.Dist, m: dict[str, Any], out: Path, resume: bool) -> None:
     """The loop. Fills `m` as it goes, so a failure still reports what was measured."""
     tok = modeling.load_tokenizer(cell)
-    model = modeling.apply_peft(modeling.load_model(cell, tok.vocab_size), cell).to(d.device)
-    trainable, total = modeling.count_parameters(model)
-    embedding = model.get_input_embeddings().weight.numel()
+    splits = data.build_splits(cell.data, tok, cell.seq_len)
+    batches = data.GlobalBatches(splits.train, cell.global_batch, cell.train.seed)
+    total_steps = (math.ceil(cell.train.epochs * batches.steps_per_epoch) if cell.train.epochs
+                   else cell.train.max_steps)
+    m.update(steps_per_epoch=batches.steps_per_epoch, total_steps=total_steps, data_source=splits.source,
+             train_examples=len(splits.train), val_examples=len(splits.val))
+    engine = build_engine(cell, d, tok.vocab_size, total_steps)
+    trainable, total, embedding = engine.param_counts
     m.update(trainable_params=trainable, total_params=total)
-    train_examples, val_examples = data.build_splits(cell.data, tok, cell.seq_len)
-    batches = data.GlobalBatches(train_examples, cell.global_batch, cell.train.seed)
-    m["steps_per_epoch"] = batches.steps_per_epoch
+    layout = engine.layout
+    width, _ = engine.eval_shape()
 
-    wrapped = strategies.wrap(model, cell, d)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cell)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cell))
+    progress, start = new_progress(), 0
+    if resume and (folder := checkpoint.latest(out)) is not None:
+        start, progress = checkpoint.load(engine, folder, d)
+        m["resumed_from_step"] = start
+    m["progress"] = progress  # the live record: a failure still reports it
+    curve, log_every = progress["loss_curve"], max(1, total_steps // 20)
+    t_loop = time.perf_counter()
+    paused = 0.0  # evaluation and checkpoint time, kept out of training time
 
-    curve, log_every = m["loss_curve"], max(1, cell.train.max_steps // 20)
-    timed_tokens = timed_s = warm_tokens = warm_s = 0.0
-    seq_tokens = seq_count = 0.0
-    t_train = time.perf_counter()
-    for step in range(cell.train.max_steps):
+    def train_time() -> float:
+        return progress["train_s"] + time.perf_counter() - t_loop - paused
+
+    for step in range(start, total_steps):
+        inject_fault(cell, step + 1, d.rank)
         t0 = time.perf_counter()
-        micro = [{k: t.to(d.device) for k, t in b.items()} for b in
-                 batches.micro_batches(step, d.rank, d.world, cell.micro_batch, tok.pad_id)]
-        local_targets = sum((b["labels"] != data.IGNORE).sum().item() for b in micro)
-        local_tokens = sum(b["attention_mask"].sum().item() for b in micro)
+        micro = [{k: t.to(d.device) for k, t in b.items()} for b in batches.micro_batches(
+            step, layout.dp_rank, layout.dp_size, cell.micro_batch, tok.pad_id, width)]
+        mine = layout.reports  # ranks sharing a replica's samples count them once
+        local_targets = sum((b["labels"] != data.IGNORE).sum().item() for b in micro) if mine else 0
+        local_tokens = sum(b["attention_mask"].sum().item() for b in micro) if mine else 0
         (n_targets,) = distributed.all_reduce_sum([local_targets], d.device)
-        # Gradient of the mean over every target token of the global batch: DDP averages
-        # over ranks, so each rank scales its sum by world / global target count.
-        scale = d.world / n_targets
-        loss_total = 0.0
-        for k, batch in enumerate(micro):
-            sync = contextlib.nullcontext() if k == len(micro) - 1 else wrapped.no_sync()
-            with sync:
-                loss, _ = token_loss_sum(wrapped.module, batch, cell, d.device)
-                (loss * scale).backward()
-            loss_total += loss.item()
-        if cell.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cell.train.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, tokens = distributed.all_reduce_sum([loss_total, local_tokens], d.device)
+        # The gradient of the mean over every target token of the global batch: replicas'
+        # gradients are averaged, so each scales its sum by replicas / global target count.
+        loss_local = engine.forward_backward(micro, layout.dp_size / n_targets)
+        lr = engine.lr()
+        engine.optimizer_step()
+        loss_sum, tokens = distributed.all_reduce_sum([loss_local, local_tokens], d.device)
         dt = time.perf_counter() - t0
         if step < cell.train.timing_warmup_steps:
-            warm_tokens, warm_s = warm_tokens + tokens, warm_s + dt
+            progress["warm_tokens"] += tokens
+            progress["warm_s"] += dt
         else:
-            timed_tokens, timed_s = timed_tokens + tokens, timed_s + dt
-            seq_tokens += local_tokens
-            seq_count += sum(len(b["input_ids"]) for b in micro)
-        loss_value = loss_sum / n_targets
-        curve.append({"step": step + 1, "loss": loss_value, "lr": lr, "tokens": tokens,
-                      "time_s": time.perf_counter() - t_train})
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {step + 1}")
-        if d.is_main and ((step + 1) % log_every == 0 or step == 0):
-            rate = timed_tokens / timed_s if timed_s else tokens / dt
-            print(f"step {step + 1}/{cell.train.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
-                  f"tok/s {rate:,.0f}", flush=True)
+            progress["timed_tokens"] += tokens
+            progress["timed_s"] += dt
+            progress["timed_steps"] += 1
+            progress["seq_tokens"] += sum(b["attention_mask"].sum().item() for b in micro)
+            progress["seq_count"] += sum(len(b["input_ids"]) for b in micro)
+        loss = loss_sum / n_targets
+        curve.append({"step": step + 1, "loss": loss, "lr": lr, "tokens": tokens, "time_s": train_time()})
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step + 1}")
+        if d.is_main and ((step + 1) % log_every == 0 or step == start):
+            rate = progress["timed_tokens"] / progress["timed_s"] if progress["timed_s"] else tokens / dt
+            print(f"step {step + 1}/{total_steps} loss {loss:.4f} lr {lr:.2e} tok/s {rate:,.0f}", flush=True)
         if cell.train.eval_every and (step + 1) % cell.train.eval_every == 0:
-            m["val_curve"].append({"step": step + 1, **evaluate(wrapped.module, val_examples, cell, d, tok.pad_id)})
-    m["train_s"] = time.perf_counter() - t_train
-    m["final_train_loss"] = curve[-1]["loss"]
-    m["warmup"] = {"steps": min(cell.train.timing_warmup_steps, cell.train.max_steps),
-                   "s": warm_s, "tokens_per_s": warm_tokens / warm_s if warm_s else None}
-    if timed_s:
-        m["tokens_per_s"] = timed_tokens / timed_s
+            t_eval = time.perf_counter()
+            trained = train_time()
+            result = evaluate(engine, splits.val, cell, d, tok.pad_id, tok.eos_id, splits.has_answers)
+            progress["val_curve"].append({"step": step + 1, "time_s": trained, **result})
+            paused += time.perf_counter() - t_eval
+        _check_target(cell, progress)
+        if cell.train.checkpoint_every and (step + 1) % cell.train.checkpoint_every == 0:
+            t_ck = time.perf_counter()
+            checkpoint.save(engine, step + 1, {**progress, "train_s": train_time()}, out, d)
+            m["checkpoint_s"] = m.get("checkpoint_s", 0.0) + time.perf_counter() - t_ck
+            paused += time.perf_counter() - t_ck
+    progress["train_s"] = train_time()
+
+    t_eval = time.perf_counter()
+    result = evaluate(engine, splits.val, cell, d, tok.pad_id, tok.eos_id, splits.has_answers)
+    m.update(result, eval_s=time.perf_counter() - t_eval)
+    progress["val_curve"].append({"step": total_steps, "time_s": progress["train_s"], **result})
+    _check_target(cell, progress)
+    if cell.train.save_adapter and cell.peft != "full":
+        m["adapter_dir"] = str(checkpoint.save_adapter(engine, out, d) or "")
+    summarize(cell, d, m, progress, engine, (trainable, total, embedding))
+
+
+def _check_target(cell: CellSpec, progress: dict[str, Any]) -> None:
+    """First time the loss reaches train.target_loss (val loss when evaluated during training)."""
+    target = cell.train.target_loss
+    if target is None or progress["target"] is not None:
+        return
+    points = progress["val_curve"] if cell.train.eval_every else progress["loss_curve"]
+    key = "val_loss" if cell.train.eval_every else "loss"
+    for p in points:
+        if p[key] <= target:
+            tokens = sum(c["tokens"] for c in progress["loss_curve"] if c["step"] <= p["step"])
+            progress["target"] = {"step": p["step"], "time_s": p["time_s"], "tokens": tokens}
+            return
+
+
+def summarize(cell, d, m, progress, engine, counts) -> None:
+    trainable, total, embedding = counts
+    curve = progress["loss_curve"]
+    m.update(train_s=progress["train_s"], final_train_loss=curve[-1]["loss"] if curve else None,
+             loss_curve=curve, val_curve=progress["val_curve"])
+    m["warmup"] = {"steps": min(cell.train.timing_warmup_steps, len(curve)), "s": progress["warm_s"],
+                   "tokens_per_s": progress["warm_tokens"] / progress["warm_s"] if progress["warm_s"] else None}
+    if progress["timed_s"]:
+        step_s = progress["timed_s"] / progress["timed_steps"]
+        m["tokens_per_s"] = progress["timed_tokens"] / progress["timed_s"]
         m["tokens_per_s_per_device"] = m["tokens_per_s"] / d.world
+        m["step_s"] = step_s
+        m["epoch_s"] = step_s * m["steps_per_epoch"]
         m["flops_per_token"] = metrics.flops_per_token(
-            model.config, trainable, total - trainable, embedding,
-            seq_tokens / max(seq_count, 1), full=cell.peft == "full",
-        )
+            engine.config, trainable, total - trainable, embedding,
+            progress["seq_tokens"] / max(progress["seq_count"], 1), full=cell.peft == "full")
         m["achieved_tflops"] = m["tokens_per_s"] * m["flops_per_token"] / 1e12
         peak = catalog.peak_tflops(cell.instance, cell.precision)
         m["mfu"] = m["achieved_tflops"] / (peak * d.world) if peak else None
-
-    t_eval = time.perf_counter()
-    result = evaluate(wrapped.module, val_examples, cell, d, tok.pad_id)
-    m.update(result, eval_s=time.perf_counter() - t_eval)
-    m["val_curve"].append({"step": cell.train.max_steps, **result})
+    m["epochs"] = len(curve) / m["steps_per_epoch"] if curve else 0.0
+    target = progress["target"]
+    m.update(time_to_target_s=target and target["time_s"], tokens_to_target=target and target["tokens"],
+             steps_to_target=target and target["step"], target_loss=cell.train.target_loss)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train and measure one matrix cell.")
     parser.add_argument("--cell", required=True, help="cell YAML (one point of a matrix)")
     parser.add_argument("--out", required=True, help="output folder (metrics.json goes here)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    m: dict[str, Any] = {"cell_id": None, "outcome": "running", "error": None,
-                         "loss_curve": [], "val_curve": []}
+    m: dict[str, Any] = {"cell_id": None, "outcome": "running", "error": None}
     d = None
     code = EXIT_OK
     try:
         cell = load_cell(args.cell)
-        m.update(cell_id=cell.cell_id, world_size=cell.world_size, global_batch=cell.global_batch)
+        m.update(cell_id=cell.cell_id, world_size=cell.world_size, dp_size=cell.dp_size,
+                 global_batch=cell.global_batch)
         d = distributed.init(timeout_s=cell.train.timeout_s)
         if d.world != cell.world_size:
             raise ValueError(f"launched with {d.world} processes, cell expects {cell.world_size}")
+        apply_memory_cap(cell, d.device)
         m.update(versions=metrics.versions(), device=metrics.device_name(d.device))
-        train(cell, d, m)
+        train(cell, d, m, out, args.resume)
         peaks = distributed.all_gather_float(metrics.peak_memory_gb(d.device), d.device)
         m.update(outcome="ok", peak_mem_gb_per_rank=peaks, peak_mem_gb=max(peaks))
         if d.device.type == "cuda":
@@ -227,14 +263,17 @@ def main(argv: list[str] | None = None) -> int:
                 metrics.peak_reserved_gb(d.device), d.device)
     except BaseException as exc:  # noqa: BLE001 - every failure must become a result
         code = EXIT_OOM if is_oom(exc) else EXIT_ERROR
-        m.update(outcome="oom" if code == EXIT_OOM else "error",
-                 error=f"{type(exc).__name__}: {exc}"[:2000])
         rank = d.rank if d else 0
         peak = metrics.peak_memory_gb(d.device if d else torch.device("cpu"))
-        m.update(failed_rank=rank, peak_mem_gb=peak, peak_mem_gb_per_rank={str(rank): peak})
+        m.update(outcome="oom" if code == EXIT_OOM else "error", error=f"{type(exc).__name__}: {exc}"[:2000],
+                 failed_rank=rank, peak_mem_gb=peak, peak_mem_gb_per_rank=[peak] if d is None or d.world == 1 else None)
+        progress = m.pop("progress", None)
+        if progress is not None:  # what was measured until the failure
+            m.update(loss_curve=progress["loss_curve"], val_curve=progress["val_curve"])
         print(f"[rank{rank}] {m['outcome']}: {m['error']}", file=sys.stderr, flush=True)
         if not isinstance(exc, Terminated):
             traceback.print_exc()
+    m.pop("progress", None)
     m["trainer_wall_s"] = time.perf_counter() - t_start
     # Launch to exit as this process sees it (interpreter start and imports included); the
     # launcher replaces it with its own measure, which includes torchrun.
@@ -242,10 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     if code == EXIT_OK:
         if d is None or d.is_main:
             metrics.write_json_atomic(out / "metrics.json", m)
+        distributed.shutdown()
     else:
         metrics.write_json_atomic(out / "metrics.json", m, first_wins=True)
-    if code == EXIT_OK:
-        distributed.shutdown()
     return code
 
 

@@ -1,0 +1,64 @@
+"""single, ddp and fsdp: every rank holds (a shard of) the whole model and its own samples."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from steps.distributed import Dist
+from steps.parallel.engine import Engine, Layout
+from steps.schema import CellSpec
+
+
+class SingleEngine(Engine):
+    pass
+
+
+class DDPEngine(Engine):
+    def __init__(self, cell: CellSpec, d: Dist, model: torch.nn.Module, total_steps: int):
+        super().__init__(cell, d, model, Layout(d.rank, d.world, True), total_steps)
+        self.module = DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+        )
+
+    def no_sync(self):
+        return self.module.no_sync()
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a (possibly peft-wrapped) causal LM."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = inner
+        try:
+            for attr in path.split("."):
+                obj = getattr(obj, attr)
+            return list(obj)
+        except AttributeError:
+            continue
+    raise ValueError(f"cannot find the decoder layers of {type(inner).__name__}")
+
+
+class FSDPEngine(Engine):
+    """FSDP2 (`fully_shard`): each decoder layer is a unit, then the root.
+
+    4-bit base weights (QLoRA) stay whole on every rank (`ignored_params`): they are frozen and
+    already a quarter of their bf16 size, and bitsandbytes' packed parameters cannot be split.
+    """
+
+    def __init__(self, cell: CellSpec, d: Dist, model: torch.nn.Module, total_steps: int):
+        from torch.distributed.fsdp import fully_shard
+
+        ignored = {p for p in model.parameters() if type(p).__name__ == "Params4bit"} or None
+        for layer in decoder_layers(model):
+            fully_shard(layer, ignored_params=ignored)
+        fully_shard(model, ignored_params=ignored)
+        super().__init__(cell, d, model, Layout(d.rank, d.world, True), total_steps)
+
+    def forward_backward(self, micro, scale):
+        total = 0.0
+        for k, batch in enumerate(micro):
+            self.model.set_requires_gradient_sync(k == len(micro) - 1)
+            total += super().forward_backward([batch], scale)
+        return total
