@@ -1,36 +1,87 @@
 """Combinations that cannot run, refused before launch with the reason and what to run instead.
 
 Each rule returns a reason or None. Keep this list short: refuse only what truly cannot work
-(the README's compatibility table mirrors it).
+(the README's compatibility table mirrors it, and a test keeps the two in step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from steps import catalog
 from steps.schema import CellSpec
 
-# What the trainer implements in this version; the rest of the schema's names are refused.
-IMPLEMENTED_PEFT = {"full", "lora", "qlora", "dora"}
-IMPLEMENTED_STRATEGIES = {"single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload",
-                          "tensor", "pipeline", "hybrid"}
+
+def _inner(cell: CellSpec) -> str | None:
+    if cell.strategy in ("tensor", "pipeline"):
+        return cell.strategy
+    return cell.train.parallel.hybrid_inner if cell.strategy == "hybrid" else None
 
 
-def _implemented(cell: CellSpec) -> str | None:
-    if cell.peft not in IMPLEMENTED_PEFT:
-        return f"peft {cell.peft!r} is not implemented yet; use lora"
-    if cell.strategy not in IMPLEMENTED_STRATEGIES:
-        return f"strategy {cell.strategy!r} is not implemented yet; use ddp"
+def _arch(cell: CellSpec) -> dict:
+    preset = catalog.model_presets().get(cell.model)
+    return preset.config if preset else {}  # hub models: checked when loaded
+
+
+def quantized_tensor_parallel(cell: CellSpec) -> str | None:
+    if cell.peft == "qlora" and _inner(cell) == "tensor":
+        return ("qlora with tensor parallelism: bitsandbytes' packed 4-bit weights cannot be split "
+                "across ranks; use qlora with pipeline, ddp, fsdp or zero2/zero3, or lora with tensor")
     return None
 
 
-def _multinode_local(cell: CellSpec) -> str | None:
+def dora_tensor_parallel(cell: CellSpec) -> str | None:
+    if cell.peft == "dora" and _inner(cell) == "tensor":
+        return ("dora with tensor parallelism: peft's DoRA magnitude does not support sharded "
+                "weights; use lora with tensor, or dora with pipeline, ddp, fsdp or zero")
+    return None
+
+
+def hybrid_shape(cell: CellSpec) -> str | None:
+    if cell.strategy != "hybrid":
+        return None
+    mp = cell.train.parallel.model_parallel
+    if cell.world_size % mp or cell.world_size // mp < 2:
+        return (f"hybrid needs at least 2 data-parallel groups of train.parallel.model_parallel={mp} "
+                f"ranks, and world size {cell.world_size} gives {cell.world_size / mp:g}; use "
+                f"gpus: {2 * mp} (or more, a multiple of {mp}), or strategy {cell.train.parallel.hybrid_inner}")
+    return None
+
+
+def split_fits_model(cell: CellSpec) -> str | None:
+    arch, inner = _arch(cell), _inner(cell)
+    if not arch or inner is None:
+        return None
+    ways = cell.model_parallel_size
+    if inner == "pipeline" and arch.get("num_hidden_layers", ways) < ways:
+        return (f"pipeline over {ways} ranks needs at least {ways} layers, {cell.model} has "
+                f"{arch['num_hidden_layers']}; use fewer ranks or ddp/fsdp")
+    if inner == "tensor":
+        heads, kv = arch.get("num_attention_heads", ways), arch.get("num_key_value_heads", ways)
+        if heads % ways or kv % ways:
+            return (f"tensor parallelism over {ways} ranks needs attention heads ({heads}) and "
+                    f"key/value heads ({kv}) divisible by {ways}; use a divisor of {kv} ranks")
+    return None
+
+
+def precision_supported(cell: CellSpec) -> str | None:
+    instance = catalog.instances().get(cell.instance)
+    if instance and not instance.bf16 and cell.precision.startswith("bf16"):
+        return (f"{cell.instance} ({instance.accelerator}) has no bf16; use precision fp16-mixed "
+                f"(or fp32)")
+    return None
+
+
+def multinode_local(cell: CellSpec) -> str | None:
     if cell.nodes > 1 and cell.instance == "local-cpu":
         return "nodes > 1 needs remote compute; on local-cpu use nodes: 1 with gpus: N processes"
     return None
 
 
-RULES: list[Callable[[CellSpec], str | None]] = [_implemented, _multinode_local]
+RULES: list[Callable[[CellSpec], str | None]] = [
+    quantized_tensor_parallel, dora_tensor_parallel, hybrid_shape, split_fits_model,
+    precision_supported, multinode_local,
+]
 
 
 def refusal(cell: CellSpec) -> str | None:

@@ -44,7 +44,10 @@ def init(timeout_s: float = 1800) -> Dist:
 
 
 def shutdown() -> None:
+    """Every rank reaches the barrier before any tears its connections down (gloo aborts a
+    peer that is still sending to a rank that has gone)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

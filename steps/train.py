@@ -23,7 +23,7 @@ import psutil
 import torch
 import yaml
 
-from steps import catalog, checkpoint, data, distributed, metrics, modeling
+from steps import catalog, checkpoint, compat, data, distributed, metrics, modeling
 from steps.metrics import EXIT_ERROR, EXIT_OK, EXIT_OOM
 from steps.parallel import build_engine
 from steps.schema import CellSpec, validate
@@ -123,6 +123,8 @@ def train(cell: CellSpec, d: distributed.Dist, m: dict[str, Any], out: Path, res
     engine = build_engine(cell, d, tok.vocab_size, total_steps)
     trainable, total, embedding = engine.param_counts
     m.update(trainable_params=trainable, total_params=total)
+    if hasattr(engine, "schedule_name"):
+        m["pipeline_schedule"] = engine.schedule_name
     layout = engine.layout
     width, _ = engine.eval_shape()
 
@@ -250,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         cell = load_cell(args.cell)
         m.update(cell_id=cell.cell_id, world_size=cell.world_size, dp_size=cell.dp_size,
                  global_batch=cell.global_batch)
+        if reason := compat.refusal(cell):
+            raise ValueError(f"this combination cannot run: {reason}")
         d = distributed.init(timeout_s=cell.train.timeout_s)
         if d.world != cell.world_size:
             raise ValueError(f"launched with {d.world} processes, cell expects {cell.world_size}")

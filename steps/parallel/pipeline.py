@@ -53,6 +53,15 @@ class Stage(nn.Module):
             return self.lm_head(self.norm(h)) if self.last else h
 
 
+def _release(module: nn.Module) -> None:
+    """Move a module's weights to the meta device. bitsandbytes' 4-bit parameters cannot move
+    there; they are a quarter of their bf16 size and stay."""
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if type(p).__name__ != "Params4bit":
+                sub._parameters[name] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+
+
 class PipelineEngine(Engine):
     def __init__(self, cell: CellSpec, d: Dist, model: nn.Module, mesh, total_steps: int):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -67,18 +76,20 @@ class PipelineEngine(Engine):
         layout = Layout(mesh["dp"].get_local_rank(), mesh["dp"].size(), reports=self.last)
         super().__init__(cell, d, stage_module, layout, total_steps)
         # Free what other stages hold; keep the (weightless) skeleton to save the adapter with.
-        for i, layer in enumerate(lm.model.layers):
-            if not lo <= i < hi:
-                layer.to("meta")
-        for module, keep in ((lm.model.embed_tokens, self.first), (lm.model.norm, self.last),
-                             (lm.lm_head, self.last)):
-            if not keep:
-                module.to("meta")
+        others = [layer for i, layer in enumerate(lm.model.layers) if not lo <= i < hi]
+        others += [m for m, keep in ((lm.model.embed_tokens, self.first), (lm.model.norm, self.last),
+                                     (lm.lm_head, self.last)) if not keep]
+        for module in others:
+            _release(module)
         self.peft_model = model if hasattr(model, "peft_config") else None
         self.pp_group = mesh["mp"].get_group()
         self.dp_group = mesh["dp"].get_group() if layout.dp_size > 1 else None
         self.stage = PipelineStage(stage_module, pp, n_stages, d.device, group=self.pp_group)
-        schedule = ScheduleGPipe if cell.train.parallel.pipeline_schedule == "gpipe" else Schedule1F1B
+        # 1F1B needs at least one micro-batch per stage in flight; with fewer, GPipe still runs.
+        self.schedule_name = cell.train.parallel.pipeline_schedule
+        if self.schedule_name == "1f1b" and cell.grad_accum < n_stages:
+            self.schedule_name = "gpipe"
+        schedule = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
         self._scale = 1.0
         self.schedule = schedule(self.stage, n_microbatches=cell.grad_accum, loss_fn=self._loss)
 
