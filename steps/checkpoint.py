@@ -52,7 +52,7 @@ def _dcp_state(engine):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model, optimizers = engine.state_for_checkpoint()
-    options = StateDictOptions(ignore_frozen_params=True)
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
     msd, osd = get_state_dict(model, optimizers, options=options)
     return model, optimizers, options, {"model": msd, "optim": osd}
 

@@ -161,15 +161,19 @@ def _limit(items: list, n: int | None) -> list:
     return items if n is None else items[:n]
 
 
-def load_pairs(data: DataSettings, seq_len: int) -> tuple[list, list]:
-    """(train pairs, val pairs) of the task's source."""
+def load_pairs(data: DataSettings, seq_len: int) -> tuple[list, list, bool]:
+    """(train pairs, val pairs, whether the answers are labels that accuracy can score)."""
     if data.task in SYNTHETIC_TASKS:
         make = SYNTHETIC_TASKS[data.task]
         n_train = data.train_samples or SYNTHETIC_DEFAULT_SAMPLES[0]
         n_val = data.val_samples or SYNTHETIC_DEFAULT_SAMPLES[1]
-        return make(n_train, seq_len, data.seed), make(n_val, seq_len, data.seed + 1)
+        return make(n_train, seq_len, data.seed), make(n_val, seq_len, data.seed + 1), True
     if data.task == "hub":
         return hub_pairs(data)
+    return (*_file_pairs(data), data.task == "classification")
+
+
+def _file_pairs(data: DataSettings) -> tuple[list, list]:
     path = Path(data.path)
     if data.task == "classification":
         if path.is_dir():
@@ -190,7 +194,7 @@ def load_pairs(data: DataSettings, seq_len: int) -> tuple[list, list]:
     raise ValueError(f"task {data.task!r} has no (prompt, answer) pairs")
 
 
-def hub_pairs(data: DataSettings) -> tuple[list, list]:
+def hub_pairs(data: DataSettings) -> tuple[list, list, bool]:
     """datasets.load_dataset(hub_name, hub_config): a hub id, or a builder such as `json` with
     `path` as its data files. Rows are instructions or (label, text) classification."""
     from datasets import load_dataset
@@ -201,6 +205,7 @@ def hub_pairs(data: DataSettings) -> tuple[list, list]:
     val_split = next((s for s in ("validation", "dev", "test") if s in ds), None)
     val_rows = list(ds[val_split]) if val_split else None
     columns = set(train_rows[0]) if train_rows else set()
+    classification = "instruction" not in columns
     if "instruction" in columns:
         convert = lambda rows: [instruction_pair(r) for r in rows]  # noqa: E731
     elif "label" in columns:
@@ -209,8 +214,8 @@ def hub_pairs(data: DataSettings) -> tuple[list, list]:
     else:
         raise ValueError(f"{data.hub_name}: rows need instruction/response or label/text fields, found {sorted(columns)}")
     if val_rows is None:
-        return _split(convert(train_rows), data.val_fraction, data.seed)
-    return convert(train_rows), convert(val_rows)
+        return (*_split(convert(train_rows), data.val_fraction, data.seed), classification)
+    return convert(train_rows), convert(val_rows), classification
 
 
 def build_splits(data: DataSettings, tok: Tokenizer, seq_len: int) -> Splits:
@@ -221,12 +226,11 @@ def build_splits(data: DataSettings, tok: Tokenizer, seq_len: int) -> Splits:
         n_val = max(1, int(len(rows) * data.val_fraction))
         train, val = rows[:-n_val], rows[-n_val:]  # held-out tail: no overlap with training text
         return Splits(_limit(train, data.train_samples), _limit(val, data.val_samples), False, data.path)
-    train_pairs, val_pairs = load_pairs(data, seq_len)
+    train_pairs, val_pairs, has_answers = load_pairs(data, seq_len)
     train = [encode_pair(tok, p, a, seq_len) for p, a in _limit(train_pairs, data.train_samples)]
     val = [encode_pair(tok, p, a, seq_len) for p, a in _limit(val_pairs, data.val_samples)]
     if data.packing:
         train = pack(train, seq_len)
-    has_answers = data.task in SYNTHETIC_TASKS or data.task == "classification"
     return Splits(train, val, has_answers, data.path or data.hub_name or data.task)
 
 

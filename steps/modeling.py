@@ -120,25 +120,42 @@ def quantization_config(cell: CellSpec):
 def load_model(cell: CellSpec, vocab_size: int, device: torch.device, tp_mesh=None) -> torch.nn.Module:
     """The base model on `device`. Random init is seeded, so every rank builds the same weights.
 
-    tp_mesh: shard it with the model's tensor-parallel plan over this device mesh.
+    tp_mesh: shard it with the model's tensor-parallel plan over this (1-D, "tp") device mesh.
     """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": weights_dtype(cell), "attn_implementation": cell.train.attn_implementation,
                               "trust_remote_code": cell.train.trust_remote_code}
-    needs_directory = cell.peft == "qlora" or tp_mesh is not None
-    if is_random_init(cell) and not needs_directory:
+    if is_random_init(cell) and cell.peft != "qlora":
         torch.manual_seed(cell.train.seed)
         config = model_config(cell, vocab_size)
         config._attn_implementation = cell.train.attn_implementation
-        return AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"]).to(device)
-    source = str(random_checkpoint(cell, vocab_size)) if is_random_init(cell) else _source(cell)
-    if cell.peft == "qlora":
-        kwargs.update(quantization_config=quantization_config(cell), device_map={"": device})
-    if tp_mesh is not None:
-        kwargs.update(tp_plan="auto", device_mesh=tp_mesh)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    return model if cell.peft == "qlora" or tp_mesh is not None else model.to(device)
+        model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"]).to(device)
+    else:
+        # 4-bit quantisation happens while loading, so random weights go through a directory too.
+        source = str(random_checkpoint(cell, vocab_size)) if is_random_init(cell) else _source(cell)
+        if cell.peft == "qlora":
+            kwargs.update(quantization_config=quantization_config(cell), device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = model if cell.peft == "qlora" else model.to(device)
+    return model if tp_mesh is None else shard_tensor_parallel(model, tp_mesh)
+
+
+def shard_tensor_parallel(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:
+    """Apply the model's own tensor-parallel plan over `tp_mesh`, as `from_pretrained(tp_plan=...)`
+    does, but on a mesh we choose (transformers builds one over all ranks, and with data-parallel
+    ranks it would also wrap the model in FSDP)."""
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    config = DistributedConfig(tp_size=tp_mesh.size(), tp_plan="auto")
+    tp_plan, _, _ = model._resolve_parallel_plans(config)
+    apply_tensor_parallelism(model, tp_mesh, tp_plan)
+    # What peft reads to make its adapters tensor-parallel too.
+    model.config.distributed_config = config
+    model._device_mesh = tp_mesh
+    model._tp_size = tp_mesh.size()
+    return model
 
 
 def apply_peft(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:

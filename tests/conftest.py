@@ -27,6 +27,8 @@ METAFLOW_ROOT = _SCRATCH / "metaflow"
 METAFLOW_ROOT.mkdir()
 os.environ.setdefault("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(METAFLOW_ROOT))
 os.environ.setdefault("METAFLOW_USER", "tests")
+# Random-init checkpoints the trainer writes for 4-bit and tensor-parallel loading.
+os.environ.setdefault("FINETUNE_MATRIX_CACHE", str(_SCRATCH / "cache"))
 
 
 def make_cell(**overrides) -> CellSpec:

@@ -33,16 +33,17 @@ def _build(cell: CellSpec, d: Dist, vocab_size: int, total_steps: int):
     if inner is not None:
         from steps.parallel.tensor import mesh_2d
 
-        mesh = mesh_2d(d, cell.model_parallel_size)
+        dp_mesh, inner_mesh = mesh_2d(d, cell.model_parallel_size, "tp" if inner == "tensor" else "pp")
         if inner == "tensor":
             from steps.parallel.tensor import TensorEngine
 
-            model = modeling.load_model(cell, vocab_size, d.device, tp_mesh=mesh["mp"])
-            return modeling.apply_peft(model, cell), lambda m: TensorEngine(cell, d, m, mesh, total_steps)
+            model = modeling.load_model(cell, vocab_size, d.device, tp_mesh=inner_mesh)
+            return modeling.apply_peft(model, cell), lambda m: TensorEngine(
+                cell, d, m, dp_mesh, inner_mesh, total_steps)
         from steps.parallel.pipeline import PipelineEngine
 
         model = modeling.apply_peft(modeling.load_model(cell, vocab_size, d.device), cell)
-        return model, lambda m: PipelineEngine(cell, d, m, mesh, total_steps)
+        return model, lambda m: PipelineEngine(cell, d, m, dp_mesh, inner_mesh, total_steps)
 
     model = modeling.apply_peft(modeling.load_model(cell, vocab_size, d.device), cell)
     if cell.strategy == "single":

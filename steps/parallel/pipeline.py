@@ -63,17 +63,17 @@ def _release(module: nn.Module) -> None:
 
 
 class PipelineEngine(Engine):
-    def __init__(self, cell: CellSpec, d: Dist, model: nn.Module, mesh, total_steps: int):
+    def __init__(self, cell: CellSpec, d: Dist, model: nn.Module, dp_mesh, pp_mesh, total_steps: int):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        pp, n_stages = mesh["mp"].get_local_rank(), mesh["mp"].size()
+        pp, n_stages = pp_mesh.get_local_rank(), pp_mesh.size()
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lo, hi = stage_bounds(lm.config.num_hidden_layers, n_stages, pp)
         self.first, self.last = pp == 0, pp == n_stages - 1
         stage_module = Stage(lm, lo, hi, self.first, self.last, cell, d.device)
         names = {id(p): n for n, p in model.named_parameters()}
         self.full_names = {n: names[id(p)] for n, p in stage_module.named_parameters()}
-        layout = Layout(mesh["dp"].get_local_rank(), mesh["dp"].size(), reports=self.last)
+        layout = Layout(dp_mesh.get_local_rank(), dp_mesh.size(), reports=self.last)
         super().__init__(cell, d, stage_module, layout, total_steps)
         # Free what other stages hold; keep the (weightless) skeleton to save the adapter with.
         others = [layer for i, layer in enumerate(lm.model.layers) if not lo <= i < hi]
@@ -82,8 +82,8 @@ class PipelineEngine(Engine):
         for module in others:
             _release(module)
         self.peft_model = model if hasattr(model, "peft_config") else None
-        self.pp_group = mesh["mp"].get_group()
-        self.dp_group = mesh["dp"].get_group() if layout.dp_size > 1 else None
+        self.pp_group = pp_mesh.get_group()
+        self.dp_group = dp_mesh.get_group() if layout.dp_size > 1 else None
         self.stage = PipelineStage(stage_module, pp, n_stages, d.device, group=self.pp_group)
         # 1F1B needs at least one micro-batch per stage in flight; with fewer, GPipe still runs.
         self.schedule_name = cell.train.parallel.pipeline_schedule

@@ -15,20 +15,23 @@ from steps.parallel.engine import Engine, Layout
 from steps.schema import CellSpec
 
 
-def mesh_2d(d: Dist, model_parallel: int):
-    """(dp, inner) device mesh: consecutive ranks share a model (fast links stay inside a node)."""
+def mesh_2d(d: Dist, model_parallel: int, inner: str):
+    """(data-parallel, inner) device meshes; consecutive ranks share a model (so that a model's
+    ranks sit on one node's fast links). `inner` names the inner dimension ("tp" or "pp")."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(d.device.type, (d.world // model_parallel, model_parallel),
-                            mesh_dim_names=("dp", "mp"))
+    mesh = init_device_mesh(d.device.type, (d.world // model_parallel, model_parallel),
+                            mesh_dim_names=("dp", inner))
+    return mesh["dp"], mesh[inner]
 
 
 class TensorEngine(Engine):
-    def __init__(self, cell: CellSpec, d: Dist, model: torch.nn.Module, mesh, total_steps: int):
-        mp_rank = mesh["mp"].get_local_rank()
-        layout = Layout(mesh["dp"].get_local_rank(), mesh["dp"].size(), reports=mp_rank == 0)
+    def __init__(self, cell: CellSpec, d: Dist, model: torch.nn.Module, dp_mesh, tp_mesh, total_steps: int):
+        layout = Layout(dp_mesh.get_local_rank(), dp_mesh.size(), reports=tp_mesh.get_local_rank() == 0)
         super().__init__(cell, d, model, layout, total_steps)
-        self.dp_group = mesh["dp"].get_group() if layout.dp_size > 1 else None
+        if not any(hasattr(p, "device_mesh") for p in model.parameters()):
+            raise RuntimeError(f"{type(model).__name__} has no tensor-parallel plan: nothing was sharded")
+        self.dp_group = dp_mesh.get_group() if layout.dp_size > 1 else None
 
     def sync_gradients(self) -> None:
         if self.dp_group is None:

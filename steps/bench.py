@@ -1,0 +1,206 @@
+"""Is the trainer fast? Side by side on the same model, data, batch and steps:
+
+  (a) this trainer (`torchrun -m steps.train`, as the flow runs it),
+  (b) a minimal hand-written PyTorch + PEFT loop,
+  (c) Hugging Face `Trainer` + PEFT,
+
+each in its own process (one after the other, same threads), timed after the same warm-up
+steps. Prints tokens/s and peak memory of each, and the ratios.
+
+    python -m steps.bench                       # ~30M Llama, LoRA r=8, 4 x 256 tokens, fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from steps import REPO_ROOT
+
+DEFAULTS = dict(model="llama-30m", steps=30, warmup=5, micro_batch=4, seq_len=256, lr=1e-4, r=8)
+
+
+def bench_cell(args) -> dict:
+    """The cell all three loops train: packed synthetic text, so every row is seq_len tokens."""
+    from steps.matrix import cell_id
+
+    settings = {
+        "model": args.model, "peft": "lora", "strategy": "single", "lr": args.lr,
+        "micro_batch": args.micro_batch, "seq_len": args.seq_len, "precision": "fp32",
+        "train": {"max_steps": args.steps, "timing_warmup_steps": args.warmup, "lr_schedule": "constant",
+                  "max_grad_norm": None, "save_adapter": False,
+                  "lora": {"r": args.r, "alpha": 2 * args.r, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+        "data": {"task": "synthetic-reverse", "packing": True, "train_samples": 4096, "val_samples": 8},
+    }
+    return {**settings, "cell_id": cell_id(settings)}
+
+
+def _rows(cell) -> list:
+    """The token rows, in the order the trainer's step 0..N-1 takes them."""
+    from steps import data, modeling
+
+    tok = modeling.load_tokenizer(cell)
+    splits = data.build_splits(cell.data, tok, cell.seq_len)
+    batches = data.GlobalBatches(splits.train, cell.global_batch, cell.train.seed)
+    return [batches.micro_batches(s, 0, 1, cell.micro_batch, tok.pad_id)[0]
+            for s in range(cell.train.max_steps)], tok
+
+
+def _model(cell):
+    from steps import modeling
+
+    tok = modeling.load_tokenizer(cell)
+    return modeling.apply_peft(modeling.load_model(cell, tok.vocab_size, __import__("torch").device("cpu")), cell)
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def worker_minimal(cell) -> dict:
+    """What a person writes first: model(input_ids, labels), backward, step."""
+    import torch
+
+    batches, _ = _rows(cell)
+    model = _model(cell)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cell.lr)
+    timed_tokens, timed_s = 0, 0.0
+    for step, b in enumerate(batches):
+        t0 = time.perf_counter()
+        labels = b["input_ids"].clone()
+        loss = model(input_ids=b["input_ids"], labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        if step >= cell.train.timing_warmup_steps:
+            timed_s += time.perf_counter() - t0
+            timed_tokens += b["input_ids"].numel()
+    return {"tokens_per_s": timed_tokens / timed_s, "peak_mem_gb": _peak_gb()}
+
+
+def worker_hf_trainer(cell) -> dict:
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    batches, _ = _rows(cell)
+    rows = [{"input_ids": r, "labels": r.clone()} for b in batches for r in b["input_ids"]]
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cell.micro_batch, max_steps=cell.train.max_steps,
+            learning_rate=cell.lr, lr_scheduler_type="constant", max_grad_norm=0.0, logging_strategy="no",
+            save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+            optim="adamw_torch", seed=cell.train.seed, data_seed=cell.train.seed,
+        )
+        trainer = Trainer(model=_model(cell), args=targs, train_dataset=Rows(), callbacks=[clock])
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
+        trainer.train()
+    timed = clock.times[cell.train.timing_warmup_steps:]
+    tokens = cell.micro_batch * cell.seq_len * len(timed)
+    return {"tokens_per_s": tokens / sum(timed), "peak_mem_gb": _peak_gb()}
+
+
+def run_ours(cell_dict: dict, threads: int) -> dict:
+    from steps.metrics import read_metrics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cell_file = Path(tmp) / "cell.json"
+        cell_file.write_text(json.dumps(cell_dict))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               "-m", "steps.train", "--cell", str(cell_file), "--out", tmp]
+        subprocess.run(cmd, cwd=REPO_ROOT, env=_env(threads), check=True, capture_output=True)
+        m = read_metrics(Path(tmp) / "metrics.json")
+    return {"tokens_per_s": m["tokens_per_s"], "peak_mem_gb": m["peak_mem_gb"]}
+
+
+def _env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO_ROOT),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_worker(kind: str, cell_dict: dict, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "steps.bench", "--worker", kind, "--cell-json", json.dumps(cell_dict)],
+                         cwd=REPO_ROOT, env=_env(threads), check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for key, value in DEFAULTS.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each; the best is kept")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", choices=["minimal", "hf_trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--cell-json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        from steps.schema import CellSpec
+
+        cell = CellSpec.model_validate(json.loads(args.cell_json))
+        result = {"minimal": worker_minimal, "hf_trainer": worker_hf_trainer}[args.worker](cell)
+        print(json.dumps(result))
+        return 0
+
+    cell_dict = bench_cell(args)
+    runners = {
+        "finetune-matrix trainer": lambda: run_ours(cell_dict, args.threads),
+        "minimal PyTorch + PEFT loop": lambda: run_worker("minimal", cell_dict, args.threads),
+        "HF Trainer + PEFT": lambda: run_worker("hf_trainer", cell_dict, args.threads),
+    }
+    results: dict[str, list[dict]] = {name: [] for name in runners}
+    for _ in range(args.repeats):  # interleaved, so drift in the machine hits all three alike
+        for name, run in runners.items():
+            results[name].append(run())
+    best = {name: max(rs, key=lambda r: r["tokens_per_s"]) for name, rs in results.items()}
+    print_table(best, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results, "best": best}, indent=2))
+    return 0
+
+
+def print_table(best: dict[str, dict], args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ours, minimal, hf = (best[k]["tokens_per_s"] for k in best)
+    table = Table(title=f"{args.model}, LoRA r={args.r}, batch {args.micro_batch} x {args.seq_len}, fp32, "
+                        f"{args.steps} steps ({args.warmup} warm-up), {args.threads} threads")
+    for col in ("loop", "tokens/s", "peak mem GB", "vs minimal", "vs HF Trainer"):
+        table.add_column(col, justify="right" if col != "loop" else "left")
+    for name, r in best.items():
+        table.add_row(name, f"{r['tokens_per_s']:,.0f}", f"{r['peak_mem_gb']:.2f}",
+                      f"{r['tokens_per_s'] / minimal:.3f}x", f"{r['tokens_per_s'] / hf:.3f}x")
+    Console(width=140).print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
