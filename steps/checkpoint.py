@@ -52,7 +52,8 @@ def _dcp_state(engine):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model, optimizers = engine.state_for_checkpoint()
-    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    # Flat keys (one per parameter) keep pipeline stages, which hold different parameters, apart.
+    options = StateDictOptions(ignore_frozen_params=True, strict=False, flatten_optimizer_state_dict=True)
     msd, osd = get_state_dict(model, optimizers, options=options)
     return model, optimizers, options, {"model": msd, "optim": osd}
 
