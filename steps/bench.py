@@ -5,7 +5,9 @@
   (c) Hugging Face `Trainer` + PEFT,
 
 each in its own process (one after the other, same threads), timed after the same warm-up
-steps. Prints tokens/s and peak memory of each, and the ratios.
+steps. Prints tokens/s and peak memory of each, and the ratios. tokens/s is tokens per step
+over the median step time: on a shared machine a few slow steps (another process, a page-in)
+would otherwise decide a comparison whose real differences are a few percent.
 
     python -m steps.bench                       # ~30M Llama, LoRA r=8, 4 x 256 tokens, fp32
 """
@@ -72,8 +74,8 @@ def worker_minimal(cell) -> dict:
     model = _model(cell)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cell.lr)
-    timed_tokens, timed_s = 0, 0.0
-    for step, b in enumerate(batches):
+    times = []
+    for b in batches:
         t0 = time.perf_counter()
         labels = b["input_ids"].clone()
         loss = model(input_ids=b["input_ids"], labels=labels).loss
@@ -81,10 +83,17 @@ def worker_minimal(cell) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
-        if step >= cell.train.timing_warmup_steps:
-            timed_s += time.perf_counter() - t0
-            timed_tokens += b["input_ids"].numel()
-    return {"tokens_per_s": timed_tokens / timed_s, "peak_mem_gb": _peak_gb()}
+        times.append(time.perf_counter() - t0)
+    return _result(cell, times)
+
+
+def _result(cell, step_times: list[float]) -> dict:
+    import statistics
+
+    timed = step_times[cell.train.timing_warmup_steps:]
+    tokens = cell.micro_batch * cell.seq_len
+    return {"tokens_per_s": tokens / statistics.median(timed), "tokens_per_s_mean": tokens * len(timed) / sum(timed),
+            "peak_mem_gb": _peak_gb()}
 
 
 def worker_hf_trainer(cell) -> dict:
@@ -122,9 +131,7 @@ def worker_hf_trainer(cell) -> dict:
         trainer = Trainer(model=_model(cell), args=targs, train_dataset=Rows(), callbacks=[clock])
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
         trainer.train()
-    timed = clock.times[cell.train.timing_warmup_steps:]
-    tokens = cell.micro_batch * cell.seq_len * len(timed)
-    return {"tokens_per_s": tokens / sum(timed), "peak_mem_gb": _peak_gb()}
+    return _result(cell, clock.times)
 
 
 def run_ours(cell_dict: dict, threads: int) -> dict:
@@ -137,7 +144,18 @@ def run_ours(cell_dict: dict, threads: int) -> dict:
                "-m", "steps.train", "--cell", str(cell_file), "--out", tmp]
         subprocess.run(cmd, cwd=REPO_ROOT, env=_env(threads), check=True, capture_output=True)
         m = read_metrics(Path(tmp) / "metrics.json")
-    return {"tokens_per_s": m["tokens_per_s"], "peak_mem_gb": m["peak_mem_gb"]}
+    import statistics
+
+    from steps.schema import CellSpec
+
+    cell = CellSpec.model_validate(cell_dict)
+    ends = [p["time_s"] for p in m["loss_curve"]]
+    times = [b - a for a, b in zip([0.0] + ends, ends)]
+    timed = times[cell.train.timing_warmup_steps:]
+    tokens = cell.micro_batch * cell.seq_len
+    # The trainer's own tokens/s is the mean over its timed steps; the table uses the median.
+    return {"tokens_per_s": tokens / statistics.median(timed), "tokens_per_s_mean": m["tokens_per_s"],
+            "peak_mem_gb": m["peak_mem_gb"]}
 
 
 def _env(threads: int) -> dict:
@@ -155,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for key, value in DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved; the best is kept")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--save", action="store_true",
+                        help="keep the results (device, versions, date) in reports/benchmarks/")
     parser.add_argument("--worker", choices=["minimal", "hf_trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--cell-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -177,29 +197,67 @@ def main(argv: list[str] | None = None) -> int:
         "HF Trainer + PEFT": lambda: run_worker("hf_trainer", cell_dict, args.threads),
     }
     results: dict[str, list[dict]] = {name: [] for name in runners}
-    for _ in range(args.repeats):  # interleaved, so drift in the machine hits all three alike
-        for name, run in runners.items():
-            results[name].append(run())
+    names = list(runners)
+    for i in range(args.repeats):
+        # Interleaved, and each loop takes each place in the order in turn: a machine that
+        # drifts during the run then favours none of them.
+        for name in names[i % 3:] + names[: i % 3]:
+            results[name].append(runners[name]())
     best = {name: max(rs, key=lambda r: r["tokens_per_s"]) for name, rs in results.items()}
-    print_table(best, args)
+    ratios = paired_ratios(results)
+    print_table(best, ratios, args)
+    record = {"settings": vars(args), "results": results, "best": best, "ratios": ratios, **environment()}
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results, "best": best}, indent=2))
+        Path(args.json).write_text(json.dumps(record, indent=2))
+    if args.save:
+        folder = REPO_ROOT / "reports" / "benchmarks"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{record['date'][:10]}-bench-{args.model}-{record['device_kind']}.json"
+        path.write_text(json.dumps(record, indent=2))
+        print(f"saved {path}")
     return 0
 
 
-def print_table(best: dict[str, dict], args) -> None:
+def environment() -> dict:
+    import datetime
+    import platform
+
+    import torch
+
+    from steps.metrics import versions
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": gpu or f"cpu ({platform.machine()}, {len(os.sched_getaffinity(0))} cores)",
+            "device_kind": "gpu" if gpu else "cpu", "versions": versions()}
+
+
+def paired_ratios(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Median over repeats of each loop's tokens/s over the others' in the same repeat."""
+    import statistics
+
+    names = list(results)
+    return {a: {b: statistics.median(ra["tokens_per_s"] / rb["tokens_per_s"]
+                                     for ra, rb in zip(results[a], results[b])) for b in names}
+            for a in names}
+
+
+def print_table(best: dict[str, dict], ratios: dict[str, dict[str, float]], args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    ours, minimal, hf = (best[k]["tokens_per_s"] for k in best)
+    minimal, hf = list(best)[1:]
     table = Table(title=f"{args.model}, LoRA r={args.r}, batch {args.micro_batch} x {args.seq_len}, fp32, "
-                        f"{args.steps} steps ({args.warmup} warm-up), {args.threads} threads")
-    for col in ("loop", "tokens/s", "peak mem GB", "vs minimal", "vs HF Trainer"):
+                        f"{args.steps} steps ({args.warmup} warm-up), {args.threads} threads, "
+                        f"{args.repeats} repeat(s)")
+    for col in ("loop", "tokens/s (best)", "tokens/s (mean steps)", "peak mem GB", "vs minimal", "vs HF Trainer"):
         table.add_column(col, justify="right" if col != "loop" else "left")
     for name, r in best.items():
-        table.add_row(name, f"{r['tokens_per_s']:,.0f}", f"{r['peak_mem_gb']:.2f}",
-                      f"{r['tokens_per_s'] / minimal:.3f}x", f"{r['tokens_per_s'] / hf:.3f}x")
-    Console(width=140).print(table)
+        table.add_row(name, f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_mean']:,.0f}", f"{r['peak_mem_gb']:.2f}",
+                      f"{ratios[name][minimal]:.3f}x", f"{ratios[name][hf]:.3f}x")
+    Console(width=160).print(table)
+    print("tokens/s: tokens per step / median step time; ratios: median over repeats of the "
+          "ratio within each repeat.")
 
 
 if __name__ == "__main__":

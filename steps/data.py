@@ -236,7 +236,11 @@ def build_splits(data: DataSettings, tok: Tokenizer, seq_len: int) -> Splits:
 
 # ---------------------------------------------------------------- batches
 def collate(examples: list[Example], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example (or `width`); labels are the next tokens."""
+    """Right-pad to the longest example (or `width`); labels are the next tokens.
+
+    `attention_mask` is None when nothing is padded: the model then takes its causal fast path
+    instead of building and applying a mask of ones.
+    """
     width = width or max(len(e.ids) - 1 for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -246,7 +250,18 @@ def collate(examples: list[Example], pad_id: int, width: int | None = None) -> d
         ids[row, :n] = torch.tensor(e.ids[:-1])
         labels[row, :n] = torch.tensor([t if m else IGNORE for t, m in zip(e.ids[1:], e.target[1:])])
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    padded = any(len(e.ids) - 1 < width for e in examples)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask if padded else None}
+
+
+def to_device(batch: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, torch.Tensor | None]:
+    return {k: (t.to(device) if t is not None else None) for k, t in batch.items()}
+
+
+def real_tokens(batch: dict[str, torch.Tensor | None]) -> int:
+    """Tokens that are not padding."""
+    mask = batch["attention_mask"]
+    return batch["input_ids"].numel() if mask is None else int(mask.sum().item())
 
 
 class GlobalBatches:

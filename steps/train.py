@@ -9,6 +9,7 @@ Writes DIR/metrics.json whatever happens: outcome `ok`, `oom` (exit code 3) or `
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import resource
@@ -99,7 +100,7 @@ def evaluate(engine, examples, cell: CellSpec, d: distributed.Dist, pad_id: int,
     for k in range(int(n_steps)):
         chunk = mine[k * per_step : (k + 1) * per_step]
         chunk = chunk + [filler] * (per_step - len(chunk))  # padding rows carry no targets
-        micro = [{n: t.to(d.device) for n, t in data.collate(chunk[i : i + rows], pad_id, width).items()}
+        micro = [data.to_device(data.collate(chunk[i : i + rows], pad_id, width), d.device)
                  for i in range(0, per_step, rows)]
         counts = [a + b for a, b in zip(counts, engine.eval_step(micro, eos_id))]
     engine.train()
@@ -128,6 +129,10 @@ def train(cell: CellSpec, d: distributed.Dist, m: dict[str, Any], out: Path, res
     layout = engine.layout
     width, _ = engine.eval_shape()
 
+    # The dataset and model are long-lived: keep them out of the garbage collector's full scans,
+    # which otherwise walk every token list of the dataset during training steps.
+    gc.collect()
+    gc.freeze()
     progress, start = new_progress(), 0
     if resume and (folder := checkpoint.latest(out)) is not None:
         start, progress = checkpoint.load(engine, folder, d)
@@ -143,11 +148,11 @@ def train(cell: CellSpec, d: distributed.Dist, m: dict[str, Any], out: Path, res
     for step in range(start, total_steps):
         inject_fault(cell, step + 1, d.rank)
         t0 = time.perf_counter()
-        micro = [{k: t.to(d.device) for k, t in b.items()} for b in batches.micro_batches(
+        micro = [data.to_device(b, d.device) for b in batches.micro_batches(
             step, layout.dp_rank, layout.dp_size, cell.micro_batch, tok.pad_id, width)]
         mine = layout.reports  # ranks sharing a replica's samples count them once
         local_targets = sum((b["labels"] != data.IGNORE).sum().item() for b in micro) if mine else 0
-        local_tokens = sum(b["attention_mask"].sum().item() for b in micro) if mine else 0
+        local_tokens = sum(data.real_tokens(b) for b in micro) if mine else 0
         (n_targets,) = distributed.all_reduce_sum([local_targets], d.device)
         # The gradient of the mean over every target token of the global batch: replicas'
         # gradients are averaged, so each scales its sum by replicas / global target count.
@@ -163,7 +168,7 @@ def train(cell: CellSpec, d: distributed.Dist, m: dict[str, Any], out: Path, res
             progress["timed_tokens"] += tokens
             progress["timed_s"] += dt
             progress["timed_steps"] += 1
-            progress["seq_tokens"] += sum(b["attention_mask"].sum().item() for b in micro)
+            progress["seq_tokens"] += sum(data.real_tokens(b) for b in micro)
             progress["seq_count"] += sum(len(b["input_ids"]) for b in micro)
         loss = loss_sum / n_targets
         curve.append({"step": step + 1, "loss": loss, "lr": lr, "tokens": tokens, "time_s": train_time()})
