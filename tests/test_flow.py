@@ -68,7 +68,7 @@ def test_matrix_runs_end_to_end_and_reads_back_through_the_client(tmp_path):
     for cid in df["cell_id"]:
         assert cid in report
         assert sorted(p.name for p in (out / "cells" / cid).iterdir()) == [
-            "cell.yaml", "metrics.json", "train.log"]
+            "adapter", "cell.yaml", "metrics.json", "train.log"]
     train_tasks = list(run["train"])
     assert sorted(t["metrics"].data["cell_id"] for t in train_tasks) == sorted(df["cell_id"])
     assert run["start"].task["cells"].data[0]["cell"]["matrix"] == "small"

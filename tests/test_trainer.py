@@ -42,7 +42,7 @@ def test_launcher_runs_a_cell_with_its_own_log_and_rank_prefixes(tmp_path):
     assert len(m["cores"]) == min(2, len(os.sched_getaffinity(0)))
     log = (tmp_path / "cell" / "train.log").read_text()
     assert "[default0]:step 3/3" in log and "[default1]:step" not in log
-    assert sorted(p.name for p in (tmp_path / "cell").iterdir()) == ["cell.yaml", "metrics.json", "train.log"]
+    assert sorted(p.name for p in (tmp_path / "cell").iterdir()) == ["adapter", "cell.yaml", "metrics.json", "train.log"]
 
 
 def test_ddp_gives_the_same_losses_as_one_process_with_the_same_global_batch(tmp_path):

@@ -130,3 +130,20 @@ def test_goodput_and_epoch_metrics(tmp_path):
     assert m["epoch_s"] == pytest.approx(m["step_s"] * 64)
     assert m["train_s"] < m["trainer_wall_s"]
     assert m["flops_per_token"] > 0 and m["mfu"] is None  # local-cpu has no published peak
+
+
+FP32_LORA_6_STEPS = [5.426603, 5.382494, 5.344624, 5.335373, 5.295784, 5.252242]
+
+
+@pytest.mark.parametrize("settings,rel", [
+    ({"train": {"gradient_checkpointing": True}}, 1e-5),  # recomputation changes no number
+    ({"train": {"optimizer": "paged_adamw_8bit"}}, 1e-5),  # small tensors keep 32-bit state
+    ({"precision": "fp16-mixed"}, 1e-3),
+    ({"precision": "bf16-mixed"}, 3e-3),
+    ({"precision": "bf16-true"}, 3e-3),
+], ids=["grad-checkpointing", "paged-adamw-8bit", "fp16-mixed", "bf16-mixed", "bf16-true"])
+def test_precisions_and_memory_savers_track_the_fp32_run(tmp_path, settings, rel):
+    settings = {**settings, "train": {"max_steps": 6, **settings.get("train", {})}}
+    proc, m = torchrun_trainer(make_cell(**settings), tmp_path)
+    assert m["outcome"] == "ok", m["error"]
+    assert [p["loss"] for p in m["loss_curve"]] == pytest.approx(FP32_LORA_6_STEPS, rel=rel)
