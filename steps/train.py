@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    m: dict[str, Any] = {"cell_id": None, "outcome": "running", "error": None}
+    m: dict[str, Any] = {"cell_id": None, "outcome": "running", "error": None, "loss_curve": [], "val_curve": []}
     d = None
     code = EXIT_OK
     try:

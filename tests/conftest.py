@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import peft  # noqa: F401  (before any test loads Metaflow: see below)
 import pytest
 import yaml
 
@@ -18,6 +19,9 @@ from steps.schema import CellSpec
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
+# Metaflow's Runner loads the flow file in this process and leaves its vendored
+# typing_extensions behind; torch, transformers and peft imported after that fail. Importing
+# them first (peft pulls in the other two) keeps the in-process tests that use them working.
 # Metaflow reads its settings when first imported: point its local datastore at a scratch
 # folder for the whole session, before any test imports it, and give it a user name (CI
 # machines may have no USER). Flows run with this folder as their working directory: local
