@@ -44,8 +44,8 @@ def bench_cell(args) -> dict:
     return {**settings, "cell_id": cell_id(settings)}
 
 
-def _rows(cell) -> list:
-    """The token rows, in the order the trainer's step 0..N-1 takes them."""
+def _rows(cell) -> tuple[list, object]:
+    """(micro-batches in the order the trainer's steps 0..N-1 take them, the tokenizer)."""
     from steps import data, modeling
 
     tok = modeling.load_tokenizer(cell)

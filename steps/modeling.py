@@ -3,7 +3,6 @@ Hugging Face causal LM by hub id or local directory (`from_pretrained`)."""
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -234,13 +233,3 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def embedding_parameters(model: torch.nn.Module) -> int:
     emb = model.get_input_embeddings()
     return emb.weight.shape.numel() if emb is not None else 0
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
