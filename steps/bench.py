@@ -5,9 +5,10 @@
   (c) Hugging Face `Trainer` + PEFT,
 
 each in its own process (one after the other, same threads), timed after the same warm-up
-steps. Prints tokens/s and peak memory of each, and the ratios. tokens/s is tokens per step
-over the median step time: on a shared machine a few slow steps (another process, a page-in)
-would otherwise decide a comparison whose real differences are a few percent.
+steps, `--repeats` times in a rotating order. Prints tokens/s and peak memory of each, and the
+ratios. tokens/s is tokens per step over the median of every timed step of every repeat: on a
+shared machine a few slow steps or a slow repeat (another process, a page-in) would otherwise
+decide a comparison whose real differences are a few percent.
 
     python -m steps.bench                       # ~30M Llama, LoRA r=8, 4 x 256 tokens, fp32
 """
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,12 +90,10 @@ def worker_minimal(cell) -> dict:
 
 
 def _result(cell, step_times: list[float]) -> dict:
-    import statistics
-
     timed = step_times[cell.train.timing_warmup_steps:]
     tokens = cell.micro_batch * cell.seq_len
     return {"tokens_per_s": tokens / statistics.median(timed), "tokens_per_s_mean": tokens * len(timed) / sum(timed),
-            "peak_mem_gb": _peak_gb()}
+            "peak_mem_gb": _peak_gb(), "step_s": timed}
 
 
 def worker_hf_trainer(cell) -> dict:
@@ -144,8 +144,6 @@ def run_ours(cell_dict: dict, threads: int) -> dict:
                "-m", "steps.train", "--cell", str(cell_file), "--out", tmp]
         subprocess.run(cmd, cwd=REPO_ROOT, env=_env(threads), check=True, capture_output=True)
         m = read_metrics(Path(tmp) / "metrics.json")
-    import statistics
-
     from steps.schema import CellSpec
 
     cell = CellSpec.model_validate(cell_dict)
@@ -155,7 +153,7 @@ def run_ours(cell_dict: dict, threads: int) -> dict:
     tokens = cell.micro_batch * cell.seq_len
     # The trainer's own tokens/s is the mean over its timed steps; the table uses the median.
     return {"tokens_per_s": tokens / statistics.median(timed), "tokens_per_s_mean": m["tokens_per_s"],
-            "peak_mem_gb": m["peak_mem_gb"]}
+            "peak_mem_gb": m["peak_mem_gb"], "step_s": timed}
 
 
 def _env(threads: int) -> dict:
@@ -203,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         # drifts during the run then favours none of them.
         for name in names[i % 3:] + names[: i % 3]:
             results[name].append(runners[name]())
-    best = {name: max(rs, key=lambda r: r["tokens_per_s"]) for name, rs in results.items()}
-    ratios = paired_ratios(results)
-    print_table(best, ratios, args)
-    record = {"settings": vars(args), "results": results, "best": best, "ratios": ratios, **environment()}
+    tokens = args.micro_batch * args.seq_len
+    pooled = {name: {"tokens_per_s": tokens / statistics.median([t for r in rs for t in r["step_s"]]),
+                     "tokens_per_s_mean": statistics.mean(r["tokens_per_s_mean"] for r in rs),
+                     "peak_mem_gb": max(r["peak_mem_gb"] for r in rs),
+                     "per_repeat": [round(r["tokens_per_s"]) for r in rs]}
+              for name, rs in results.items()}
+    print_table(pooled, args)
+    record = {"settings": vars(args), "results": results, "summary": pooled, **environment()}
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2))
     if args.save:
@@ -232,32 +234,23 @@ def environment() -> dict:
             "device_kind": "gpu" if gpu else "cpu", "versions": versions()}
 
 
-def paired_ratios(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    """Median over repeats of each loop's tokens/s over the others' in the same repeat."""
-    import statistics
-
-    names = list(results)
-    return {a: {b: statistics.median(ra["tokens_per_s"] / rb["tokens_per_s"]
-                                     for ra, rb in zip(results[a], results[b])) for b in names}
-            for a in names}
-
-
-def print_table(best: dict[str, dict], ratios: dict[str, dict[str, float]], args) -> None:
+def print_table(summary: dict[str, dict], args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    minimal, hf = list(best)[1:]
+    minimal, hf = (summary[k]["tokens_per_s"] for k in list(summary)[1:])
     table = Table(title=f"{args.model}, LoRA r={args.r}, batch {args.micro_batch} x {args.seq_len}, fp32, "
                         f"{args.steps} steps ({args.warmup} warm-up), {args.threads} threads, "
                         f"{args.repeats} repeat(s)")
-    for col in ("loop", "tokens/s (best)", "tokens/s (mean steps)", "peak mem GB", "vs minimal", "vs HF Trainer"):
+    for col in ("loop", "tokens/s", "per repeat", "peak mem GB", "vs minimal", "vs HF Trainer"):
         table.add_column(col, justify="right" if col != "loop" else "left")
-    for name, r in best.items():
-        table.add_row(name, f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_mean']:,.0f}", f"{r['peak_mem_gb']:.2f}",
-                      f"{ratios[name][minimal]:.3f}x", f"{ratios[name][hf]:.3f}x")
+    for name, r in summary.items():
+        table.add_row(name, f"{r['tokens_per_s']:,.0f}", " ".join(map(str, r["per_repeat"])),
+                      f"{r['peak_mem_gb']:.2f}", f"{r['tokens_per_s'] / minimal:.3f}x",
+                      f"{r['tokens_per_s'] / hf:.3f}x")
     Console(width=160).print(table)
-    print("tokens/s: tokens per step / median step time; ratios: median over repeats of the "
-          "ratio within each repeat.")
+    print("tokens/s: tokens per step / median of all timed steps of all repeats; "
+          "per repeat: the same within each repeat.")
 
 
 if __name__ == "__main__":
