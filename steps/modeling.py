@@ -137,7 +137,19 @@ def load_model(cell: CellSpec, vocab_size: int, device: torch.device, tp_mesh=No
             kwargs.update(quantization_config=quantization_config(cell), device_map={"": device})
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         model = model if cell.peft == "qlora" else model.to(device)
+        if cell.peft == "qlora":
+            _keep_4bit_weights_as_loaded(model)
     return model if tp_mesh is None else shard_tensor_parallel(model, tp_mesh)
+
+
+def _keep_4bit_weights_as_loaded(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit weight in place for its CPU inference kernel the first time a
+    layer runs in eval mode without gradients. ZeRO-3 keeps its own copy of each weight and
+    gathers that copy back over the repacked one, so the layer then reads garbage; turn the
+    repacking off (it only speeds up CPU inference)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def shard_tensor_parallel(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:

@@ -138,6 +138,7 @@ def train(cell: CellSpec, d: distributed.Dist, m: dict[str, Any], out: Path, res
         start, progress = checkpoint.load(engine, folder, d)
         m["resumed_from_step"] = start
     m["progress"] = progress  # the live record: a failure still reports it
+    engine.train()  # from_pretrained returns a model in eval mode (dropout off)
     curve, log_every = progress["loss_curve"], max(1, total_steps // 20)
     t_loop = time.perf_counter()
     paused = 0.0  # evaluation and checkpoint time, kept out of training time
