@@ -45,7 +45,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _is_deepspeed(engine) -> bool:
-    return type(engine).__name__ == "ZeroEngine"
+    from steps.parallel.zero import ZeroEngine  # deepspeed itself is imported only when used
+
+    return isinstance(engine, ZeroEngine)
 
 
 def _dcp_state(engine):
