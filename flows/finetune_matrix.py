@@ -14,31 +14,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 if all(os.environ.get(v) in (None, "", "root") for v in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
     os.environ["METAFLOW_USER"] = "finetune-matrix"
 
-from metaflow import Config, FlowSpec, card, current, step  # noqa: E402
+from metaflow import Config, FlowSpec, card, current, parallel, step  # noqa: E402
 
-from steps import runs  # noqa: E402
+from steps import cards, runs  # noqa: E402
+from steps.compute import MatrixCompute  # noqa: E402
 
 
+@MatrixCompute  # @retry/@catch and @kubernetes/@batch on `train`, from the matrix
 class FinetuneMatrixFlow(FlowSpec):
-    """start: validate + expand -> train (one per cell) -> join: table + report -> end: card."""
+    """start: plan -> launch (per cell) -> train (per node) -> gather: cell card -> join -> end."""
 
     matrix = Config("matrix", default=str(runs.DEFAULT_MATRIX),
                     parser="steps.matrix.parse_matrix_text", help="matrix YAML file")
 
     @step
     def start(self):
+        """Expand the matrix (validated when the flow was loaded) into cells."""
         self.cells = runs.plan(self.matrix)
         print(f"{len(self.cells)} cells; results go to {runs.run_dir(current.run_id)}")
-        self.next(self.train, foreach="cells")
+        self.next(self.launch, foreach="cells")
 
     @step
+    def launch(self):
+        """One cell: as many @parallel tasks as it has nodes, sharing a rendezvous port."""
+        self.cell, self.refused = self.input["cell"], self.input["refused"]
+        self.nodes, self.port = runs.placement(self.input)
+        self.next(self.train, num_parallel=self.nodes)
+
+    @parallel
+    @step
     def train(self):
-        self.cell = self.input["cell"]
-        self.metrics = runs.train_cell(self.input, runs.run_dir(current.run_id))
+        """This node's share of the cell under torchrun; a real failure fails the task."""
+        self.node = current.parallel.node_index
+        self.metrics, self.log = runs.train_node(
+            {"cell": self.cell, "refused": self.refused}, runs.run_dir(current.run_id),
+            self.node, current.parallel.main_ip, self.port)
+        runs.fail_if_error(self.metrics, runs.run_dir(current.run_id), self.matrix, current.retry_count)
+        self.next(self.gather)
+
+    @card(type="blank", id="cell")
+    @step
+    def gather(self, inputs):
+        """The cell's result (node 0 measures it), all nodes' logs, and the cell's card."""
+        self.cell = inputs[0].cell
+        self.metrics, self.log = runs.gather([
+            (i.node, getattr(i, "metrics", None), getattr(i, "log", ""), getattr(i, "failure", None))
+            for i in inputs])
+        self.loss_curve = self.metrics.get("loss_curve", [])
+        current.card["cell"].extend(cards.cell_card(self.cell, self.metrics))
         self.next(self.join)
 
     @step
     def join(self, inputs):
+        """One results table (Parquet, CSV, artifact) and the report, under reports/<run id>/."""
         meta = runs.provenance(current.run_id, current.flow_name, self.matrix)
         self.results, self.paths = runs.join(
             current.run_id, [(i.cell, i.metrics) for i in inputs], runs.run_dir(current.run_id), meta)
@@ -48,6 +76,7 @@ class FinetuneMatrixFlow(FlowSpec):
     @card(type="blank")
     @step
     def end(self):
+        """The report as a card."""
         from metaflow.cards import Markdown
 
         current.card.append(Markdown(Path(self.paths["report"]).read_text()))

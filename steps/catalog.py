@@ -29,17 +29,26 @@ class ModelPreset(Strict):
 
 
 class Instance(Strict):
+    """One machine type: the facts MFU, memory checks, cost and remote resources come from."""
+
     name: str
     description: str = ""
-    accelerator: str
+    accelerator: str  # the device model, e.g. "NVIDIA A10G"; "cpu" for local-cpu
     devices_per_node: int = Field(ge=0)
     memory_per_device_gb: float | None = None
     # Dense peak per device, from the vendor's datasheet (no sparsity); None where unpublished.
     peak_tflops_bf16: float | None = None
+    peak_tflops_fp16: float | None = None
     peak_tflops_fp32: float | None = None
     bf16: bool = True
-    interconnect: str = ""
-    price_per_hour_usd: float = Field(ge=0.0)
+    interconnect: str = ""  # between the devices of one node
+    network_gbps: float | None = None  # between nodes
+    vcpus: int | None = Field(None, ge=1)
+    memory_gb: float | None = Field(None, gt=0)
+    price_per_hour_usd: float = Field(ge=0.0)  # on-demand, per instance-hour
+    price_region: str | None = None
+    price_date: str | None = None  # when the price was read (YYYY-MM)
+    sagemaker_instance: str | None = None  # the `ml.` name, where SageMaker offers it
     source: str
 
 
@@ -83,4 +92,6 @@ def peak_tflops(instance: str, precision: str) -> float | None:
     entry = instances().get(instance)
     if entry is None:
         return None
-    return entry.peak_tflops_fp32 if precision == "fp32" else entry.peak_tflops_bf16
+    if precision == "fp32":
+        return entry.peak_tflops_fp32
+    return entry.peak_tflops_fp16 if precision.startswith("fp16") else entry.peak_tflops_bf16

@@ -72,15 +72,21 @@ def precision_supported(cell: CellSpec) -> str | None:
     return None
 
 
-def multinode_local(cell: CellSpec) -> str | None:
-    if cell.nodes > 1 and cell.instance == "local-cpu":
-        return "nodes > 1 needs remote compute; on local-cpu use nodes: 1 with gpus: N processes"
-    return None
+def devices_fit(cell: CellSpec) -> str | None:
+    """A node runs one process per GPU: more processes than the instance has GPUs cannot run."""
+    instance = catalog.instances().get(cell.instance)
+    if instance is None or instance.devices_per_node == 0 or cell.gpus <= instance.devices_per_node:
+        return None
+    family = cell.instance.split(".")[0]
+    bigger = [n for n, i in catalog.instances().items()
+              if n.startswith(family + ".") and i.devices_per_node >= cell.gpus]
+    hint = f"; {', '.join(bigger)} has enough" if bigger else f"; use gpus <= {instance.devices_per_node} or more nodes"
+    return f"{cell.instance} has {instance.devices_per_node} GPU(s), the cell asks for {cell.gpus} per node{hint}"
 
 
 RULES: list[Callable[[CellSpec], str | None]] = [
     quantized_tensor_parallel, dora_tensor_parallel, hybrid_shape, split_fits_model,
-    precision_supported, multinode_local,
+    precision_supported, devices_fit,
 ]
 
 

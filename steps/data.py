@@ -114,8 +114,16 @@ def instruction_pair(row: dict) -> tuple[str, str]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    rows = []
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from None
+    return rows
 
 
 def find_split_files(folder: Path, suffixes: tuple[str, ...]) -> tuple[Path, Path | None]:
@@ -229,6 +237,10 @@ def build_splits(data: DataSettings, tok: Tokenizer, seq_len: int) -> Splits:
     train_pairs, val_pairs, has_answers = load_pairs(data, seq_len)
     train = [encode_pair(tok, p, a, seq_len) for p, a in _limit(train_pairs, data.train_samples)]
     val = [encode_pair(tok, p, a, seq_len) for p, a in _limit(val_pairs, data.val_samples)]
+    if train and not any(any(e.target[1:]) for e in train):
+        raise ValueError(
+            f"no training example keeps an answer token within seq_len={seq_len} (the prompts "
+            f"are longer); raise seq_len")
     if data.packing:
         train = pack(train, seq_len)
     return Splits(train, val, has_answers, data.path or data.hub_name or data.task)

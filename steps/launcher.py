@@ -1,13 +1,15 @@
 """Launch one cell's trainer under torchrun, watch it, and collect its metrics.
 
 Each launch gets its own free port, output folder and share of CPU threads, so cells can run
-side by side (`--max-workers`). A refused or timed-out cell is a result, not an exception.
+side by side (`--max-workers`). A refused, timed-out or hung cell is a result, not an exception.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,13 +19,16 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import psutil
 import yaml
 
 from steps import REPO_ROOT, cpu_slots
 from steps.metrics import read_metrics, write_json_atomic
 from steps.schema import CellSpec
 
-KILL_GRACE_S = 10.0
+KILL_GRACE_S = 5.0
+STACK_DUMP_WAIT_S = 2.0
+POLL_S = 0.25
 
 
 def free_port() -> int:
@@ -32,20 +37,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(cell: CellSpec, cell_file: Path, out_dir: Path, port: int) -> list[str]:
+def trainer_command(cell: CellSpec, cell_file: Path, out_dir: Path, port: int,
+                    node_rank: int = 0, master_addr: str = "127.0.0.1") -> list[str]:
+    """torchrun for several processes; one process runs the trainer directly (torchrun would
+    only add its own start-up, about 1.7 s here) with the same environment torchrun gives it."""
+    trainer = ["-m", "steps.train", "--cell", str(cell_file), "--out", str(out_dir)]
+    if cell.world_size == 1:
+        return [sys.executable, *trainer]
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1",
+        "--nnodes", str(cell.nodes),
+        "--node-rank", str(node_rank),
         "--nproc-per-node", str(cell.gpus),
-        "--master-addr", "127.0.0.1",
+        "--master-addr", master_addr,
         "--master-port", str(port),
         "--tee", "3",  # prefixes every line with its rank: "[default0]:..."
-        "-m", "steps.train", "--cell", str(cell_file), "--out", str(out_dir),
+        *trainer,
     ]
 
 
-def _pump(stream: TextIO, log: TextIO, echo: bool) -> None:
+def _pump(stream: TextIO, log: TextIO, echo: bool, prefix: str) -> None:
     for line in stream:
+        line = prefix + line
         log.write(line)
         log.flush()
         if echo:
@@ -65,73 +78,158 @@ def skipped_metrics(cell: CellSpec, reason: str) -> dict[str, Any]:
             "world_size": cell.world_size, "global_batch": cell.global_batch}
 
 
-def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True) -> dict[str, Any]:
-    """Run the trainer to completion or to the cell's time limit; return its metrics.
+def last_progress(out_dir: Path, since: float) -> float:
+    """When a rank of this node last showed progress (launch time until one has)."""
+    stamps = [p.stat().st_mtime for p in (out_dir / "heartbeat").glob("rank*")]
+    return max([since, *(t for t in stamps if t >= since)])
 
-    `wall_s` is launch to exit as seen from here (process start-up included).
+
+def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 0,
+             master_addr: str = "127.0.0.1", port: int | None = None) -> dict[str, Any]:
+    """Run this node's part of a cell to completion, time limit or hang; return its metrics.
+
+    `wall_s` is launch to exit as seen from here (process start-up included). Node 0 holds
+    global rank 0, which writes the cell's metrics; other nodes report their exit only.
     """
     out_dir = Path(out_dir)
     cell_file = write_cell(cell, out_dir)
-    (out_dir / "metrics.json").unlink(missing_ok=True)
-    cmd = torchrun_command(cell, cell_file, out_dir, free_port())
-    timed_out = False
+    for stale in ("metrics.json", "partial.jsonl"):
+        (out_dir / stale).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "heartbeat", ignore_errors=True)
+    port = port or free_port()
+    cmd = trainer_command(cell, cell_file, out_dir, port, node_rank, master_addr)
+    stopped = None  # "timeout" or "hang"
     queued = time.perf_counter()
     with _devices(cell) as cores, open(out_dir / "train.log", "w", encoding="utf-8") as log:
-        env = _environment(cell, cores)
-        log.write(f"$ {' '.join(cmd)}\n# cores {cores}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}\n")
+        env = _environment(cell, cores, port)
+        log.write(f"$ {' '.join(cmd)}\n# node {node_rank}, port {port}, cores {cores}, "
+                  f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}\n")
+        log.flush()
         start, started_at = time.perf_counter(), time.time()
         proc = subprocess.Popen(
             cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, errors="replace", start_new_session=True,
             preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
         )
-        pump = threading.Thread(target=_pump, args=(proc.stdout, log, echo), daemon=True)
+        prefix = "[default0]:" if cell.world_size == 1 else ""
+        pump = threading.Thread(target=_pump, args=(proc.stdout, log, echo, prefix), daemon=True)
         pump.start()
-        try:
-            proc.wait(timeout=cell.train.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _stop(proc)
+        stopped = _watch(proc, cell, out_dir, start, started_at)
         pump.join(timeout=KILL_GRACE_S)
     wall = time.perf_counter() - start
-
-    m = read_metrics(out_dir / "metrics.json") or {
-        "cell_id": cell.cell_id, "outcome": "error",
-        "error": f"trainer exited with code {proc.returncode} and wrote no metrics "
-                 f"(see {out_dir / 'train.log'})",
-    }
-    if timed_out:
-        m.update(outcome="timeout", error=f"no result within timeout_s={cell.train.timeout_s:g}")
+    m = _result(cell, out_dir, proc.returncode, stopped, node_rank)
+    shutil.rmtree(out_dir / "heartbeat", ignore_errors=True)  # working files, now in metrics
+    (out_dir / "partial.jsonl").unlink(missing_ok=True)
     m.update(wall_s=wall, queued_s=start - queued, exit_code=proc.returncode, cores=cores,
-             started_at=started_at, ended_at=started_at + wall)
+             started_at=started_at, ended_at=started_at + wall, node_rank=node_rank,
+             out_dir=str(out_dir))
+    if m.get("train_s") is not None:
+        # Everything that is not training or evaluation: start-up, imports, model build, saving.
+        m["overhead_s"] = wall - m["train_s"] - (m.get("eval_s") or 0.0)
     write_json_atomic(out_dir / "metrics.json", m)
     return m
+
+
+def _watch(proc: subprocess.Popen, cell: CellSpec, out_dir: Path, start: float,
+           started_at: float) -> str | None:
+    """Wait for the trainer; stop it at the time limit or when no rank has progressed for
+    `hang_after_s` (its stacks dumped into the log first). Returns why it was stopped."""
+    hang_after = cell.train.hang_after_s
+    while proc.poll() is None:
+        time.sleep(POLL_S)
+        if time.perf_counter() - start > cell.train.timeout_s:
+            _stop(proc)
+            return "timeout"
+        if hang_after and time.time() - last_progress(out_dir, started_at) > hang_after:
+            dump_stacks(proc)
+            _stop(proc)
+            return "hang"
+    return None
+
+
+def _result(cell: CellSpec, out_dir: Path, code: int | None, stopped: str | None,
+            node_rank: int) -> dict[str, Any]:
+    m = read_metrics(out_dir / "metrics.json")
+    if m is None and node_rank > 0 and code == 0 and not stopped:
+        return {"cell_id": cell.cell_id, "outcome": "ok"}  # node 0 reports the cell
+    m = m or {"cell_id": cell.cell_id, "outcome": "error",
+              "error": f"trainer exited with code {code} and wrote no metrics (see {out_dir / 'train.log'})"}
+    if stopped:
+        partial = read_partial(out_dir / "partial.jsonl")
+        if len(partial["loss_curve"]) > len(m.get("loss_curve") or []):
+            m.update(partial)
+        steps_done = len(m.get("loss_curve") or [])
+        if stopped == "timeout":
+            why = f"no result within timeout_s={cell.train.timeout_s:g} ({steps_done} steps done)"
+        else:
+            why = (f"no progress for hang_after_s={cell.train.hang_after_s:g} after {steps_done} "
+                   f"steps; all ranks stopped, their Python stacks are in the log")
+        m.update(outcome=stopped, error=why, stopped_after_steps=steps_done)
+    return m
+
+
+def read_partial(path: Path) -> dict[str, list]:
+    """The curves rank 0 appended step by step (a torn last line is skipped)."""
+    out: dict[str, list] = {"loss_curve": [], "val_curve": []}
+    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as fh:
+        for line in fh:
+            with contextlib.suppress(json.JSONDecodeError, KeyError):
+                point = json.loads(line)
+                out[point.pop("curve")].append(point)
+    return out
+
+
+def dump_stacks(proc: subprocess.Popen) -> None:
+    """SIGUSR1 to every trainer process (faulthandler prints all their threads' stacks).
+
+    Not to torchrun itself: SIGUSR1 would end it before its ranks' output is copied.
+    """
+    try:
+        top = psutil.Process(proc.pid)
+        trainers = top.children(recursive=True) or [top]
+    except psutil.NoSuchProcess:
+        return
+    for p in trainers:
+        with contextlib.suppress(psutil.Error):
+            if "steps.train" in " ".join(p.cmdline()):
+                p.send_signal(signal.SIGUSR1)
+    time.sleep(STACK_DUMP_WAIT_S)
 
 
 def _devices(cell: CellSpec):
     """Local CPU cells hold their cores while they run; elsewhere each task owns its machine."""
     if cell.instance == "local-cpu":
-        return cpu_slots.reserve(cell.world_size)
+        return cpu_slots.reserve(cell.gpus)  # this node's processes
     return contextlib.nullcontext([])
 
 
-def _environment(cell: CellSpec, cores: list[int]) -> dict[str, str]:
+def _environment(cell: CellSpec, cores: list[int], port: int) -> dict[str, str]:
     threads = max(1, len(cores) // cell.gpus) if cores else max(1, (os.cpu_count() or 1) // cell.gpus)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
+    if cell.world_size == 1:  # what torchrun would set for its one process
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the whole process group (torchrun and its ranks), SIGKILL after a grace period."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM the whole process group (torchrun and its ranks), SIGKILL what is left after a
+    grace period (a rank stuck in a collective may not act on SIGTERM, even once torchrun is gone)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE_S
+    while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
+        time.sleep(POLL_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

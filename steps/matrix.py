@@ -18,10 +18,20 @@ from typing import Any
 import yaml
 
 from steps import catalog, compat
-from steps.schema import AXES, AXIS_FIELD, CellSpec, ConfigError, MatrixSpec, key_path, validate
+from steps.schema import (
+    AXES,
+    AXIS_FIELD,
+    CellSpec,
+    ConfigError,
+    DataSettings,
+    MatrixSpec,
+    TrainSettings,
+    key_path,
+    validate,
+)
 
 # Settings that change how a cell is run, not what it measures: kept out of its id.
-_ID_EXCLUDE = {"cell_id": True, "matrix": True, "train": {"timeout_s", "eval_every"}}
+_ID_EXCLUDE = {"cell_id": True, "matrix": True, "train": {"timeout_s", "hang_after_s", "eval_every"}}
 
 
 @dataclass(frozen=True)
@@ -37,12 +47,17 @@ class PlannedCell:
 def _reference_problems(data: dict) -> list[str]:
     """Names that must exist in the catalogs (checked on the raw values, beside the schema)."""
     problems = []
-    for axis, check in (("models", catalog.model_reference_problem), ("instance", _instance_problem)):
-        values = data.get(axis)
-        values = values if isinstance(values, list) else [values] if values is not None else []
-        for i, value in enumerate(values):
-            if isinstance(value, str) and (msg := check(value)):
-                problems.append(f"{key_path((axis, i))}: {msg}")
+    places = [((), data)] + [
+        ((rule, i), entry) for rule in ("exclude", "include")
+        for i, entry in enumerate(data.get(rule) or []) if isinstance(entry, dict)
+    ]
+    for prefix, where in places:
+        for axis, check in (("models", catalog.model_reference_problem), ("instance", _instance_problem)):
+            values = where.get(axis)
+            values = values if isinstance(values, list) else [values] if values is not None else []
+            for i, value in enumerate(values):
+                if isinstance(value, str) and (msg := check(value)):
+                    problems.append(f"{key_path((*prefix, axis, i))}: {msg}")
     return problems
 
 
@@ -51,6 +66,50 @@ def _instance_problem(name: str) -> str | None:
     if name in known:
         return None
     return f"{name!r} is not in configs/instances.yaml; allowed values: {', '.join(known)}"
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` over `base`, key by key into nested mappings."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _include_problems(data: dict) -> list[str]:
+    """`include[i].train` / `.data` are changes to the shared sections: validate the result
+    (over the defaults when the shared section has problems of its own, reported apart)."""
+    problems = []
+    for i, rule in enumerate(data.get("include") or []):
+        if not isinstance(rule, dict):
+            continue
+        for section, model in (("train", TrainSettings), ("data", DataSettings)):
+            changes = rule.get(section)
+            if not isinstance(changes, dict):
+                continue
+            try:
+                shared = validate(model, data.get(section) or {}, "").model_dump()
+            except ConfigError:
+                shared = model().model_dump()
+            try:
+                validate(model, merge(shared, changes), "")
+            except ConfigError as exc:
+                problems.extend(f"include[{i}].{section}.{p}" for p in exc.problems)
+    return problems
+
+
+def _compute_problems(spec: MatrixSpec) -> list[str]:
+    """Metaflow sets resources per step, so a remote run uses one (GPU) instance type."""
+    if spec.compute == "local":
+        return []
+    instances = sorted({*spec.instance, *(i for r in spec.include for i in (r.instance or []))})
+    if len(instances) != 1 or instances[0] == "local-cpu":
+        return [f"instance: compute {spec.compute!r} runs one instance type per run (Metaflow "
+                f"resources are set per step), not {instances}; write one matrix per instance "
+                f"type and compare the runs with `python -m steps.report A B`"]
+    if spec.compute == "batch" and not spec.remote.queue:
+        return ["remote.queue: compute 'batch' needs the AWS Batch job queue"]
+    return []
 
 
 def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
@@ -62,7 +121,9 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
     except ConfigError as exc:
         problems.extend(exc.problems)
     if isinstance(data, dict):
-        problems.extend(_reference_problems(data))
+        problems.extend(_reference_problems(data) + _include_problems(data))
+    if spec is not None:
+        problems.extend(_compute_problems(spec))
     if problems:
         raise ConfigError(problems, source)
     return spec
@@ -118,17 +179,29 @@ def cell_id(settings: dict[str, Any]) -> str:
 
 
 def expand(spec: MatrixSpec) -> list[PlannedCell]:
-    """The cartesian product of the axes, in file order, each cell checked for compatibility.
+    """The cartesian product of the axes in file order, minus `exclude`, plus `include`.
 
-    `single` runs one process whatever the gpus/nodes axes say; duplicates are merged.
+    Each cell is checked for compatibility; `single` runs one process whatever the gpus/nodes
+    axes say; duplicates are merged. An `include` entry whose axis values are already a cell
+    changes that cell's train/data settings instead of adding a copy.
     """
-    shared = {"train": spec.train.model_dump(), "data": spec.data.model_dump(), "matrix": spec.name}
-    planned: dict[str, PlannedCell] = {}
+    base = {"train": spec.train.model_dump(), "data": spec.data.model_dump()}
+    chosen: dict[tuple, dict[str, Any]] = {}  # axis values -> shared sections of that cell
     for values in itertools.product(*(getattr(spec, axis) for axis in AXES)):
+        point = dict(zip(AXES, values))
+        if not any(rule.matches(point) for rule in spec.exclude):
+            chosen[values] = base
+    for rule in spec.include:
+        given = rule.axes()
+        sections = {k: merge(base[k], getattr(rule, k) or {}) for k in ("train", "data")}
+        for values in itertools.product(*(given.get(axis, getattr(spec, axis)) for axis in AXES)):
+            chosen[values] = sections
+    planned: dict[str, PlannedCell] = {}
+    for values, sections in chosen.items():
         settings = {AXIS_FIELD[axis]: v for axis, v in zip(AXES, values)}
         if settings["strategy"] == "single":
             settings.update(nodes=1, gpus=1)
-        settings.update(shared)
+        settings.update(sections, matrix=spec.name)
         cid = cell_id(settings)
         if cid not in planned:
             cell = CellSpec.model_validate({**settings, "cell_id": cid})
@@ -140,14 +213,17 @@ def show(planned: list[PlannedCell], out=sys.stdout) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(planned)} cells", show_lines=False)
-    for col in ("cell_id", "peft", "strategy", "world", "lr", "mb x ga", "precision", "status"):
+    refused = sum(p.refused is not None for p in planned)
+    table = Table(title=f"{len(planned)} cells: {len(planned) - refused} run, {refused} refused",
+                  show_lines=False)
+    for col in ("cell_id", "peft", "strategy", "nodes x gpus", "instance", "lr", "mb x ga",
+                "precision", "seq", "status"):
         table.add_column(col)
     for p in planned:
         c = p.cell
         table.add_row(
-            c.cell_id, c.peft, c.strategy, str(c.world_size), f"{c.lr:g}",
-            f"{c.micro_batch} x {c.grad_accum}", c.precision,
+            c.cell_id, c.peft, c.strategy, f"{c.nodes} x {c.gpus}", c.instance, f"{c.lr:g}",
+            f"{c.micro_batch} x {c.grad_accum}", c.precision, str(c.seq_len),
             f"refused: {p.refused}" if p.refused else "runs",
         )
     Console(file=out, width=200).print(table)

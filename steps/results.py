@@ -19,7 +19,8 @@ COLUMNS = [
 ]
 EXTRA_METRICS = [
     "token_accuracy", "final_train_loss", "trainable_params", "total_params", "achieved_tflops",
-    "flops_per_token", "steps_per_epoch", "eval_s", "trainer_wall_s", "exit_code", "device",
+    "flops_per_token", "steps_per_epoch", "eval_s", "trainer_wall_s", "overhead_s", "queued_s",
+    "exit_code", "device", "stopped_after_steps",
 ]
 SETTINGS = ["model", "peft", "strategy", "instance", "nodes", "gpus", "lr", "micro_batch",
             "grad_accum", "precision", "seq_len"]

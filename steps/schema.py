@@ -113,7 +113,11 @@ class TrainSettings(Strict):
     # segment), to find out what fits in a smaller device; exceeding it is outcome `oom`.
     memory_cap_gb: PositiveFloat | None = None
     save_adapter: bool = True
+    # Run limits (kept out of the cell id): the whole cell, and the longest stretch with no
+    # completed step (model loading, evaluation and checkpoints count as progress) before the
+    # cell is stopped as `hang`, its Python stacks dumped into its log first.
     timeout_s: PositiveFloat = 1800.0
+    hang_after_s: PositiveFloat | None = 900.0
     fault: FaultSettings | None = None
     lora: LoraSettings = Field(default_factory=LoraSettings)
     qlora: QLoraSettings = Field(default_factory=QLoraSettings)
@@ -154,6 +158,51 @@ def _as_list(value: Any) -> Any:
     return value if isinstance(value, (list, tuple)) else [value]
 
 
+class CellPattern(Strict):
+    """A partial cell: the axes it names, each one value or a list of values."""
+
+    models: list[str] | None = None
+    peft: list[Peft] | None = None
+    strategy: list[Strategy] | None = None
+    instance: list[str] | None = None
+    nodes: list[PositiveInt] | None = None
+    gpus: list[PositiveInt] | None = None
+    lr: list[PositiveFloat] | None = None
+    micro_batch: list[PositiveInt] | None = None
+    grad_accum: list[PositiveInt] | None = None
+    precision: list[Precision] | None = None
+    seq_len: list[PositiveInt] | None = None
+
+    _axis_lists = field_validator(*AXES, mode="before")(lambda cls, v: _as_list(v))
+
+    def axes(self) -> dict[str, list]:
+        return {a: getattr(self, a) for a in AXES if getattr(self, a) is not None}
+
+    def matches(self, values: dict[str, Any]) -> bool:
+        return all(values[a] in allowed for a, allowed in self.axes().items())
+
+
+class IncludeRule(CellPattern):
+    """Cells to add; axes left out take every value of the matrix. `train` and `data` are
+    changes to the shared sections for these cells only (merged key by key)."""
+
+    train: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+
+
+class RemoteSettings(Strict):
+    """What Metaflow's @kubernetes / @batch need beyond the instance catalog's facts."""
+
+    image: str | None = None  # default: Metaflow's configured image
+    queue: str | None = None  # batch: the AWS Batch job queue
+    namespace: str | None = None  # kubernetes
+    service_account: str | None = None  # kubernetes
+    # Node label that selects the instance type (kubernetes); the value is the instance name.
+    node_selector_label: str = "node.kubernetes.io/instance-type"
+    shared_memory_mb: PositiveInt | None = None  # /dev/shm for NCCL and data loaders
+    disk_mb: PositiveInt | None = None
+
+
 class MatrixSpec(Strict):
     """A matrix file: axes (each a list), shared settings, and pruning rules."""
 
@@ -172,6 +221,19 @@ class MatrixSpec(Strict):
     seq_len: list[PositiveInt] = Field(default_factory=lambda: [128], min_length=1)
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    # Cells matching any of these partial cells are dropped; `include` adds cells (or changes
+    # the train/data settings of cells already in the matrix).
+    exclude: list[CellPattern] = Field(default_factory=list)
+    include: list[IncludeRule] = Field(default_factory=list)
+    # Where the train step runs: here, or on Metaflow's @kubernetes / @batch with resources
+    # from the instance catalog (one instance type per run).
+    compute: Literal["local", "kubernetes", "batch"] = "local"
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    # A real failure (an exception in the trainer, a lost node) is retried this many times,
+    # then fails the run (`on_error: fail`, so that `resume` re-runs only the failed cells)
+    # or becomes a row with outcome `error` (`on_error: record`).
+    retries: int = Field(1, ge=0, le=4)
+    on_error: Literal["fail", "record"] = "fail"
 
     _axis_lists = field_validator(*AXES, mode="before")(lambda cls, v: _as_list(v))
 

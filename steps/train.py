@@ -9,7 +9,9 @@ Writes DIR/metrics.json whatever happens: outcome `ok`, `oom` (exit code 3) or `
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
+import json
 import math
 import os
 import resource
@@ -79,6 +81,41 @@ def inject_fault(cell: CellSpec, step: int, rank: int) -> None:
         time.sleep(3600)
 
 
+class Heartbeat:
+    """Shows the launcher that this rank makes progress, for hang detection.
+
+    Every rank touches its own file (a stuck rank and the ranks waiting for it in a collective
+    all go quiet); rank 0 also appends each new loss point to `partial.jsonl`, so a cell
+    stopped as `hang` or `timeout` keeps what it measured.
+    """
+
+    def __init__(self, out: Path, rank: int):
+        self.folder = out / "heartbeat"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path, self.main, self.written = self.folder / f"rank{rank}", rank == 0, {}
+        self.beat()
+
+    def beat(self, progress: dict[str, Any] | None = None) -> None:
+        self.path.touch()
+        if not (self.main and progress):
+            return
+        lines = []
+        for kind in ("loss_curve", "val_curve"):
+            points = progress[kind]
+            lines += [json.dumps({"curve": kind, **p}) + "\n" for p in points[self.written.get(kind, 0):]]
+            self.written[kind] = len(points)
+        if lines:
+            with open(self.folder.parent / "partial.jsonl", "a", encoding="utf-8") as fh:
+                fh.writelines(lines)
+
+
+def block_unused_imports(cell: CellSpec) -> None:
+    """peft and transformers import bitsandbytes whenever it is installed (about 1 s per
+    process); a cell with no 4-bit weights and no 8-bit optimizer makes it look absent."""
+    if cell.peft != "qlora" and cell.train.optimizer != "paged_adamw_8bit":
+        sys.modules.setdefault("bitsandbytes", None)  # find_spec() then returns None
+
+
 def new_progress() -> dict[str, Any]:
     return {"loss_curve": [], "val_curve": [], "train_s": 0.0, "timed_tokens": 0.0, "timed_s": 0.0,
             "timed_steps": 0, "warm_tokens": 0.0, "warm_s": 0.0, "seq_tokens": 0.0, "seq_count": 0.0,
@@ -112,7 +149,8 @@ def evaluate(engine, examples, cell: CellSpec, d: distributed.Dist, pad_id: int,
     }
 
 
-def train(cell: CellSpec, d: distributed.Dist, m: dict[str, Any], out: Path, resume: bool) -> None:
+def train(cell: CellSpec, d: distributed.Dist, m: dict[str, Any], out: Path, resume: bool,
+          beat: Heartbeat) -> None:
     """The loop. Fills `m` as it goes, so a failure still reports what was measured."""
     tok = modeling.load_tokenizer(cell)
     splits = data.build_splits(cell.data, tok, cell.seq_len)
@@ -138,6 +176,7 @@ def train(cell: CellSpec, d: distributed.Dist, m: dict[str, Any], out: Path, res
         start, progress = checkpoint.load(engine, folder, d)
         m["resumed_from_step"] = start
     m["progress"] = progress  # the live record: a failure still reports it
+    beat.beat(progress)
     engine.train()  # from_pretrained returns a model in eval mode (dropout off)
     curve, log_every = progress["loss_curve"], max(1, total_steps // 20)
     t_loop = time.perf_counter()
@@ -190,6 +229,7 @@ def train(cell: CellSpec, d: distributed.Dist, m: dict[str, Any], out: Path, res
             checkpoint.save(engine, step + 1, {**progress, "train_s": train_time()}, out, d)
             m["checkpoint_s"] = m.get("checkpoint_s", 0.0) + time.perf_counter() - t_ck
             paused += time.perf_counter() - t_ck
+        beat.beat(progress)
     progress["train_s"] = train_time()
 
     t_eval = time.perf_counter()
@@ -246,16 +286,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell", required=True, help="cell YAML (one point of a matrix)")
     parser.add_argument("--out", required=True, help="output folder (metrics.json goes here)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    # The `deepspeed` launcher passes each process its local rank; the environment has it too.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # The launcher sends SIGUSR1 before stopping a hung cell: every thread's Python stack goes
+    # to stderr, i.e. into the cell's log, even while the main thread is stuck in a collective.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    beat = Heartbeat(out, int(os.environ.get("RANK", 0)))
     m: dict[str, Any] = {"cell_id": None, "outcome": "running", "error": None, "loss_curve": [], "val_curve": []}
     d = None
     code = EXIT_OK
     try:
         cell = load_cell(args.cell)
+        block_unused_imports(cell)
         m.update(cell_id=cell.cell_id, world_size=cell.world_size, dp_size=cell.dp_size,
                  global_batch=cell.global_batch)
         if reason := compat.refusal(cell):
@@ -265,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"launched with {d.world} processes, cell expects {cell.world_size}")
         apply_memory_cap(cell, d.device)
         m.update(versions=metrics.versions(), device=metrics.device_name(d.device))
-        train(cell, d, m, out, args.resume)
+        train(cell, d, m, out, args.resume, beat)
         peaks = distributed.all_gather_float(metrics.peak_memory_gb(d.device), d.device)
         m.update(outcome="ok", peak_mem_gb_per_rank=peaks, peak_mem_gb=max(peaks))
         if d.device.type == "cuda":
@@ -298,4 +345,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is written: skip the interpreter's teardown of torch and friends (about a
+    # second per process, paid by every cell).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -68,7 +68,7 @@ def test_matrix_runs_end_to_end_and_reads_back_through_the_client(tmp_path):
     for cid in df["cell_id"]:
         assert cid in report
         assert sorted(p.name for p in (out / "cells" / cid).iterdir()) == [
-            "adapter", "cell.yaml", "metrics.json", "train.log"]
+            "adapter", "cell.yaml", "metrics.json", "train.log"]  # working files cleaned up
     train_tasks = list(run["train"])
     assert sorted(t["metrics"].data["cell_id"] for t in train_tasks) == sorted(df["cell_id"])
     assert run["start"].task["cells"].data[0]["cell"]["matrix"] == "small"
@@ -76,10 +76,20 @@ def test_matrix_runs_end_to_end_and_reads_back_through_the_client(tmp_path):
     assert len(cards) == 1
     card_data = card_payload(cards[0].get())
     assert all(cid in card_data for cid in df["cell_id"])
+    # A card per cell: its settings, its loss curve (every step) and its metrics table.
+    for task in run["gather"]:
+        m, cid = task["metrics"].data, task["cell"].data["cell_id"]
+        assert task["loss_curve"].data == m["loss_curve"] and len(m["loss_curve"]) == 20
+        assert task["log"].data.startswith("$ ") and "step 20/20" in task["log"].data
+        (cell_card,) = get_cards(task, id="cell")
+        payload = card_payload(cell_card.get())
+        assert cid in payload and '"vegaChart"' in payload.replace("VegaChart", "vegaChart")
+        assert f'{m["loss_curve"][-1]["loss"]}' in payload and "tokens/s" in payload
 
     # Two cells at once (--max-workers 2): their own ports, folders and cores.
     logs = {cid: (out / "cells" / cid / "train.log").read_text().splitlines()[0] for cid in df["cell_id"]}
-    ports = {line.split("--master-port ")[1].split()[0] for line in logs.values()}
+    logs = {cid: (out / "cells" / cid / "train.log").read_text().splitlines()[1] for cid in df["cell_id"]}
+    ports = {line.split("port ")[1].split(",")[0] for line in logs.values()}
     assert len(ports) == 4
     if len(os.sched_getaffinity(0)) >= 2:
         singles = [t["metrics"].data for t in train_tasks if t["cell"].data["strategy"] == "single"]

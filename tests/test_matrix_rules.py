@@ -1,0 +1,118 @@
+"""Matrix rules (exclude / include), remote compute settings, and what Metaflow ships remotely."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from steps import catalog, compute
+from steps.matrix import expand, parse_matrix
+from steps.schema import ConfigError
+from tests.conftest import METAFLOW_ROOT, REPO
+
+FLOW = str(REPO / "flows" / "finetune_matrix.py")
+BASE = {"name": "rules", "models": "llama-debug", "peft": "lora", "strategy": ["single", "ddp"],
+        "gpus": 2, "lr": [1e-3, 1e-2], "micro_batch": 4, "seq_len": 32}
+
+
+def _axes(planned) -> list[tuple]:
+    return [(p.cell.strategy, p.cell.lr, p.cell.micro_batch) for p in planned]
+
+
+def test_exclude_drops_matching_cells_and_include_adds_or_changes_cells():
+    spec = parse_matrix({
+        **BASE,
+        "exclude": [{"strategy": "ddp", "lr": 1e-2}],
+        "include": [
+            {"strategy": "ddp", "micro_batch": [8, 16]},  # new cells, for every lr
+            {"strategy": "single", "lr": 1e-2, "train": {"lora": {"r": 16}}},  # changes one cell
+        ],
+    })
+    planned = expand(spec)
+    assert _axes(planned) == [
+        ("single", 1e-3, 4), ("single", 1e-2, 4), ("ddp", 1e-3, 4),
+        ("ddp", 1e-3, 8), ("ddp", 1e-3, 16), ("ddp", 1e-2, 8), ("ddp", 1e-2, 16),
+    ]
+    ranks = {(p.cell.strategy, p.cell.lr): p.cell.train.lora.r for p in planned if p.cell.micro_batch == 4}
+    assert ranks == {("single", 1e-3): 8, ("single", 1e-2): 16, ("ddp", 1e-3): 8}
+    assert planned[1].cell.train.lora.alpha == 16  # merged key by key, not replaced
+    assert len({p.cell.cell_id for p in planned}) == 7
+
+
+def test_rule_mistakes_are_reported_with_their_paths():
+    with pytest.raises(ConfigError) as err:
+        parse_matrix({**BASE, "exclude": [{"strategy": "dpp"}],
+                      "include": [{"models": "no-such-model", "train": {"fault": {"kind": "explode"}, "bogus": 1}}]})
+    text = str(err.value)
+    assert "exclude[0].strategy[0]: 'dpp' is not allowed" in text
+    assert "include[0].models[0]: 'no-such-model' is not a model preset" in text
+    assert "include[0].train.fault.kind: 'explode' is not allowed; allowed values: 'raise', 'oom', 'hang', 'kill'" in text
+    assert "include[0].train.bogus: unknown key" in text
+
+
+def test_remote_compute_takes_one_instance_type_and_its_resources():
+    with pytest.raises(ConfigError) as err:
+        parse_matrix({**BASE, "instance": ["g5.12xlarge", "p3.8xlarge"], "compute": "kubernetes"})
+    assert "one instance type per run" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_matrix({**BASE, "instance": "g5.12xlarge", "compute": "batch"})
+    assert "remote.queue: compute 'batch' needs the AWS Batch job queue" in str(err.value)
+
+    g5 = catalog.instances()["g5.12xlarge"]
+    k8s = parse_matrix({**BASE, "instance": "g5.12xlarge", "compute": "kubernetes", "retries": 2,
+                        "remote": {"image": "me/ft:1", "namespace": "ml"}}).model_dump()
+    assert compute.train_decorators(k8s) == [
+        ("retry", {"times": 2, "minutes_between_retries": 0}),
+        ("kubernetes", {"gpu": 4, "cpu": g5.vcpus - 2, "memory": int(g5.memory_gb * 1024 * 0.9),
+                        "image": "me/ft:1", "node_selector": {"node.kubernetes.io/instance-type": "g5.12xlarge"},
+                        "namespace": "ml"}),
+    ]
+    batch = parse_matrix({**BASE, "instance": "p3.8xlarge", "compute": "batch", "on_error": "record",
+                          "remote": {"queue": "gpu-queue", "shared_memory_mb": 8192}}).model_dump()
+    decos = dict(compute.train_decorators(batch))
+    assert decos["catch"] == {"var": "failure", "print_exception": True}
+    assert decos["batch"] == {"gpu": 4, "cpu": 30, "memory": int(244 * 1024 * 0.9),
+                              "shared_memory": 8192, "queue": "gpu-queue"}
+
+
+def test_more_processes_than_gpus_is_refused_with_a_bigger_instance_named():
+    planned = expand(parse_matrix({**BASE, "strategy": "ddp", "instance": "g5.2xlarge", "gpus": 4,
+                                   "precision": "bf16-mixed"}))
+    assert "g5.2xlarge has 1 GPU(s), the cell asks for 4 per node; g5.12xlarge" in planned[0].refused
+
+
+def _flow(*args, env=None):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, FLOW, *args], capture_output=True, text=True,
+                          env=env, cwd=METAFLOW_ROOT, timeout=180)
+
+
+def test_code_package_ships_steps_and_configs():
+    """Remote tasks get the flow's package: steps/ and configs/ must be in it."""
+    proc = _flow("package", "list")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = (proc.stdout + proc.stderr).splitlines()
+    for name in ("steps/train.py", "steps/parallel/engine.py", "steps/launcher.py",
+                 "configs/instances.yaml", "configs/models/llama-debug.yaml", "configs/matrix/default.yaml"):
+        assert str(REPO / name) in listed, name
+
+
+def test_the_matrix_puts_compute_decorators_on_the_train_step(tmp_path):
+    path = tmp_path / "k8s.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "instance": "g5.12xlarge", "compute": "kubernetes",
+                                    "on_error": "record"}))
+    env = {"METAFLOW_DATASTORE_SYSROOT_S3": "s3://example-bucket/metaflow"}  # show needs no access
+    remote = _flow("--datastore", "s3", "--config", "matrix", str(path), "show", env=env)
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    train = (remote.stdout + remote.stderr).split("Step launch")[1].split("Step train")[0]
+    assert {"@parallel", "@retry", "@kubernetes"} <= set(train.split())
+    assert "@catch" not in train  # not allowed with @parallel on Kubernetes: the step records
+    local = _flow("show")
+    train = (local.stdout + local.stderr).split("Step launch")[1].split("Step train")[0]
+    assert "@retry" in train and "@kubernetes" not in train and "@catch" not in train
+    assert not compute.catches({"on_error": "record", "compute": "kubernetes"})
+    assert compute.catches({"on_error": "record", "compute": "local"})
