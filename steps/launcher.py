@@ -39,11 +39,20 @@ def free_port() -> int:
 
 def trainer_command(cell: CellSpec, cell_file: Path, out_dir: Path, port: int,
                     node_rank: int = 0, master_addr: str = "127.0.0.1") -> list[str]:
-    """torchrun for several processes; one process runs the trainer directly (torchrun would
-    only add its own start-up, about 1.7 s here) with the same environment torchrun gives it."""
-    trainer = ["-m", "steps.train", "--cell", str(cell_file), "--out", str(out_dir)]
+    """torchrun (or DeepSpeed's launcher) for several processes; one process runs the trainer
+    directly (a launcher would only add its own start-up, about 1.7 s here) with the
+    environment torchrun would give it."""
+    trainer = ["--cell", str(cell_file), "--out", str(out_dir)]
     if cell.world_size == 1:
-        return [sys.executable, *trainer]
+        return [sys.executable, "-m", "steps.train", *trainer]
+    if cell.train.launcher == "deepspeed":
+        multinode = ["--no_ssh", "--node_rank", str(node_rank)] if cell.nodes > 1 else []
+        return [
+            sys.executable, "-m", "deepspeed.launcher.runner",
+            "--num_nodes", str(cell.nodes), "--num_gpus", str(cell.gpus), *multinode,
+            "--master_addr", master_addr, "--master_port", str(port),
+            "--module", "steps.train", *trainer,
+        ]
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(cell.nodes),
@@ -52,7 +61,7 @@ def trainer_command(cell: CellSpec, cell_file: Path, out_dir: Path, port: int,
         "--master-addr", master_addr,
         "--master-port", str(port),
         "--tee", "3",  # prefixes every line with its rank: "[default0]:..."
-        *trainer,
+        "-m", "steps.train", *trainer,
     ]
 
 
@@ -210,6 +219,8 @@ def _environment(cell: CellSpec, cores: list[int], port: int) -> dict[str, str]:
     if cell.world_size == 1:  # what torchrun would set for its one process
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if cell.world_size > 1 and cell.train.launcher == "deepspeed":
+        env["FINETUNE_MATRIX_RANK_PREFIX"] = "1"  # DeepSpeed's launcher does not prefix lines
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 

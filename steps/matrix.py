@@ -31,7 +31,7 @@ from steps.schema import (
 )
 
 # Settings that change how a cell is run, not what it measures: kept out of its id.
-_ID_EXCLUDE = {"cell_id": True, "matrix": True, "train": {"timeout_s", "hang_after_s", "eval_every"}}
+_ID_EXCLUDE = {"cell_id": True, "matrix": True, "train": {"timeout_s", "hang_after_s", "eval_every", "launcher"}}
 
 
 @dataclass(frozen=True)

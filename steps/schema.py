@@ -118,6 +118,8 @@ class TrainSettings(Strict):
     # cell is stopped as `hang`, its Python stacks dumped into its log first.
     timeout_s: PositiveFloat = 1800.0
     hang_after_s: PositiveFloat | None = 900.0
+    # What starts the processes of a multi-process cell (the same trainer either way).
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
     fault: FaultSettings | None = None
     lora: LoraSettings = Field(default_factory=LoraSettings)
     qlora: QLoraSettings = Field(default_factory=QLoraSettings)

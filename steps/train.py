@@ -109,6 +109,24 @@ class Heartbeat:
                 fh.writelines(lines)
 
 
+class RankPrefix:
+    """Prefix each line written with the rank, as torchrun's `--tee` does ("[default0]:")."""
+
+    def __init__(self, stream, rank: int):
+        self.stream, self.prefix, self.at_line_start = stream, f"[default{rank}]:", True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            out.append(self.prefix + piece if self.at_line_start else piece)
+            self.at_line_start = piece.endswith("\n")
+        self.stream.write("".join(out))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def block_unused_imports(cell: CellSpec) -> None:
     """peft and transformers import bitsandbytes whenever it is installed (about 1 s per
     process); a cell with no 4-bit weights and no 8-bit optimizer makes it look absent."""
@@ -290,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
+    if os.environ.get("FINETUNE_MATRIX_RANK_PREFIX"):
+        rank = int(os.environ.get("RANK", 0))
+        sys.stdout, sys.stderr = RankPrefix(sys.stdout, rank), RankPrefix(sys.stderr, rank)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _on_sigterm)
