@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from steps.distributed import Dist
-from steps.parallel.engine import Engine, Layout, build_optimizer, lr_lambda, token_loss_sum
+from steps.parallel.engine import Engine, Layout, token_loss_sum
 from steps.schema import CellSpec
 
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
@@ -45,17 +45,13 @@ class ZeroEngine(Engine):
     def __init__(self, cell: CellSpec, d: Dist, model: torch.nn.Module, total_steps: int):
         import deepspeed
 
-        self.cell, self.d, self.model = cell, d, model
-        self.peft_model = model if hasattr(model, "peft_config") else None
-        self.layout = Layout(d.rank, d.world, True)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.params, cell)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cell, total_steps))
+        # PyTorch's optimizer and schedule, as every engine builds them, handed to DeepSpeed.
+        super().__init__(cell, d, model, Layout(d.rank, d.world, True), total_steps)
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=self.params,
-            config=deepspeed_config(cell), dist_init_required=False,
+            model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+            model_parameters=self.params, config=deepspeed_config(cell), dist_init_required=False,
         )
-        self.scaler = None
+        self.scaler = None  # DeepSpeed scales fp16 losses itself
 
     def lr(self) -> float:
         return self.module.get_lr()[0]
