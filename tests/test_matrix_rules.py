@@ -116,3 +116,22 @@ def test_the_matrix_puts_compute_decorators_on_the_train_step(tmp_path):
     assert "@retry" in train and "@kubernetes" not in train and "@catch" not in train
     assert not compute.catches({"on_error": "record", "compute": "kubernetes"})
     assert compute.catches({"on_error": "record", "compute": "local"})
+
+
+def test_instance_catalog_has_the_reference_families_with_consistent_facts():
+    known = catalog.instances()
+    for name in ("p3.2xlarge", "p3.8xlarge", "p3.16xlarge", "p3dn.24xlarge", "g5.xlarge",
+                 "g5.12xlarge", "g5.48xlarge", "g6.xlarge", "g6.48xlarge", "p4d.24xlarge",
+                 "p4de.24xlarge", "p5.48xlarge"):
+        i = known[name]
+        assert i.devices_per_node >= 1 and i.memory_per_device_gb and i.vcpus and i.memory_gb
+        assert i.price_per_hour_usd > 0 and i.price_region == "us-east-1" and i.price_date
+        assert i.sagemaker_instance == f"ml.{name}" and "http" in i.source
+        assert (i.peak_tflops_bf16 is not None) == i.bf16  # no bf16 units, no bf16 peak
+        assert i.peak_tflops_fp16 > i.peak_tflops_fp32 > 0
+    assert not known["p3.8xlarge"].bf16 and known["p3.8xlarge"].devices_per_node == 4
+    assert known["p4de.24xlarge"].memory_per_device_gb == 2 * known["p4d.24xlarge"].memory_per_device_gb
+    # MFU uses the peak of the precision the matmuls run in.
+    assert catalog.peak_tflops("p3.2xlarge", "fp16-mixed") == 125.0
+    assert catalog.peak_tflops("p5.48xlarge", "bf16-mixed") == known["p5.48xlarge"].peak_tflops_bf16
+    assert catalog.peak_tflops("p3.2xlarge", "fp32") == known["p3.2xlarge"].peak_tflops_fp32
