@@ -6,6 +6,7 @@
 """
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 # Metaflow refuses to run as "root" or with no user name (containers, CI): give it one.
 if all(os.environ.get(v) in (None, "", "root") for v in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
     os.environ["METAFLOW_USER"] = "finetune-matrix"
+# Metaflow's local @parallel starts the other nodes' tasks with `python` from PATH: make that
+# this interpreter (a virtual environment that is not activated would not be found).
+_python = Path(sys.executable).parent / "python"
+if _python.exists() and shutil.which("python") != str(_python):
+    os.environ["PATH"] = os.pathsep.join([str(_python.parent), os.environ.get("PATH", "")])
 
 from metaflow import Config, FlowSpec, card, current, parallel, step  # noqa: E402
 
