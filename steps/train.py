@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             m["peak_reserved_gb_per_rank"] = distributed.all_gather_float(
                 metrics.peak_reserved_gb(d.device), d.device)
     except BaseException as exc:  # noqa: BLE001 - every failure must become a result
+        # A second SIGTERM (torchrun stopping the ranks of a failed cell) must not cut the
+        # failure report short: the launcher still kills this process after its grace period.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         code = EXIT_OOM if is_oom(exc) else EXIT_ERROR
         rank = d.rank if d else 0
         peak = metrics.peak_memory_gb(d.device if d else torch.device("cpu"))
