@@ -23,7 +23,7 @@ import psutil
 import yaml
 
 from steps import REPO_ROOT, cpu_slots
-from steps.metrics import read_metrics, write_json_atomic
+from steps.metrics import HEARTBEAT_DIR, PARTIAL_CURVES, rank_prefix, read_metrics, write_json_atomic
 from steps.schema import CellSpec
 
 KILL_GRACE_S = 5.0
@@ -89,7 +89,7 @@ def skipped_metrics(cell: CellSpec, reason: str) -> dict[str, Any]:
 
 def last_progress(out_dir: Path, since: float) -> float:
     """When a rank of this node last showed progress (launch time until one has)."""
-    stamps = [p.stat().st_mtime for p in (out_dir / "heartbeat").glob("rank*")]
+    stamps = [p.stat().st_mtime for p in (out_dir / HEARTBEAT_DIR).glob("rank*")]
     return max([since, *(t for t in stamps if t >= since)])
 
 
@@ -102,9 +102,8 @@ def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 
     """
     out_dir = Path(out_dir)
     cell_file = write_cell(cell, out_dir)
-    for stale in ("metrics.json", "partial.jsonl"):
-        (out_dir / stale).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / "heartbeat", ignore_errors=True)
+    (out_dir / "metrics.json").unlink(missing_ok=True)
+    _clear_working_files(out_dir)  # a previous attempt's
     port = port or free_port()
     cmd = trainer_command(cell, cell_file, out_dir, port, node_rank, master_addr)
     stopped = None  # "timeout" or "hang"
@@ -120,15 +119,14 @@ def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 
             text=True, errors="replace", start_new_session=True,
             preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
         )
-        prefix = "[default0]:" if cell.world_size == 1 else ""
+        prefix = rank_prefix(0) if cell.world_size == 1 else ""
         pump = threading.Thread(target=_pump, args=(proc.stdout, log, echo, prefix), daemon=True)
         pump.start()
         stopped = _watch(proc, cell, out_dir, start, started_at)
         pump.join(timeout=KILL_GRACE_S)
     wall = time.perf_counter() - start
     m = _result(cell, out_dir, proc.returncode, stopped, node_rank)
-    shutil.rmtree(out_dir / "heartbeat", ignore_errors=True)  # working files, now in metrics
-    (out_dir / "partial.jsonl").unlink(missing_ok=True)
+    _clear_working_files(out_dir)  # what they held is in the metrics now
     m.update(wall_s=wall, queued_s=start - queued, exit_code=proc.returncode, cores=cores,
              started_at=started_at, ended_at=started_at + wall, node_rank=node_rank,
              out_dir=str(out_dir))
@@ -137,6 +135,11 @@ def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 
         m["overhead_s"] = wall - m["train_s"] - (m.get("eval_s") or 0.0)
     write_json_atomic(out_dir / "metrics.json", m)
     return m
+
+
+def _clear_working_files(out_dir: Path) -> None:
+    shutil.rmtree(out_dir / HEARTBEAT_DIR, ignore_errors=True)
+    (out_dir / PARTIAL_CURVES).unlink(missing_ok=True)
 
 
 def _watch(proc: subprocess.Popen, cell: CellSpec, out_dir: Path, start: float,
@@ -164,7 +167,7 @@ def _result(cell: CellSpec, out_dir: Path, code: int | None, stopped: str | None
     m = m or {"cell_id": cell.cell_id, "outcome": "error",
               "error": f"trainer exited with code {code} and wrote no metrics (see {out_dir / 'train.log'})"}
     if stopped:
-        partial = read_partial(out_dir / "partial.jsonl")
+        partial = read_partial(out_dir / PARTIAL_CURVES)
         if len(partial["loss_curve"]) > len(m.get("loss_curve") or []):
             m.update(partial)
         steps_done = len(m.get("loss_curve") or [])

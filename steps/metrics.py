@@ -20,6 +20,16 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
 
+# Working files the trainer leaves for the launcher's hang watch, in the cell's folder: one
+# heartbeat file per rank, and rank 0's curve so far (one JSON point per line).
+HEARTBEAT_DIR = "heartbeat"
+PARTIAL_CURVES = "partial.jsonl"
+
+
+def rank_prefix(rank: int) -> str:
+    """What starts each log line of a rank, as torchrun's `--tee` writes it."""
+    return f"[default{rank}]:"
+
 LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "metaflow")
 
 

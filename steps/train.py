@@ -90,7 +90,7 @@ class Heartbeat:
     """
 
     def __init__(self, out: Path, rank: int):
-        self.folder = out / "heartbeat"
+        self.folder = out / metrics.HEARTBEAT_DIR
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path, self.main, self.written = self.folder / f"rank{rank}", rank == 0, {}
         self.beat()
@@ -105,7 +105,7 @@ class Heartbeat:
             lines += [json.dumps({"curve": kind, **p}) + "\n" for p in points[self.written.get(kind, 0):]]
             self.written[kind] = len(points)
         if lines:
-            with open(self.folder.parent / "partial.jsonl", "a", encoding="utf-8") as fh:
+            with open(self.folder.parent / metrics.PARTIAL_CURVES, "a", encoding="utf-8") as fh:
                 fh.writelines(lines)
 
 
@@ -113,7 +113,7 @@ class RankPrefix:
     """Prefix each line written with the rank, as torchrun's `--tee` does ("[default0]:")."""
 
     def __init__(self, stream, rank: int):
-        self.stream, self.prefix, self.at_line_start = stream, f"[default{rank}]:", True
+        self.stream, self.prefix, self.at_line_start = stream, metrics.rank_prefix(rank), True
 
     def write(self, text: str) -> int:
         out = []
