@@ -89,11 +89,12 @@ def worker_minimal(cell) -> dict:
     return _result(cell, times)
 
 
-def _result(cell, step_times: list[float]) -> dict:
+def _result(cell, step_times: list[float], peak_mem_gb: float | None = None) -> dict:
+    """tokens/s over the median and the mean timed step; peak memory of this process unless given."""
     timed = step_times[cell.train.timing_warmup_steps:]
     tokens = cell.micro_batch * cell.seq_len
     return {"tokens_per_s": tokens / statistics.median(timed), "tokens_per_s_mean": tokens * len(timed) / sum(timed),
-            "peak_mem_gb": _peak_gb(), "step_s": timed}
+            "peak_mem_gb": _peak_gb() if peak_mem_gb is None else peak_mem_gb, "step_s": timed}
 
 
 def worker_hf_trainer(cell) -> dict:
@@ -149,11 +150,8 @@ def run_ours(cell_dict: dict, threads: int) -> dict:
     cell = CellSpec.model_validate(cell_dict)
     ends = [p["time_s"] for p in m["loss_curve"]]
     times = [b - a for a, b in zip([0.0] + ends, ends)]
-    timed = times[cell.train.timing_warmup_steps:]
-    tokens = cell.micro_batch * cell.seq_len
     # The trainer's own tokens/s is the mean over its timed steps; the table uses the median.
-    return {"tokens_per_s": tokens / statistics.median(timed), "tokens_per_s_mean": m["tokens_per_s"],
-            "peak_mem_gb": m["peak_mem_gb"], "step_s": timed}
+    return {**_result(cell, times, m["peak_mem_gb"]), "tokens_per_s_mean": m["tokens_per_s"]}
 
 
 def _env(threads: int) -> dict:

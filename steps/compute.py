@@ -17,6 +17,7 @@ from metaflow import FlowMutator
 from metaflow.packaging_sys import ContentType
 
 from steps import REPO_ROOT, catalog
+from steps.matrix import plain
 
 TRAIN_STEP = "train"
 PACKAGED = (("steps", "*.py"), ("configs", "*.yaml"))
@@ -31,13 +32,13 @@ def package_files(root: Path = REPO_ROOT) -> Iterator[tuple[str, str]]:
 
 
 def remote_resources(matrix: dict[str, Any]) -> dict[str, Any]:
-    """Arguments of @kubernetes / @batch for the matrix's one instance type.
+    """(`matrix`: validated, so every key is there.) Arguments of @kubernetes / @batch for the matrix's one instance type.
 
     A cell owns the whole machine (all its GPUs), so timings are not shared and the cost is
     the instance's hourly price. CPU and memory leave a margin for the node's own daemons.
     """
     instance = catalog.instances()[matrix["instance"][0]]
-    remote = matrix.get("remote") or {}
+    remote = matrix["remote"]
     args: dict[str, Any] = {
         "gpu": instance.devices_per_node,
         "cpu": max(1, (instance.vcpus or 4) - 2),
@@ -48,7 +49,7 @@ def remote_resources(matrix: dict[str, Any]) -> dict[str, Any]:
     if remote.get("shared_memory_mb"):
         args["shared_memory"] = remote["shared_memory_mb"]
     if matrix["compute"] == "kubernetes":
-        args["node_selector"] = {remote.get("node_selector_label") or "node.kubernetes.io/instance-type": instance.name}
+        args["node_selector"] = {remote["node_selector_label"]: instance.name}
         for key in ("namespace", "service_account"):
             if remote.get(key):
                 args[key] = remote[key]
@@ -62,23 +63,22 @@ def remote_resources(matrix: dict[str, Any]) -> dict[str, Any]:
 def catches(matrix: dict[str, Any]) -> bool:
     """`on_error: record` uses @catch, which Metaflow does not allow with @parallel on
     Kubernetes; there the train step records the error itself on its last attempt."""
-    return matrix.get("on_error") == "record" and matrix.get("compute", "local") != "kubernetes"
+    return matrix["on_error"] == "record" and matrix["compute"] != "kubernetes"
 
 
 def train_decorators(matrix: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(decorator name, arguments) for the train step."""
-    decos = [("retry", {"times": int(matrix.get("retries", 1)), "minutes_between_retries": 0})]
+    decos = [("retry", {"times": matrix["retries"], "minutes_between_retries": 0})]
     if catches(matrix):
         decos.append(("catch", {"var": "failure", "print_exception": True}))
-    if matrix.get("compute", "local") != "local":
+    if matrix["compute"] != "local":
         decos.append((matrix["compute"], remote_resources(matrix)))
     return decos
 
 
 class MatrixCompute(FlowMutator):
     def pre_mutate(self, mutable_flow) -> None:
-        value = dict(mutable_flow.configs)["matrix"]
-        matrix = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+        matrix = plain(dict(mutable_flow.configs)["matrix"])
         for name, step in mutable_flow.steps:
             if name == TRAIN_STEP:
                 for deco, kwargs in train_decorators(matrix):

@@ -79,18 +79,17 @@ def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 def _include_problems(data: dict) -> list[str]:
     """`include[i].train` / `.data` are changes to the shared sections: validate the result
     (over the defaults when the shared section has problems of its own, reported apart)."""
+    rules = [(i, rule) for i, rule in enumerate(data.get("include") or []) if isinstance(rule, dict)]
     problems = []
-    for i, rule in enumerate(data.get("include") or []):
-        if not isinstance(rule, dict):
+    for section, model in (("train", TrainSettings), ("data", DataSettings)):
+        changed = [(i, rule[section]) for i, rule in rules if isinstance(rule.get(section), dict)]
+        if not changed:
             continue
-        for section, model in (("train", TrainSettings), ("data", DataSettings)):
-            changes = rule.get(section)
-            if not isinstance(changes, dict):
-                continue
-            try:
-                shared = validate(model, data.get(section) or {}, "").model_dump()
-            except ConfigError:
-                shared = model().model_dump()
+        try:
+            shared = validate(model, data.get(section) or {}, "").model_dump()
+        except ConfigError:
+            shared = model().model_dump()
+        for i, changes in changed:
             try:
                 validate(model, merge(shared, changes), "")
             except ConfigError as exc:
@@ -127,6 +126,11 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
     if problems:
         raise ConfigError(problems, source)
     return spec
+
+
+def plain(matrix: Any) -> dict[str, Any]:
+    """A matrix as plain dicts and lists (Metaflow hands Config values over as ConfigValue)."""
+    return matrix.to_dict() if hasattr(matrix, "to_dict") else dict(matrix)
 
 
 def parse_matrix_text(text: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from steps import REPO_ROOT, catalog, compute, launcher, report, results
-from steps.matrix import expand, parse_matrix
+from steps.matrix import expand, parse_matrix, plain
 from steps.metrics import versions
 from steps.schema import CellSpec
 
@@ -32,7 +32,7 @@ def run_dir(run_id: str) -> Path:
 
 def plan(matrix: dict[str, Any]) -> list[dict[str, Any]]:
     """Every cell of the matrix (refused ones included: they become `skipped` rows)."""
-    return [p.to_dict() for p in expand(parse_matrix(dict(matrix)))]
+    return [p.to_dict() for p in expand(parse_matrix(plain(matrix)))]
 
 
 class CellFailed(RuntimeError):
@@ -130,7 +130,7 @@ def gather(nodes: list[tuple[int, dict | None, str, Any]]) -> tuple[dict[str, An
 
 
 def provenance(run_id: str, flow: str, matrix: dict[str, Any]) -> dict[str, Any]:
-    matrix = matrix.to_dict() if hasattr(matrix, "to_dict") else dict(matrix)
+    matrix = plain(matrix)
     blob = json.dumps(matrix, sort_keys=True, default=str).encode()
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
