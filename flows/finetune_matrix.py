@@ -82,11 +82,9 @@ class FinetuneMatrixFlow(FlowSpec):
     @card(type="blank")
     @step
     def end(self):
-        """The report as a card."""
-        from metaflow.cards import Markdown
-
-        current.card.append(Markdown(Path(self.paths["report"]).read_text()))
-        print(f"results: {self.paths['parquet']}\nreport:  {self.paths['report']}")
+        """The report as a card: the same findings, tables and figures as report.md/.html."""
+        current.card.extend(runs.report_card(self.results, runs.run_dir(current.run_id), self.provenance))
+        print(f"results: {self.paths['parquet']}\nreport:  {self.paths['report']}\n         {self.paths['html']}")
 
 
 if __name__ == "__main__":

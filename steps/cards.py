@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from steps.report import _fmt
+from steps.report import fmt
 
 CARD_METRICS = (
     ("outcome", "outcome"), ("world_size", "ranks"),
@@ -46,6 +46,6 @@ def cell_card(cell: dict[str, Any], metrics: dict[str, Any]) -> list:
         parts.append(Markdown(f"```\n{metrics['error']}\n```"))
     if metrics.get("loss_curve"):
         parts.append(VegaChart(loss_chart_spec(metrics, "loss")))
-    rows = [[label, _fmt(metrics.get(key))] for key, label in CARD_METRICS if metrics.get(key) is not None]
+    rows = [[label, fmt(metrics.get(key))] for key, label in CARD_METRICS if metrics.get(key) is not None]
     parts.append(Table(rows, headers=["metric", "value"]))
     return parts

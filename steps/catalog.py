@@ -35,6 +35,7 @@ class Instance(Strict):
     description: str = ""
     accelerator: str  # the device model, e.g. "NVIDIA A10G"; "cpu" for local-cpu
     devices_per_node: int = Field(ge=0)
+    cores_per_device: int | None = Field(None, ge=1)  # local CPU types: cores per process
     memory_per_device_gb: float | None = None
     # Dense peak per device, from the vendor's datasheet (no sparsity); None where unpublished.
     peak_tflops_bf16: float | None = None
@@ -46,10 +47,15 @@ class Instance(Strict):
     vcpus: int | None = Field(None, ge=1)
     memory_gb: float | None = Field(None, gt=0)
     price_per_hour_usd: float = Field(ge=0.0)  # on-demand, per instance-hour
+    price_per: Literal["instance", "device"] = "instance"
     price_region: str | None = None
     price_date: str | None = None  # when the price was read (YYYY-MM)
     sagemaker_instance: str | None = None  # the `ml.` name, where SageMaker offers it
     source: str
+
+    @property
+    def local(self) -> bool:
+        return self.accelerator == "cpu"
 
 
 def _read_yaml(path: Path) -> Any:
@@ -95,3 +101,13 @@ def peak_tflops(instance: str, precision: str) -> float | None:
     if precision == "fp32":
         return entry.peak_tflops_fp32
     return entry.peak_tflops_fp16 if precision.startswith("fp16") else entry.peak_tflops_bf16
+
+
+def cost_usd(instance: str, seconds: float | None, nodes: int, world_size: int) -> float | None:
+    """What `seconds` of the cell cost: a GPU cell pays for its whole nodes; a local CPU cell
+    for the cores it held (`price_per: device`). None for an instance not in the catalog."""
+    entry = instances().get(instance)
+    if entry is None or seconds is None:
+        return None
+    units = world_size if entry.price_per == "device" else nodes
+    return seconds / 3600 * entry.price_per_hour_usd * units

@@ -35,10 +35,11 @@ def _release(held: list) -> None:
 
 
 @contextlib.contextmanager
-def reserve(ranks: int, poll_s: float = 0.25) -> Iterator[list[int]]:
-    """Hold `ranks * cores_per_rank()` cores (all of them if the machine has fewer)."""
+def reserve(ranks: int, per_rank: int | None = None, poll_s: float = 0.25) -> Iterator[list[int]]:
+    """Hold `ranks * per_rank` cores (default cores_per_rank(); all of them if the machine
+    has fewer)."""
     cores = sorted(os.sched_getaffinity(0))
-    want = min(len(cores), ranks * cores_per_rank())
+    want = min(len(cores), ranks * (per_rank or cores_per_rank()))
     lock_dir = _lock_dir()
     while True:
         held = []

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import psutil
 import yaml
 
-from steps import REPO_ROOT, cpu_slots
+from steps import REPO_ROOT, catalog, cpu_slots
 from steps.metrics import HEARTBEAT_DIR, PARTIAL_CURVES, rank_prefix, read_metrics, write_json_atomic
 from steps.schema import CellSpec
 
@@ -210,8 +210,9 @@ def dump_stacks(proc: subprocess.Popen) -> None:
 
 def _devices(cell: CellSpec):
     """Local CPU cells hold their cores while they run; elsewhere each task owns its machine."""
-    if cell.instance == "local-cpu":
-        return cpu_slots.reserve(cell.gpus)  # this node's processes
+    instance = catalog.instances().get(cell.instance)
+    if instance is not None and instance.local:
+        return cpu_slots.reserve(cell.gpus, instance.cores_per_device)  # this node's processes
     return contextlib.nullcontext([])
 
 

@@ -61,8 +61,7 @@ def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
     with _running(out):
         m = launcher.run_cell(cell, out, node_rank=node_index, master_addr=main_ip, port=port)
     if node_index == 0:
-        instance = catalog.instances()[cell.instance]
-        m["cost_usd"] = m["wall_s"] / 3600 * instance.price_per_hour_usd * cell.nodes
+        m["cost_usd"] = catalog.cost_usd(cell.instance, m["wall_s"], cell.nodes, cell.world_size)
     return m, (out / "train.log").read_text(errors="replace")
 
 
@@ -158,5 +157,10 @@ def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
     paths = results.write(df, out_dir)
     link_cloned_cells(records, out_dir)
     (out_dir / "provenance.json").write_text(json.dumps(meta, indent=2))
-    paths["report"] = report.write(df, out_dir, meta)
+    paths.update(report.write(df, out_dir, meta))
     return df, {k: str(v) for k, v in paths.items()}
+
+
+def report_card(df: pd.DataFrame, out_dir: Path, meta: dict[str, Any]) -> list:
+    """The end step's card: the report's blocks (tables, findings, figures) as card components."""
+    return report.write_card(out_dir, df, meta)

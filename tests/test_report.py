@@ -1,0 +1,224 @@
+"""The report from a fixture table whose expected numbers are worked out by hand below.
+
+The fixture: one model `m`, bf16-mixed, seq 512, accumulation 1, one node per cell.
+  A/B/C  lora zero3 on p4d.24xlarge at 2/4/8 GPUs: 1000/1800/2400 tokens/s
+  D      full zero3 p4d x2: out of memory
+  E      qlora zero3 p4d x2: 12 GB, 500 tokens/s (LoRA: 20 GB, 1000 tokens/s)
+  F      lora zero3 g5.12xlarge x2: same configuration as A on another instance type
+  G1-3   lora ddp g5 x2, micro-batch 8 (global 16), lr 1e-4/2e-4/4e-4: val 1.5/1.2/1.3
+  H1-3   lora ddp g5 x4 (global 32), lr 2e-4/4e-4/8e-4: val 1.4/1.1/1.25
+  I, J   lora ddp g5 x2 at micro-batch 16 (fits, 30 GB) and 32 (out of memory)
+  K, L   a hang (lora pipeline) and a refused cell (qlora tensor)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from steps import analysis, catalog, findings, report
+
+P4D, G5 = 21.957642, 5.672  # $/h, configs/instances.yaml
+
+
+def curve(slope: float, tokens_per_step: float, s_per_step: float, steps: int = 10) -> str:
+    """loss = 3 - slope * step: a straight line, so the smoothed values are easy by hand."""
+    return json.dumps([{"step": i, "loss": 3 - slope * i, "tokens": tokens_per_step, "time_s": s_per_step * i}
+                       for i in range(1, steps + 1)])
+
+
+def cell(name, peft, strategy, instance, ws, mb=4, lr=1e-4, outcome="ok", **m):
+    return {"run_id": "r1", "cell_id": name, "outcome": outcome, "error": m.pop("error", None),
+            "model": "m", "peft": peft, "strategy": strategy, "instance": instance, "nodes": 1,
+            "gpus": ws, "world_size": ws, "lr": lr, "micro_batch": mb, "grad_accum": 1,
+            "global_batch": mb * ws if strategy not in ("pipeline", "tensor") else mb,
+            "precision": "bf16-mixed", "seq_len": 512, **m}
+
+
+def ok(tps, mem, val, wall, train, tokens=1e6, step_s=0.5, **extra):
+    return {"tokens_per_s": tps, "peak_mem_gb": mem, "val_loss": val, "wall_s": wall, "train_s": train,
+            "train_tokens": tokens, "step_s": step_s, **extra}
+
+
+G_TOK, I_TOK = 1000.0, 2000.0
+ROWS = [
+    cell("A", "lora", "zero3", "p4d.24xlarge", 2, **ok(1000, 20.0, 1.10, 120, 100)),
+    cell("B", "lora", "zero3", "p4d.24xlarge", 4, **ok(1800, 12.0, 1.12, 70, 55)),
+    cell("C", "lora", "zero3", "p4d.24xlarge", 8, **ok(2400, 8.0, 1.15, 50, 40)),
+    cell("D", "full", "zero3", "p4d.24xlarge", 2, outcome="oom", wall_s=30.0, error="CUDA out of memory"),
+    cell("E", "qlora", "zero3", "p4d.24xlarge", 2, **ok(500, 12.0, 1.11, 230, 200, step_s=1.0)),
+    cell("F", "lora", "zero3", "g5.12xlarge", 2, **ok(500, 20.0, 1.10, 230, 200, step_s=1.0)),
+    cell("G1", "lora", "ddp", "g5.12xlarge", 2, mb=8, lr=1e-4,
+         **ok(800, 18.0, 1.5, 100, 90, tokens=10 * G_TOK, loss_curve=curve(0.10, G_TOK, 1.0))),
+    cell("G2", "lora", "ddp", "g5.12xlarge", 2, mb=8, lr=2e-4,
+         **ok(800, 18.0, 1.2, 100, 90, tokens=10 * G_TOK, loss_curve=curve(0.15, G_TOK, 1.0))),
+    cell("G3", "lora", "ddp", "g5.12xlarge", 2, mb=8, lr=4e-4,
+         **ok(800, 18.0, 1.3, 100, 90, tokens=10 * G_TOK, loss_curve=curve(0.12, G_TOK, 1.0))),
+    cell("H1", "lora", "ddp", "g5.12xlarge", 4, mb=8, lr=2e-4, **ok(1500, 18.0, 1.4, 60, 48)),
+    cell("H2", "lora", "ddp", "g5.12xlarge", 4, mb=8, lr=4e-4, **ok(1500, 18.0, 1.1, 60, 48)),
+    cell("H3", "lora", "ddp", "g5.12xlarge", 4, mb=8, lr=8e-4, **ok(1500, 18.0, 1.25, 60, 48)),
+    cell("I", "lora", "ddp", "g5.12xlarge", 2, mb=16, lr=2e-4,
+         **ok(900, 30.0, 1.25, 100, 85, tokens=10 * I_TOK, loss_curve=curve(0.22, I_TOK, 2.0))),
+    cell("J", "lora", "ddp", "g5.12xlarge", 2, mb=32, lr=2e-4, outcome="oom", wall_s=20.0),
+    cell("K", "lora", "pipeline", "p4d.24xlarge", 2, outcome="hang", wall_s=950.0, stopped_after_steps=3,
+         error="no progress for 900 s"),
+    cell("L", "qlora", "tensor", "p4d.24xlarge", 2, outcome="skipped", wall_s=0.0,
+         error="qlora with tensor parallelism: ..."),
+]
+
+
+@pytest.fixture(scope="module")
+def table() -> pd.DataFrame:
+    return analysis.prepare(pd.DataFrame(ROWS))
+
+
+def by(df: pd.DataFrame, **where) -> pd.Series:
+    rows = df
+    for k, v in where.items():
+        rows = rows[rows[k] == v]
+    assert len(rows) == 1, (where, rows)
+    return rows.iloc[0]
+
+
+def test_catalog_prices_are_the_ones_used_by_hand():
+    assert catalog.instances()["p4d.24xlarge"].price_per_hour_usd == P4D
+    assert catalog.instances()["g5.12xlarge"].price_per_hour_usd == G5
+
+
+def test_cost_per_run_and_per_million_tokens(table):
+    a = by(table, cell_id="A")
+    assert a.cost_usd == pytest.approx(120 / 3600 * P4D)  # 0.7319 $
+    assert a.cost_per_mtok == pytest.approx(120 / 3600 * P4D / 1.0)  # 1M tokens trained
+    g1 = by(table, cell_id="G1")
+    assert g1.cost_per_mtok == pytest.approx(100 / 3600 * G5 / 0.01)  # 10,000 tokens
+    assert by(table, cell_id="D").cost_usd == pytest.approx(30 / 3600 * P4D)  # an OOM costs too
+    assert pd.isna(by(table, cell_id="L").cost_usd)  # never launched
+
+
+def test_speedup_and_scaling_efficiency(table):
+    s = analysis.scaling(table)
+    z = s[(s.strategy == "zero3") & (s.peft == "lora") & (s.instance == "p4d.24xlarge")]
+    assert list(z.world_size) == [2, 4, 8]
+    assert list(z.speedup) == pytest.approx([1.0, 1.8, 2.4])  # 1800/1000, 2400/1000
+    assert list(z.efficiency) == pytest.approx([1.0, 0.9, 0.6])  # 1.8/2, 2.4/4
+    d = s[(s.strategy == "ddp") & (s.micro_batch == 8)]
+    assert list(d.speedup) == pytest.approx([1.0, 1500 / 800])  # medians over the lr sweep
+    assert list(d.efficiency) == pytest.approx([1.0, 1500 / 800 / 2])  # 0.9375
+    assert set(s.cell_id if "cell_id" in s else []) == set()
+    assert len(s[s.peft == "qlora"]) == 0  # one GPU count, no single-GPU baseline: no row
+
+
+def test_memory_and_throughput_of_the_methods(table):
+    m = analysis.methods(table)
+    assert list(m.peft) == ["full", "lora", "qlora"]  # full, then adapters, as the studies list them
+    q, full = by(m, peft="qlora"), by(m, peft="full")
+    assert q.mem_vs_lora == pytest.approx(12 / 20)  # 40% less
+    assert q.tokens_per_s_vs_lora == pytest.approx(0.5)
+    assert full.outcome == "oom" and pd.isna(full.peak_mem_gb)
+
+
+def test_instances_time_and_cost(table):
+    i = analysis.instances(table)
+    p4d, g5 = by(i, instance="p4d.24xlarge"), by(i, instance="g5.12xlarge")
+    assert (p4d.train_s, g5.train_s) == (100, 200)
+    assert p4d.cost_usd == pytest.approx(120 / 3600 * P4D) and g5.cost_usd == pytest.approx(230 / 3600 * G5)
+    totals = analysis.instance_totals(table).set_index("instance")
+    # p4d: A, B, C, D, E, K ran (L was refused): 120+70+50+30+230+950 s
+    assert totals.loc["p4d.24xlarge", "wall_s"] == 1450
+    assert totals.loc["p4d.24xlarge", "cost_usd"] == pytest.approx(1450 / 3600 * P4D)
+    assert (totals.loc["p4d.24xlarge", "cells"], totals.loc["p4d.24xlarge", "ok"]) == (7, 4)
+
+
+def test_best_learning_rates_and_the_fitted_exponent(table):
+    sweep = analysis.lr_sweep(table)
+    best = sweep[sweep.best].set_index("global_batch")
+    assert best.loc[16, "lr"] == 2e-4 and best.loc[32, "lr"] == 4e-4
+    assert not best["at_edge"].any()  # both optima are inside the grid
+    fit = analysis.lr_scaling(sweep).iloc[0]
+    assert fit.exponent == pytest.approx(math.log(4e-4 / 2e-4) / math.log(32 / 16))  # = 1
+    assert fit.closest_rule == "linear"
+
+
+def test_batch_size_that_fits_and_loss_at_equal_tokens(table):
+    fit = by(analysis.batch_fit(table), strategy="ddp", world_size=2)
+    assert (fit.tried, fit.largest_ok, fit.first_failed, fit.failed_as) == ("8, 16, 32", 16, 32, "oom")
+    assert fit.peak_mem_gb_at_largest == 30.0
+    eq = analysis.equal_tokens(table).set_index(["global_batch", "lr"])
+    assert set(eq.tokens) == {10 * G_TOK}  # the fewest tokens any of them trained on
+    # G: 10,000 tokens is its last step: loss 3 - slope*10. I: 2,000/step, step 5 is the
+    # only point in (9,000, 10,000]: 3 - 0.22*5.
+    assert eq.loss_at_tokens.to_dict() == pytest.approx(
+        {(16, 1e-4): 2.0, (16, 2e-4): 1.5, (16, 4e-4): 1.8, (32, 2e-4): 1.9})
+
+
+def test_goodput_and_time_to_target(table):
+    g = analysis.goodput(table).set_index("cell_id")
+    # Target: the median of the final smoothed losses. Smoothed over 5 steps, a line's last
+    # value is its value 2 steps earlier: G1 3-0.8=2.2, G2 1.8, G3 2.04, I 1.24 -> (1.8+2.04)/2.
+    assert g.target_loss.dropna().unique().tolist() == pytest.approx([1.92])
+    # First step whose smoothed loss (= loss 2 steps back, from step 5) <= 1.92:
+    # G2 at 10 (3-0.15*8=1.8), I at 7 (3-0.22*5=1.9); G1 and G3 never do.
+    assert (g.loc["G2", "steps_to_target"], g.loc["G2", "time_to_target_s"], g.loc["G2", "tokens_to_target"]) == (10, 10.0, 10000)
+    assert (g.loc["I", "steps_to_target"], g.loc["I", "time_to_target_s"], g.loc["I", "tokens_to_target"]) == (7, 14.0, 14000)
+    assert g.loc[["G1", "G3"], "time_to_target_s"].isna().all()
+    assert g.loc["A", "updates_per_s"] == 2.0 and g.loc["A", "samples_per_s"] == 2 * 8  # global batch 8
+
+
+def test_pareto_set_of_cost_time_and_loss(table):
+    front = analysis.pareto(table)
+    # H2: cheapest of the low-loss cells (60 s on g5 at val 1.1); C: the fastest (50 s).
+    assert set(front[front.pareto].cell_id) == {"C", "H2"}
+    assert len(front) == 12  # finished cells only
+
+
+def test_findings_quote_the_numbers(table):
+    found = findings.all_findings(report.sections(table), table)
+    text = "\n".join(found)
+    assert "4 of 16 cells did not finish (1 hang, 2 oom, 1 skipped)" in text
+    assert ("zero3 (lora, m, p4d.24xlarge) on 8 GPUs ran 2,400 tokens/s, 2.40x the throughput of "
+            "zero3 x2: 60% scaling efficiency.") in found
+    assert ("QLoRA used 40% less peak memory than LoRA (12.00 vs 20.00 GB) at 2.00x lower throughput "
+            "(500 vs 1,000 tokens/s) on m zero3 x2 micro-batch 4 on p4d.24xlarge.") in found
+    assert "Full fine-tuning ran out of memory on m zero3 x2 micro-batch 4 on p4d.24xlarge, where LoRA fit (20.00 GB peak)." in found
+    assert any(f.startswith("On m lora zero3 x2 micro-batch 4, p4d.24xlarge trained 2.00x faster than g5.12xlarge "
+                            "(100.0 s vs 200.0 s) but cost more: $0.7319 vs $0.3624 per run") for f in found)
+    assert "went as batch^1.00 (linear rule 1, square-root rule 0.5): closest to the linear rule." in text
+    assert "Largest micro-batch that fit for m lora ddp x2 on g5.12xlarge: 16 (30.00 GB peak); micro-batch 32 ran out of memory." in found
+    assert ("Fastest to loss 1.92 on m: lora ddp x2 on g5.12xlarge (lr 0.0002, micro-batch 8, global batch 16) in "
+            "10.0 s (10,000 tokens), 1.40x sooner than lora ddp x2 on g5.12xlarge (lr 0.0002, micro-batch 16, global "
+            "batch 32) (14.0 s).") in found
+    assert "2 of 12 finished cells on m never reached loss 1.92." not in text  # 8 of them have no curve
+    assert "2 of 4 finished cells with a loss curve on m never reached loss 1.92." in found
+    assert ("After the same 10,000 tokens on m lora ddp x2 on g5.12xlarge, the best training loss of each global "
+            "batch: global batch 16 (lr 0.0002) 1.5; global batch 32 (lr 0.0002) 1.9.") in found
+    assert "2 of 12 finished cells are Pareto-optimal" in text
+
+
+def test_findings_need_finished_cells():
+    """Only failures: no comparison sentence is made up."""
+    rows = [cell("D", "full", "zero3", "p4d.24xlarge", 2, outcome="oom", wall_s=30.0),
+            cell("E", "qlora", "zero3", "p4d.24xlarge", 2, outcome="oom", wall_s=31.0)]
+    df = analysis.prepare(pd.DataFrame(rows))
+    assert findings.all_findings(report.sections(df), df) == ["2 of 2 cells did not finish (2 oom); they are "
+                                                              "listed with their reasons under 'Cells that did not finish'."]
+
+
+def test_report_files_show_every_cell(table, tmp_path):
+    paths = report.write(pd.DataFrame(ROWS), tmp_path, {"matrix": "fixture", "run_id": "r1"})
+    md = paths["report"].read_text()
+    for heading in ("## Key findings", "## Results", "## Cells that did not finish", "## Scaling",
+                    "## Methods: memory and throughput", "## Instance types: time and cost", "## Learning rate",
+                    "## Batch size", "## Goodput and time to target", "## Loss curves",
+                    "## Cost, time and loss: the Pareto set", "## How the numbers are defined"):
+        assert heading in md
+    assert "| m | qlora | tensor | p4d.24xlarge | 2 | 0.0001 | 4 | skipped |" in md
+    assert "| K | hang | 3 |" in md
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "cost_vs_time.png", "loss_curves.png", "lr_sweep.png", "peak_memory.png", "throughput_vs_gpus.png"]
+    for png in (tmp_path / "plots").iterdir():
+        assert f"]({png.relative_to(tmp_path).as_posix()})" in md
+    page = paths["html"].read_text()
+    assert page.count("data:image/png;base64,") == 5 and "<script" not in page and "src=\"http" not in page
