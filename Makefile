@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-quick clean-venv
+.PHONY: setup browser run test test-quick clean-venv
 
 setup: $(VENV)/.installed
 
@@ -27,14 +27,25 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $@
 
+# Debian's Chromium, for the test that opens report.html in a browser (Playwright drives it;
+# no browser is downloaded). Installed when missing and apt-get can run; otherwise that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian's chromium for the report's browser test"; \
+			(apt-get install -y -q chromium >/dev/null 2>&1 || \
+			 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
+			echo "could not install chromium: the browser test will skip"; \
+		else echo "chromium not found and apt-get not usable: the browser test will skip"; fi; }
+
 run: setup
 	$(BIN)/python flows/finetune_matrix.py run
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 # The quick loop: everything but the slow tests (under a minute).
-test-quick: setup
+test-quick: setup browser
 	$(BIN)/python -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
 
 clean-venv:

@@ -48,6 +48,14 @@ def hybrid_shape(cell: CellSpec) -> str | None:
     return None
 
 
+def model_split_of_one(cell: CellSpec) -> str | None:
+    """Tensor or pipeline parallelism over one rank splits nothing (tensor has no plan to run)."""
+    if cell.strategy in ("tensor", "pipeline") and cell.model_parallel_size < 2:
+        return (f"{cell.strategy} parallelism over {cell.model_parallel_size} rank splits nothing; use "
+                f"gpus >= 2, or strategy single for one GPU")
+    return None
+
+
 def split_fits_model(cell: CellSpec) -> str | None:
     arch, inner = _arch(cell), _inner(cell)
     if not arch or inner is None:
@@ -85,7 +93,7 @@ def devices_fit(cell: CellSpec) -> str | None:
 
 
 RULES: list[Callable[[CellSpec], str | None]] = [
-    quantized_tensor_parallel, dora_tensor_parallel, hybrid_shape, split_fits_model,
+    quantized_tensor_parallel, dora_tensor_parallel, hybrid_shape, model_split_of_one, split_fits_model,
     precision_supported, devices_fit,
 ]
 

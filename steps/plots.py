@@ -68,7 +68,7 @@ def memory_by_method(df: pd.DataFrame, path: Path) -> Path | None:
     if ran.empty or ran["peak_mem_gb"].notna().sum() == 0:
         return None
     ran = ran.assign(group=ran["strategy"] + " x" + ran["world_size"].astype(int).astype(str))
-    extra = _varying(ran, ["model", "precision"]) if ran["model"].nunique() > 1 or ran["precision"].nunique() > 1 else []
+    extra = [k for k in ("model", "instance", "precision") if ran[k].nunique() > 1]
     if extra:
         ran = ran.assign(group=ran["group"] + " " + ran[extra].astype(str).agg(" ".join, axis=1))
     groups = list(dict.fromkeys(ran.sort_values(["strategy", "world_size"])["group"]))
@@ -84,9 +84,9 @@ def memory_by_method(df: pd.DataFrame, path: Path) -> Path | None:
             x = j + (i - (len(methods) - 1) / 2) * width
             good = cells[cells["outcome"] == "ok"]["peak_mem_gb"]
             if len(good):
-                ax.bar(x, good.median(), width, color=f"C{i}", label=method if j == 0 or method not in ax.get_legend_handles_labels()[1] else None)
+                ax.bar(x, good.median(), width, color=f"C{i}", label=method)
             else:
-                ax.bar(x, top * 1.05, width, color="none", edgecolor=f"C{i}", hatch="//")
+                ax.bar(x, top * 1.05, width, color="none", edgecolor=f"C{i}", hatch="//", label=f"{method} (OOM)")
                 ax.text(x, top * 1.07, "OOM", ha="center", fontsize=8, color="crimson")
     ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("peak memory, largest rank (GB)")

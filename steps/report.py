@@ -32,6 +32,7 @@ MAIN_COLS: Cols = SETTINGS_COLS + [
     ("tokens_per_s", "tokens/s", "num"), ("tokens_per_s_per_device", "tokens/s per GPU", "num"),
     ("mfu", "MFU", "pct"), ("peak_mem_gb", "peak mem GB", "num"), ("val_loss", "val loss", "num"),
     ("accuracy", "accuracy", "pct"), ("cost_usd", "cost $", "usd"), ("cost_per_mtok", "$ per M tokens", "usd"),
+    ("cell_id", "cell", "text"),
 ]
 
 
@@ -79,9 +80,18 @@ def markdown_table(block: Block) -> str:
 
 
 def html_table(block: Block) -> str:
+    """Text left, numbers right; an outcome other than ok stands out."""
     headers, rows = _rows(block)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    kinds = [k for c, _, k in block.columns if c in block.table.columns]
+
+    def td(text: str, kind: str) -> str:
+        cls = "t" if kind == "text" else "n"
+        if kind == "text" and text in ("oom", "hang", "timeout", "error", "skipped"):
+            cls += " bad"
+        return f'<td class="{cls}">{html.escape(text)}</td>'
+
+    head = "".join(f'<th class="{"t" if k == "text" else "n"}">{html.escape(h)}</th>' for h, k in zip(headers, kinds))
+    body = "".join("<tr>" + "".join(td(c, k) for c, k in zip(r, kinds)) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -248,8 +258,8 @@ def to_markdown(blocks: list[Block], out_dir: Path) -> str:
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px;display:block;overflow-x:auto}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
-th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
+th,td{border:1px solid #ccc;padding:3px 7px;white-space:nowrap}
+th{background:#f0f0f0}.n{text-align:right}.t{text-align:left}.bad{background:#fde2e2;color:#a00}
 img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}code{background:#f4f4f4;padding:0 3px}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em;margin-top:1.6em}"""
 

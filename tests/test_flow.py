@@ -76,6 +76,14 @@ def test_matrix_runs_end_to_end_and_reads_back_through_the_client(tmp_path):
     assert len(cards) == 1
     card_data = card_payload(cards[0].get())
     assert all(cid in card_data for cid in df["cell_id"])
+    # The end card is the report: findings, tables and the same figures as report.md / .html.
+    figures = sorted(p.name for p in (out / "plots").iterdir())
+    assert figures == ["cost_vs_time.png", "loss_curves.png", "lr_sweep.png", "peak_memory.png",
+                       "throughput_vs_gpus.png"]
+    assert all(f"](plots/{f})" in report for f in figures)
+    assert "## Key findings" in card_data and "## Scaling" in card_data
+    assert len(re.findall(r'"type":\s*"image"', card_data)) == len(figures)
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == len(figures)
     # A card per cell: its settings, its loss curve (every step) and its metrics table.
     for task in run["gather"]:
         m, cid = task["metrics"].data, task["cell"].data["cell_id"]

@@ -121,3 +121,13 @@ def test_record_errors_finishes_with_the_error_in_its_row(tmp_path):
     assert len(df) == 8 and _outcomes(df) == _expected("error")
     row = df[df["outcome"] == "error"].iloc[0]
     assert row["error"].startswith("ValueError: ") and "instructions.jsonl:11: not valid JSON" in row["error"]
+    # The report of a run with failed cells: built, every cell in it, the failures listed.
+    out = tmp_path / "reports" / result.run.id
+    report = (out / "report.md").read_text()
+    failed = report.split("## Cells that did not finish")[1].split("\n## ")[0]
+    for _, r in df[df["outcome"] != "ok"].iterrows():
+        assert f"| {r['cell_id']} | {r['outcome']} |" in failed
+    assert "3 of 8 cells did not finish (1 error, 1 hang, 1 oom)" in report
+    results = report.split("## Results")[1].split("\n## ")[0]
+    assert all(cid in results for cid in df["cell_id"])  # failed cells stay in the main table
+    assert (out / "report.html").is_file()

@@ -222,3 +222,27 @@ def test_report_files_show_every_cell(table, tmp_path):
         assert f"]({png.relative_to(tmp_path).as_posix()})" in md
     page = paths["html"].read_text()
     assert page.count("data:image/png;base64,") == 5 and "<script" not in page and "src=\"http" not in page
+
+
+def test_command_line_joins_runs_by_cell_id(tmp_path):
+    """Two runs (say a p3 run and a g5 run, or a run and the re-run of its failed cells):
+    rows are joined by cell_id, a cell keeps its finished row from the latest run."""
+    first = pd.DataFrame([r for r in ROWS if r["instance"] == "p4d.24xlarge"])
+    second = pd.DataFrame([r for r in ROWS if r["instance"] == "g5.12xlarge"]
+                          + [{**ROWS[3], "run_id": "r2"}])  # D again, out of memory again
+    rerun = pd.DataFrame([{**ROWS[14], "run_id": "r3", "outcome": "ok", **ok(700, 15.0, 1.3, 90, 80)}])  # K finished
+    (tmp_path / "p4d").mkdir()
+    first.to_parquet(tmp_path / "p4d" / "results.parquet")
+    (tmp_path / "p4d" / "provenance.json").write_text(json.dumps({"matrix": "study-p4d", "run_id": "r1"}))
+    second.to_csv(tmp_path / "g5.csv", index=False)
+    rerun.to_parquet(tmp_path / "rerun.parquet")
+
+    assert report.main([str(tmp_path / "p4d"), str(tmp_path / "g5.csv"), str(tmp_path / "rerun.parquet"),
+                        "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.startswith("# finetune-matrix report: study-p4d\n")
+    assert "16 cells: 11 ok" not in md and "Run(s) `r1`, `r2`, `r3`; 16 cells: 13 ok, 2 oom, 1 skipped." in md
+    df, _ = report.combine([report.read_results(p) for p in
+                            (tmp_path / "p4d", tmp_path / "g5.csv", tmp_path / "rerun.parquet")])
+    assert df.set_index("cell_id").loc["K", "run_id"] == "r3" and df.set_index("cell_id").loc["D", "run_id"] == "r2"
+    assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

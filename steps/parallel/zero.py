@@ -17,8 +17,15 @@ from steps.schema import CellSpec
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
 
 
-def deepspeed_config(cell: CellSpec) -> dict[str, Any]:
+def deepspeed_config(cell: CellSpec, hidden_size: int | None = None) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": STAGES[cell.strategy]}
+    if hidden_size:
+        # Buckets sized to the model, as transformers' "auto" does: DeepSpeed's defaults
+        # (5e8 elements, a 2 GB fp32 buffer) dwarf a small model and break a memory cap.
+        h2 = hidden_size * hidden_size
+        zero["reduce_bucket_size"] = h2
+        if STAGES[cell.strategy] == 3:
+            zero.update(stage3_prefetch_bucket_size=int(0.9 * h2), stage3_param_persistence_threshold=10 * hidden_size)
     if cell.strategy == "zero3_offload":
         zero.update(offload_optimizer={"device": "cpu", "pin_memory": False},
                     offload_param={"device": "cpu", "pin_memory": False})
@@ -49,7 +56,8 @@ class ZeroEngine(Engine):
         super().__init__(cell, d, model, Layout(d.rank, d.world, True), total_steps)
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
-            model_parameters=self.params, config=deepspeed_config(cell), dist_init_required=False,
+            model_parameters=self.params, dist_init_required=False,
+            config=deepspeed_config(cell, getattr(getattr(model, "config", None), "hidden_size", None)),
         )
         self.scaler = None  # DeepSpeed scales fp16 losses itself
 
