@@ -8,7 +8,6 @@ enter a number; the others are listed by `cells` with their outcome, never dropp
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -340,9 +339,3 @@ def pareto(df: pd.DataFrame, objectives: tuple[str, ...] = ("cost_usd", "wall_s"
 def failures(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["outcome"] != "ok"]
 
-
-def ratio_text(a: float, b: float) -> str:
-    """'2.1x' for a/b, or '-' where either is missing."""
-    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b == 0:
-        return "-"
-    return f"{a / b:.2f}x"

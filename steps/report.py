@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from steps import analysis, findings, plots
+from steps import analysis, findings, memory_budget, plots
 
 # (column, header, format) for each table; formats: text, int, num, pct, usd, x, lr, s
 Cols = list[tuple[str, str, str]]
@@ -103,7 +103,7 @@ def sections(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             "instances": analysis.instances(df), "instance_totals": analysis.instance_totals(df),
             "lr_sweep": sweep, "lr_scaling": analysis.lr_scaling(sweep), "batch_fit": analysis.batch_fit(df),
             "equal_tokens": analysis.equal_tokens(df), "goodput": analysis.goodput(df),
-            "pareto": analysis.pareto(df)}
+            "pareto": analysis.pareto(df), "memory_budget": memory_budget.budget(df)}
 
 
 def _section(title: str, table: pd.DataFrame, cols: Cols, needs: str, intro: str = "",
@@ -154,6 +154,18 @@ def build(df: pd.DataFrame, meta: dict[str, Any], out_dir: Path) -> list[Block]:
             ("tokens_per_s_vs_lora", "tokens/s vs LoRA", "x"), ("val_loss", "val loss", "num")],
         "two or more methods on one configuration", "",
         plots.memory_by_method(df, figs / "peak_memory.png"))
+    blocks += _section(
+        "Memory budget", s["memory_budget"], SETTINGS_COLS + [
+            ("precision", "precision", "text"), ("micro_batch", "micro-batch", "int"), ("seq_len", "seq", "int"),
+            ("weights_gb", "weights GB", "num"), ("grads_gb", "grads GB", "num"), ("optim_gb", "optimizer GB", "num"),
+            ("activations_gb", "activations GB", "num"), ("estimate_gb", "estimate GB", "num"),
+            ("device_gb", "GPU GB", "num"), ("fits", "fits", "text"), ("outcome", "outcome", "text"),
+            ("peak_mem_gb", "measured peak GB", "num")],
+        "cells of preset models that ran",
+        "Per rank, worked out from the parameter counts and the settings (see `steps/memory_budget.py` for "
+        "the conventions: 4 bytes per weight, 2 with bf16-true, 0.5 for a QLoRA base; AdamW 2 states per "
+        "trainable parameter; activations after Korthikanti et al. 2022; sharding by strategy). On CPU the "
+        "measured peak also holds the runtime (about 1 GB of libraries).")
     blocks += _section(
         "Instance types: time and cost", s["instances"], SETTINGS_COLS + [
             ("outcome", "outcome", "text"), ("price_per_hour_usd", "$ per hour", "usd"),

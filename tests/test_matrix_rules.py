@@ -135,3 +135,13 @@ def test_instance_catalog_has_the_reference_families_with_consistent_facts():
     assert catalog.peak_tflops("p3.2xlarge", "fp16-mixed") == 125.0
     assert catalog.peak_tflops("p5.48xlarge", "bf16-mixed") == known["p5.48xlarge"].peak_tflops_bf16
     assert catalog.peak_tflops("p3.2xlarge", "fp32") == known["p3.2xlarge"].peak_tflops_fp32
+
+
+def test_lora_on_a_tensor_parallel_head_is_refused_with_the_fix():
+    lora = {"lora": {"target_modules": ["q_proj", "v_proj", "lm_head"]}}
+    planned = expand(parse_matrix({**BASE, "strategy": ["tensor", "pipeline"], "gpus": 2, "train": lora}))
+    refused = {p.cell.strategy: p.refused for p in planned}
+    assert refused["pipeline"] is None
+    assert refused["tensor"].startswith("lora on lm_head with tensor parallelism") and "drop lm_head" in refused["tensor"]
+    one = expand(parse_matrix({**BASE, "strategy": "tensor", "gpus": 1}))[0]
+    assert one.refused == "tensor parallelism over 1 rank splits nothing; use gpus >= 2, or strategy single for one GPU"

@@ -210,7 +210,7 @@ def test_report_files_show_every_cell(table, tmp_path):
     paths = report.write(pd.DataFrame(ROWS), tmp_path, {"matrix": "fixture", "run_id": "r1"})
     md = paths["report"].read_text()
     for heading in ("## Key findings", "## Results", "## Cells that did not finish", "## Scaling",
-                    "## Methods: memory and throughput", "## Instance types: time and cost", "## Learning rate",
+                    "## Methods: memory and throughput", "## Memory budget", "## Instance types: time and cost", "## Learning rate",
                     "## Batch size", "## Goodput and time to target", "## Loss curves",
                     "## Cost, time and loss: the Pareto set", "## How the numbers are defined"):
         assert heading in md
@@ -246,3 +246,25 @@ def test_command_line_joins_runs_by_cell_id(tmp_path):
                             (tmp_path / "p4d", tmp_path / "g5.csv", tmp_path / "rerun.parquet")])
     assert df.set_index("cell_id").loc["K", "run_id"] == "r3" and df.set_index("cell_id").loc["D", "run_id"] == "r2"
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_memory_budget_by_hand():
+    """llama-debug: hidden 64, 2 layers, 4 heads, vocabulary 259; 100,000 parameters of which
+    4,000 train; micro-batch 4 x 32 tokens, fp32."""
+    from steps import memory_budget
+
+    row = {"peft": "lora", "precision": "fp32", "seq_len": 32, "micro_batch": 4, "total_params": 100_000,
+           "trainable_params": 4_000, "strategy": "ddp", "world_size": 2}
+    arch = catalog.model_presets()["llama-debug"].config
+    acts = 2 * (32 * 4 * 64 * (34 + 5 * 4 * 32 / 64)) * 2 + 32 * 4 * 259 * 4 * 2  # fp32 x 2 layers + logits
+    assert memory_budget.estimate(row, arch) == pytest.approx(
+        {"weights": 96_000 * 4 + 4_000 * 4, "grads": 16_000, "optim": 32_000, "activations": acts})
+    assert acts == 1_707_008
+    fsdp = memory_budget.estimate({**row, "strategy": "fsdp"}, arch)
+    assert (fsdp["weights"], fsdp["grads"], fsdp["optim"]) == (200_000, 8_000, 16_000)
+    pipe = memory_budget.estimate({**row, "strategy": "pipeline"}, arch)
+    assert sum(pipe.values()) == pytest.approx((400_000 + 16_000 + 32_000 + acts) / 2)
+    q = memory_budget.estimate({**row, "peft": "qlora", "strategy": "single", "world_size": 1}, arch)
+    assert q["weights"] == 96_000 * 0.5 + 4_000 * 4
+    offload = memory_budget.estimate({**row, "strategy": "zero3_offload"}, arch)
+    assert (offload["weights"], offload["grads"], offload["optim"]) == (0, 8_000, 0)

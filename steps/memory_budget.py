@@ -1,0 +1,95 @@
+"""The VRAM budget of a cell, worked out before it runs (reference study 3): weights,
+gradients, optimizer states and activations per rank, by method, precision, strategy, batch
+and context length; the report sets it beside the measured peak.
+
+Conventions (stated in the report):
+- weights: 4 bytes per parameter (fp32 master weights; bf16/fp16-mixed compute in autocast),
+  2 with bf16-true; a QLoRA base 0.5 (4-bit NF4), its adapters as the others.
+- gradients: trainable parameters x 4 bytes (2 with bf16-true); AdamW keeps two states per
+  trainable parameter at the same width (paged 8-bit AdamW: 1 byte each; SGD: none).
+- activations (Korthikanti et al. 2022, no recomputation): per layer s*b*h*(34 + 5*a*s/h)
+  bytes at 16 bits, twice that in fp32; with gradient checkpointing 2*s*b*h per layer; plus
+  the logits and their gradient, s*b*V*4*2.
+- sharding: FSDP and ZeRO-3 divide weights, gradients and states by the data-parallel size;
+  ZeRO-2 gradients and states; ZeRO-1 states; ZeRO-3 offload keeps weights and states on the
+  CPU; tensor, pipeline and hybrid divide everything by the model-parallel size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from steps import catalog
+
+GB = 1e9
+# Which parts each strategy divides by the data-parallel size.
+DP_SHARDED = {"fsdp": {"weights", "grads", "optim"}, "zero3": {"weights", "grads", "optim"},
+              "zero2": {"grads", "optim"}, "zero1": {"optim"}, "zero3_offload": {"grads"}}
+OFFLOADED = {"zero3_offload": {"weights", "optim"}}
+MODEL_PARALLEL = {"tensor", "pipeline", "hybrid"}
+
+
+def _arch(model: str) -> dict[str, Any] | None:
+    preset = catalog.model_presets().get(model)
+    return preset.config if preset and preset.config else None
+
+
+def estimate(r: Any, arch: dict[str, Any], gradient_checkpointing: bool = False) -> dict[str, float]:
+    """Bytes per rank of each part, for one row of the results table."""
+    total, trainable = float(r["total_params"]), float(r["trainable_params"])
+    frozen = total - trainable
+    true16 = r["precision"] == "bf16-true"
+    width = 2 if true16 else 4
+    base = 0.5 if r["peft"] == "qlora" else width
+    optimizer = str(r.get("optimizer") or "adamw")
+    state = {"adamw": 2 * width, "paged_adamw_8bit": 2, "sgd": 0}.get(optimizer, 2 * width)
+    parts = {"weights": frozen * base + trainable * width, "grads": trainable * width, "optim": trainable * state}
+
+    s, b = float(r["seq_len"]), float(r["micro_batch"])
+    h, layers = float(arch["hidden_size"]), float(arch["num_hidden_layers"])
+    heads, vocab = float(arch["num_attention_heads"]), float(arch["vocab_size"])
+    per_layer = 2 * s * b * h if gradient_checkpointing else s * b * h * (34 + 5 * heads * s / h)
+    if r["precision"] == "fp32":
+        per_layer *= 2
+    parts["activations"] = per_layer * layers + s * b * vocab * 4 * 2
+
+    strategy, ws = str(r["strategy"]), int(r["world_size"])
+    mp = 2 if strategy == "hybrid" else (ws if strategy in MODEL_PARALLEL else 1)
+    dp = max(1, ws // mp)
+    for part in parts:
+        if part in OFFLOADED.get(strategy, set()):
+            parts[part] = 0.0
+        elif part in DP_SHARDED.get(strategy, set()):
+            parts[part] /= dp
+        if strategy in MODEL_PARALLEL:
+            parts[part] /= mp
+    return parts
+
+
+def budget(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell that ran and whose model is a preset (its architecture is known)."""
+    rows = []
+    for _, r in df[df["outcome"].isin(["ok", "oom"])].iterrows():
+        arch = _arch(r["model"])
+        if arch is None or pd.isna(r.get("total_params")) or pd.isna(r.get("trainable_params")):
+            continue
+        parts = {k: v / GB for k, v in estimate(r, arch).items()}
+        rows.append({"cell_id": r["cell_id"], "model": r["model"], "peft": r["peft"], "strategy": r["strategy"],
+                     "instance": r["instance"], "world_size": r["world_size"], "precision": r["precision"],
+                     "micro_batch": r["micro_batch"], "seq_len": r["seq_len"], "outcome": r["outcome"],
+                     "weights_gb": parts["weights"], "grads_gb": parts["grads"], "optim_gb": parts["optim"],
+                     "activations_gb": parts["activations"], "estimate_gb": sum(parts.values()),
+                     "peak_mem_gb": r["peak_mem_gb"],
+                     "device_gb": _device_gb(r["instance"])})
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["fits"] = np.where(out["device_gb"].notna(), out["estimate_gb"] <= out["device_gb"], None)
+    return out
+
+
+def _device_gb(instance: str) -> float | None:
+    entry = catalog.instances().get(instance)
+    return entry.memory_per_device_gb if entry else None
