@@ -84,7 +84,7 @@ class FinetuneMatrixFlow(FlowSpec):
     def end(self):
         """The report as a card: the same findings, tables and figures as report.md/.html."""
         current.card.extend(runs.report_card(self.results, runs.run_dir(current.run_id), self.provenance))
-        print(f"results: {self.paths['parquet']}\nreport:  {self.paths['report']}\n         {self.paths['html']}")
+        print(f"results: {self.paths['parquet']}\nreport:  {self.paths['report']}\n         {self.paths.get('html', '')}")
 
 
 if __name__ == "__main__":

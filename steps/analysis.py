@@ -45,7 +45,8 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
               if r.instance in known and pd.notna(r.wall_s) and r.outcome != "skipped" else None
               for r in df[["instance", "wall_s", "nodes", "world_size", "outcome"]].itertuples()]
     df["cost_usd"] = [c if c is not None else old for c, old in zip(priced, df["cost_usd"])]
-    df["cost_per_mtok"] = np.where(df["train_tokens"] > 0, df["cost_usd"] / (df["train_tokens"] / 1e6), np.nan)
+    finished = (df["outcome"] == "ok") & (df["train_tokens"] > 0)
+    df["cost_per_mtok"] = np.where(finished, df["cost_usd"] / (df["train_tokens"] / 1e6), np.nan)
     return df
 
 
@@ -306,6 +307,7 @@ def goodput(df: pd.DataFrame, window: int = SMOOTH_WINDOW) -> pd.DataFrame:
     """Throughput is tokens per second; goodput is useful optimizer updates per second (and
     samples per second); statistical efficiency is time and tokens to the target loss."""
     targets = target_losses(df, window)
+    g_target_set = {m: bool(g["target_loss"].notna().any()) for m, g in ok(df).groupby("model")}
     rows = []
     for _, r in ok(df).iterrows():
         target = targets.get(r.model)
@@ -313,6 +315,7 @@ def goodput(df: pd.DataFrame, window: int = SMOOTH_WINDOW) -> pd.DataFrame:
         hit = ({"time_s": r.time_to_target_s, "tokens": r.tokens_to_target, "steps": r.get("steps_to_target")}
                if from_trainer else (reach(curve(r), target, window) if target is not None else None))
         rows.append({"cell_id": r.cell_id, **{k: r[k] for k in CONFIG}, "lr": r.lr,
+                     "target_from": "matrix" if g_target_set.get(r.model) else "median",
                      "global_batch": r.global_batch, "tokens_per_s": r.tokens_per_s,
                      "updates_per_s": 1 / r.step_s if r.step_s else np.nan,
                      "samples_per_s": r.global_batch / r.step_s if r.step_s else np.nan,

@@ -86,10 +86,12 @@ def budget(df: pd.DataFrame) -> pd.DataFrame:
                      "device_gb": _device_gb(r["instance"])})
     out = pd.DataFrame(rows)
     if len(out):
-        out["fits"] = np.where(out["device_gb"].notna(), out["estimate_gb"] <= out["device_gb"], None)
+        known = out["device_gb"].notna()
+        out["fits"] = [bool(e <= g) if k else None for e, g, k in zip(out["estimate_gb"], out["device_gb"], known)]
     return out
 
 
-def _device_gb(instance: str) -> float | None:
+def _device_gb(instance: str) -> float:
+    """The GPU's memory from the catalog; NaN for CPU types (no fixed device memory)."""
     entry = catalog.instances().get(instance)
-    return entry.memory_per_device_gb if entry else None
+    return float(entry.memory_per_device_gb) if entry and entry.memory_per_device_gb else np.nan

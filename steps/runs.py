@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -157,10 +159,26 @@ def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
     paths = results.write(df, out_dir)
     link_cloned_cells(records, out_dir)
     (out_dir / "provenance.json").write_text(json.dumps(meta, indent=2))
-    paths.update(report.write(df, out_dir, meta))
+    try:
+        paths.update(report.write(df, out_dir, meta))
+    except Exception:  # the results are saved: a report bug must not lose the run
+        error = traceback.format_exc()
+        print(error, file=sys.stderr)
+        paths["report"] = out_dir / "report.md"
+        paths["report"].write_text(
+            f"# finetune-matrix report: {meta.get('matrix', '')}\n\nThe report could not be built; the results "
+            f"table is in `results.parquet`. Rebuild it with\n`python -m steps.report {out_dir} --out {out_dir}`."
+            f"\n\n```\n{error}```\n")
     return df, {k: str(v) for k, v in paths.items()}
 
 
 def report_card(df: pd.DataFrame, out_dir: Path, meta: dict[str, Any]) -> list:
-    """The end step's card: the report's blocks (tables, findings, figures) as card components."""
-    return report.write_card(out_dir, df, meta)
+    """The end step's card: the report's blocks (tables, findings, figures) as card components;
+    report.md as it is where the report could not be built."""
+    from metaflow.cards import Markdown
+
+    try:
+        return report.write_card(out_dir, df, meta)
+    except Exception:
+        traceback.print_exc()
+        return [Markdown((Path(out_dir) / "report.md").read_text())]
