@@ -23,6 +23,8 @@ def where(r, *skip: str, detail: bool = False) -> str:
         parts.append(str(r["strategy"]) + ("" if "world_size" in skip else f" x{int(r['world_size'])}"))
     if "micro_batch" not in skip and not detail and pd.notna(r.get("micro_batch")):
         parts.append(f"micro-batch {int(r['micro_batch'])}")
+    if "precision" not in skip and isinstance(r.get("precision"), str):
+        parts.append(r["precision"])
     if "instance" not in skip:
         parts.append(f"on {r['instance']}")
     if detail:

@@ -182,21 +182,21 @@ def test_findings_quote_the_numbers(table):
     assert ("zero3 (lora, m, p4d.24xlarge) on 8 GPUs ran 2,400 tokens/s, 2.40x the throughput of "
             "zero3 x2: 60% scaling efficiency.") in found
     assert ("QLoRA used 40% less peak memory than LoRA (12.00 vs 20.00 GB) at 2.00x lower throughput "
-            "(500 vs 1,000 tokens/s) on m zero3 x2 micro-batch 4 on p4d.24xlarge.") in found
-    assert "Full fine-tuning ran out of memory on m zero3 x2 micro-batch 4 on p4d.24xlarge, where LoRA fit (20.00 GB peak)." in found
-    assert any(f.startswith("On m lora zero3 x2 micro-batch 4, p4d.24xlarge trained 2.00x faster than g5.12xlarge "
+            "(500 vs 1,000 tokens/s) on m zero3 x2 micro-batch 4 bf16-mixed on p4d.24xlarge.") in found
+    assert "Full fine-tuning ran out of memory on m zero3 x2 micro-batch 4 bf16-mixed on p4d.24xlarge, where LoRA fit (20.00 GB peak)." in found
+    assert any(f.startswith("On m lora zero3 x2 micro-batch 4 bf16-mixed, p4d.24xlarge trained 2.00x faster than g5.12xlarge "
                             "(100.0 s vs 200.0 s) but cost more: $0.7319 vs $0.3624 per run") for f in found)
     assert "went as batch^1.00 (linear rule 1, square-root rule 0.5): closest to the linear rule." in text
-    assert "Largest micro-batch that fit for m lora ddp x2 on g5.12xlarge: 16 (30.00 GB peak); micro-batch 32 ran out of memory." in found
-    assert ("Fastest to loss 1.92 on m: lora ddp x2 on g5.12xlarge (lr 0.0002, micro-batch 8, global batch 16) in "
-            "10.0 s (10,000 tokens), 1.40x sooner than lora ddp x2 on g5.12xlarge (lr 0.0002, micro-batch 16, global "
+    assert "Largest micro-batch that fit for m lora ddp x2 bf16-mixed on g5.12xlarge: 16 (30.00 GB peak); micro-batch 32 ran out of memory." in found
+    assert ("Fastest to loss 1.92 on m: lora ddp x2 bf16-mixed on g5.12xlarge (lr 0.0002, micro-batch 8, global batch 16) in "
+            "10.0 s (10,000 tokens), 1.40x sooner than lora ddp x2 bf16-mixed on g5.12xlarge (lr 0.0002, micro-batch 16, global "
             "batch 32) (14.0 s).") in found
     assert "never reached" not in text  # the median target: half miss it by construction, nothing to say
     # Goodput compares updates of one size: global batch 8 is A (0.5 s/step) vs E and F (1 s/step).
-    assert ("Highest goodput on m at global batch 8: lora zero3 x2 micro-batch 4 on p4d.24xlarge at 2.00 updates/s "
-            "(16.0 samples/s), 2.00x qlora zero3 x2 micro-batch 4 on p4d.24xlarge.") in found
+    assert ("Highest goodput on m at global batch 8: lora zero3 x2 micro-batch 4 bf16-mixed on p4d.24xlarge at 2.00 updates/s "
+            "(16.0 samples/s), 2.00x qlora zero3 x2 micro-batch 4 bf16-mixed on p4d.24xlarge.") in found
     assert not any(f.startswith("Highest goodput on m at global batch 16") for f in found)  # all 0.5 s/step
-    assert ("After the same 10,000 tokens on m lora ddp x2 on g5.12xlarge, the best training loss of each global "
+    assert ("After the same 10,000 tokens on m lora ddp x2 bf16-mixed on g5.12xlarge, the best training loss of each global "
             "batch: global batch 16 (lr 0.0002) 1.5; global batch 32 (lr 0.0002) 1.9.") in found
     assert "2 of 12 finished cells are Pareto-optimal" in text
 
