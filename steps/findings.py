@@ -47,9 +47,8 @@ def scaling(table: pd.DataFrame) -> list[str]:
         return out
     for _, g in table.groupby([c for c in analysis.CONFIG if c != "world_size"], dropna=False):
         top = g.sort_values("world_size").iloc[-1]
-        out.append(f"{top['strategy']} ({top['peft']}, {top['model']}, {top['instance']}) on "
-                   f"{top['world_size']} GPUs ran {top['tokens_per_s']:,.0f} tokens/s, "
-                   f"{top['speedup']:.2f}x the throughput of {top['base']}: "
+        out.append(f"{top['strategy']} on {top['world_size']} GPUs ({where(top, 'strategy')}) ran "
+                   f"{top['tokens_per_s']:,.0f} tokens/s, {top['speedup']:.2f}x the throughput of {top['base']}: "
                    f"{top['efficiency']:.0%} scaling efficiency.")
     return out
 

@@ -179,8 +179,8 @@ def test_findings_quote_the_numbers(table):
     found = findings.all_findings(report.sections(table), table)
     text = "\n".join(found)
     assert "4 of 16 cells did not finish (1 hang, 2 oom, 1 skipped)" in text
-    assert ("zero3 (lora, m, p4d.24xlarge) on 8 GPUs ran 2,400 tokens/s, 2.40x the throughput of "
-            "zero3 x2: 60% scaling efficiency.") in found
+    assert ("zero3 on 8 GPUs (m lora micro-batch 4 bf16-mixed on p4d.24xlarge) ran 2,400 tokens/s, 2.40x the "
+            "throughput of zero3 x2: 60% scaling efficiency.") in found
     assert ("QLoRA used 40% less peak memory than LoRA (12.00 vs 20.00 GB) at 2.00x lower throughput "
             "(500 vs 1,000 tokens/s) on m zero3 x2 micro-batch 4 bf16-mixed on p4d.24xlarge.") in found
     assert "Full fine-tuning ran out of memory on m zero3 x2 micro-batch 4 bf16-mixed on p4d.24xlarge, where LoRA fit (20.00 GB peak)." in found
