@@ -82,7 +82,7 @@ def scaling(df: pd.DataFrame) -> pd.DataFrame:
     agg = (_groups(ok(df), keys + ["world_size"])
            .agg(tokens_per_s=("tokens_per_s", "median"), epoch_s=("epoch_s", "median"),
                 train_s=("train_s", "median"), val_loss=("val_loss", "median"),
-                cells=("cell_id", "size"))
+                global_batch=("global_batch", "first"), cells=("cell_id", "size"))
            .reset_index())
     singles = agg[agg["strategy"] == "single"]
     rows = []
@@ -90,24 +90,34 @@ def scaling(df: pd.DataFrame) -> pd.DataFrame:
         g = g.sort_values("world_size")
         base = g.iloc[0]
         if base.strategy != "single" and base.world_size > 1:
-            same = singles
-            for k in keys:
-                if k != "strategy":
-                    same = same[(same[k] == base[k]) | (same[k].isna() & pd.isna(base[k]))]
-            if len(same):
-                base = same.iloc[0]
+            single = _single_baseline(singles, base)
+            base = single if single is not None else base
         if len(g) < 2 and base.strategy == g.iloc[0].strategy:
             continue  # one GPU count and no single-GPU baseline: nothing to compare
         for _, r in g.iterrows():
             speedup = r.tokens_per_s / base.tokens_per_s
             ideal = r.world_size / base.world_size
             rows.append({**{k: r[k] for k in keys}, "world_size": int(r.world_size),
-                         "base": f"{base.strategy} x{int(base.world_size)}",
+                         "base": f"{base.strategy} x{int(base.world_size)}" + (
+                             f" (micro-batch {int(base.micro_batch)} x {int(base.grad_accum)})"
+                             if (base.micro_batch, base.grad_accum) != (r.micro_batch, r.grad_accum) else ""),
                          "base_world_size": int(base.world_size), "tokens_per_s": r.tokens_per_s,
                          "epoch_s": r.epoch_s, "train_s": r.train_s, "val_loss": r.val_loss,
                          "speedup": speedup, "epoch_speedup": base.epoch_s / r.epoch_s,
                          "efficiency": speedup / ideal, "cells": int(r.cells)})
     return pd.DataFrame(rows)
+
+
+def _single_baseline(singles: pd.DataFrame, base: pd.Series) -> pd.Series | None:
+    """The one-GPU cell to measure a multi-GPU strategy against: the same per-GPU batch (weak
+    scaling, as studies 1-4 did), else the same global batch (strong scaling, study 5)."""
+    same = singles
+    for k in ("model", "peft", "instance", "precision", "seq_len"):
+        same = same[(same[k] == base[k]) | (same[k].isna() & pd.isna(base[k]))]
+    weak = same[(same["micro_batch"] == base["micro_batch"]) & (same["grad_accum"] == base["grad_accum"])]
+    strong = same[same["global_batch"] == base["global_batch"]]
+    pick = weak if len(weak) else strong
+    return pick.iloc[0] if len(pick) else None
 
 
 def _outcome(g: pd.DataFrame) -> str:

@@ -272,3 +272,13 @@ def test_memory_budget_by_hand():
     assert q["weights"] == 96_000 * 0.5 + 4_000 * 4
     offload = memory_budget.estimate({**row, "strategy": "zero3_offload"}, arch)
     assert (offload["weights"], offload["grads"], offload["optim"]) == (0, 8_000, 0)
+
+
+def test_scaling_against_single_at_equal_global_batch():
+    """Study 5's shape: every strategy trains global batch 16; single with micro-batch 16 is
+    the baseline of ddp x2 with micro-batch 8 (strong scaling) when no single cell has 8."""
+    rows = [cell("S", "lora", "single", "p4d.24xlarge", 1, mb=16, **ok(1000, 10.0, 1.0, 60, 50)),
+            cell("D2", "lora", "ddp", "p4d.24xlarge", 2, mb=8, **ok(1500, 8.0, 1.0, 50, 40))]
+    s = analysis.scaling(analysis.prepare(pd.DataFrame(rows)))
+    d = by(s, strategy="ddp")
+    assert (d.base, d.speedup, d.efficiency) == ("single x1 (micro-batch 16 x 1)", 1.5, 0.75)
