@@ -173,6 +173,29 @@ def instances(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def precisions(df: pd.DataFrame) -> pd.DataFrame:
+    """The same configuration at two or more precisions (bf16-true vs bf16-mixed, fp32 ...):
+    peak memory, tokens/s and val loss, with memory and speed relative to the first listed."""
+    keys = _without("precision")
+    order = {"fp32": 0, "fp16-mixed": 1, "bf16-mixed": 2, "bf16-true": 3}
+    rows = []
+    for key, g in _groups(df[df["outcome"] != "skipped"], keys):
+        if g["precision"].nunique() < 2:
+            continue
+        per = []
+        for prec, m in sorted(g.groupby("precision"), key=lambda x: order.get(x[0], 9)):
+            good = ok(m)
+            per.append({**dict(zip(keys, key)), "precision": prec, "outcome": _outcome(m),
+                        "peak_mem_gb": good["peak_mem_gb"].median(), "tokens_per_s": good["tokens_per_s"].median(),
+                        "val_loss": good["val_loss"].median()})
+        ref = per[0]
+        for r in per:
+            r["mem_vs_first"] = r["peak_mem_gb"] / ref["peak_mem_gb"]
+            r["tokens_per_s_vs_first"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        rows += per
+    return pd.DataFrame(rows)
+
+
 def instance_totals(df: pd.DataFrame) -> pd.DataFrame:
     """What each instance type ran and what it cost in all (failed cells cost too)."""
     ran = df[df["outcome"] != "skipped"]

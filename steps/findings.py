@@ -82,6 +82,30 @@ def methods(table: pd.DataFrame) -> list[str]:
     return out
 
 
+def precisions(table: pd.DataFrame) -> list[str]:
+    out = []
+    if table.empty:
+        return out
+    keys = [c for c in analysis.CONFIG if c != "precision"]
+    for _, g in table.groupby(keys, dropna=False):
+        ref = g.iloc[0]
+        if ref["outcome"] != "ok":
+            continue
+        for _, r in g.iloc[1:].iterrows():
+            if r["outcome"] != "ok":
+                out.append(f"{r['precision']} {_failed(r['outcome'])} on {where(r, 'precision')}, where "
+                           f"{ref['precision']} trained.")
+                continue
+            mem, speed = r["mem_vs_first"], r["tokens_per_s_vs_first"]
+            mem_text = f"{1 - mem:.0%} less" if mem < 1 else f"{mem - 1:.0%} more"
+            speed_text = f"{speed:.2f}x the throughput" if speed >= 1 else f"{1 / speed:.2f}x lower throughput"
+            out.append(f"{r['precision']} used {mem_text} peak memory than {ref['precision']} "
+                       f"({r['peak_mem_gb']:.2f} vs {ref['peak_mem_gb']:.2f} GB) at {speed_text} "
+                       f"({r['tokens_per_s']:,.0f} vs {ref['tokens_per_s']:,.0f} tokens/s), val loss "
+                       f"{r['val_loss']:.4g} vs {ref['val_loss']:.4g}, on {where(r, 'precision')}.")
+    return out
+
+
 def _failed(outcome: str) -> str:
     return {"oom": "ran out of memory", "hang": "hung", "timeout": "timed out"}.get(outcome, f"ended {outcome}")
 
@@ -185,6 +209,7 @@ def pareto(front: pd.DataFrame) -> list[str]:
 
 def all_findings(sections: dict[str, pd.DataFrame], df: pd.DataFrame) -> list[str]:
     return (failures(df) + scaling(sections["scaling"]) + methods(sections["methods"])
+            + precisions(sections["precisions"])
             + instances(sections["instances"]) + learning_rate(sections["lr_sweep"], sections["lr_scaling"])
             + batch_size(sections["batch_fit"], sections["equal_tokens"]) + goodput(sections["goodput"])
             + pareto(sections["pareto"]))

@@ -99,7 +99,7 @@ def html_table(block: Block) -> str:
 
 def sections(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     sweep = analysis.lr_sweep(df)
-    return {"scaling": analysis.scaling(df), "methods": analysis.methods(df),
+    return {"scaling": analysis.scaling(df), "methods": analysis.methods(df), "precisions": analysis.precisions(df),
             "instances": analysis.instances(df), "instance_totals": analysis.instance_totals(df),
             "lr_sweep": sweep, "lr_scaling": analysis.lr_scaling(sweep), "batch_fit": analysis.batch_fit(df),
             "equal_tokens": analysis.equal_tokens(df), "goodput": analysis.goodput(df),
@@ -154,6 +154,13 @@ def build(df: pd.DataFrame, meta: dict[str, Any], out_dir: Path) -> list[Block]:
             ("tokens_per_s_vs_lora", "tokens/s vs LoRA", "x"), ("val_loss", "val loss", "num")],
         "two or more methods on one configuration", "",
         plots.memory_by_method(df, figs / "peak_memory.png"))
+    blocks += _section(
+        "Precision", s["precisions"], SETTINGS_COLS + [
+            ("precision", "precision", "text"), ("micro_batch", "micro-batch", "int"), ("outcome", "outcome", "text"),
+            ("peak_mem_gb", "peak mem GB", "num"), ("mem_vs_first", "memory vs first", "x"),
+            ("tokens_per_s", "tokens/s", "num"), ("tokens_per_s_vs_first", "tokens/s vs first", "x"),
+            ("val_loss", "val loss", "num")],
+        "one configuration at two or more precisions")
     blocks += _section(
         "Memory budget", s["memory_budget"], SETTINGS_COLS + [
             ("precision", "precision", "text"), ("micro_batch", "micro-batch", "int"), ("seq_len", "seq", "int"),

@@ -214,7 +214,7 @@ def test_report_files_show_every_cell(table, tmp_path):
     paths = report.write(pd.DataFrame(ROWS), tmp_path, {"matrix": "fixture", "run_id": "r1"})
     md = paths["report"].read_text()
     for heading in ("## Key findings", "## Results", "## Cells that did not finish", "## Scaling",
-                    "## Methods: memory and throughput", "## Memory budget", "## Instance types: time and cost", "## Learning rate",
+                    "## Methods: memory and throughput", "## Precision", "## Memory budget", "## Instance types: time and cost", "## Learning rate",
                     "## Batch size", "## Goodput and time to target", "## Loss curves",
                     "## Cost, time and loss: the Pareto set", "## How the numbers are defined"):
         assert heading in md
@@ -282,3 +282,17 @@ def test_scaling_against_single_at_equal_global_batch():
     s = analysis.scaling(analysis.prepare(pd.DataFrame(rows)))
     d = by(s, strategy="ddp")
     assert (d.base, d.speedup, d.efficiency) == ("single x1 (micro-batch 16 x 1)", 1.5, 0.75)
+
+
+def test_precision_comparison():
+    """bf16-true against bf16-mixed on one configuration (study 4's 31.3 -> 20.1 GB)."""
+    mixed = cell("P1", "full", "single", "p4de.24xlarge", 1, mb=8, **ok(11017, 31.3, 1.20, 45, 39.7))
+    true = {**cell("P2", "full", "single", "p4de.24xlarge", 1, mb=8, **ok(12506, 20.1, 1.25, 40, 35.0)),
+            "precision": "bf16-true"}
+    df = analysis.prepare(pd.DataFrame([mixed, true]))
+    p = analysis.precisions(df).set_index("precision")
+    assert p.loc["bf16-true", "mem_vs_first"] == pytest.approx(20.1 / 31.3)
+    assert p.loc["bf16-true", "tokens_per_s_vs_first"] == pytest.approx(12506 / 11017)
+    assert findings.precisions(analysis.precisions(df)) == [
+        "bf16-true used 36% less peak memory than bf16-mixed (20.10 vs 31.30 GB) at 1.14x the throughput "
+        "(12,506 vs 11,017 tokens/s), val loss 1.25 vs 1.2, on m full single x1 micro-batch 8 on p4de.24xlarge."]
