@@ -190,9 +190,9 @@ def goodput(table: pd.DataFrame) -> list[str]:
             hi, lo = same.iloc[-1], same.iloc[0]
             if hi["updates_per_s"] < 1.01 * lo["updates_per_s"]:
                 continue  # no difference worth a sentence
-            out.append(f"Highest goodput on {model} at global batch {int(batch)}: {where(hi, 'model')} at "
+            out.append(f"Highest goodput on {model} at global batch {int(batch)}: {where(hi, 'model', detail=True)} at "
                        f"{hi['updates_per_s']:.2f} updates/s ({hi['samples_per_s']:,.1f} samples/s), "
-                       f"{hi['updates_per_s'] / lo['updates_per_s']:.2f}x {where(lo, 'model')}.")
+                       f"{hi['updates_per_s'] / lo['updates_per_s']:.2f}x {where(lo, 'model', detail=True)}.")
     return out
 
 

@@ -193,8 +193,9 @@ def test_findings_quote_the_numbers(table):
             "batch 32) (14.0 s).") in found
     assert "never reached" not in text  # the median target: half miss it by construction, nothing to say
     # Goodput compares updates of one size: global batch 8 is A (0.5 s/step) vs E and F (1 s/step).
-    assert ("Highest goodput on m at global batch 8: lora zero3 x2 micro-batch 4 bf16-mixed on p4d.24xlarge at 2.00 updates/s "
-            "(16.0 samples/s), 2.00x qlora zero3 x2 micro-batch 4 bf16-mixed on p4d.24xlarge.") in found
+    assert ("Highest goodput on m at global batch 8: lora zero3 x2 bf16-mixed on p4d.24xlarge (lr 0.0001, micro-batch 4, "
+            "global batch 8) at 2.00 updates/s (16.0 samples/s), 2.00x qlora zero3 x2 bf16-mixed on p4d.24xlarge "
+            "(lr 0.0001, micro-batch 4, global batch 8).") in found
     assert not any(f.startswith("Highest goodput on m at global batch 16") for f in found)  # all 0.5 s/step
     assert ("After the same 10,000 tokens on m lora ddp x2 bf16-mixed on g5.12xlarge, the best training loss of each global "
             "batch: global batch 16 (lr 0.0002) 1.5; global batch 32 (lr 0.0002) 1.9.") in found
