@@ -295,5 +295,5 @@ def test_precision_comparison():
     assert p.loc["bf16-true", "mem_vs_first"] == pytest.approx(20.1 / 31.3)
     assert p.loc["bf16-true", "tokens_per_s_vs_first"] == pytest.approx(12506 / 11017)
     assert findings.precisions(analysis.precisions(df)) == [
-        "bf16-true used 36% less peak memory than bf16-mixed (20.10 vs 31.30 GB) at 1.14x the throughput "
+        "bf16-true used 36% less peak memory than bf16-mixed (20.10 vs 31.30 GB) at 1.14x higher throughput "
         "(12,506 vs 11,017 tokens/s), val loss 1.25 vs 1.2, on m full single x1 micro-batch 8 on p4de.24xlarge."]
