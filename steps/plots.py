@@ -28,8 +28,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+SHORT = {"world_size": "x{}", "lr": "lr {:g}", "micro_batch": "mb {}", "grad_accum": "accum {}", "seq_len": "seq {}"}
+
+
 def _label(r, keys: list[str]) -> str:
-    return " ".join(str(r[k]) for k in keys)
+    """'ddp x2 mb 8 accum 1': each setting that varies, numbers with their name."""
+    return " ".join(SHORT.get(k, "{}").format(int(r[k]) if k != "lr" else r[k]) if k in SHORT else str(r[k])
+                    for k in keys)
 
 
 def _varying(df: pd.DataFrame, keys: list[str]) -> list[str]:
