@@ -30,6 +30,17 @@ def _without(*names: str) -> list[str]:
     return [c for c in CONFIG if c not in names]
 
 
+def by_config(df: pd.DataFrame, *varying: str):
+    """(settings, cells) for each configuration, cells differing only in the `varying` axes
+    (and the learning rate, which is not part of CONFIG). A missing setting (NaN) is still a
+    configuration of its own."""
+    if df.empty:
+        return
+    keys = _without(*varying)
+    for key, g in df.groupby(keys, dropna=False, sort=True):
+        yield dict(zip(keys, key)), g
+
+
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
     """Missing columns as NaN, numbers as numbers, cost from the instance catalog (so a price
     change reprices old runs), and cost per million trained tokens."""
@@ -61,11 +72,6 @@ def curve(row: Any, name: str = "loss_curve") -> list[dict[str, Any]]:
     return list(value) if isinstance(value, list) else []
 
 
-def _groups(df: pd.DataFrame, keys: list[str]):
-    """groupby that keeps keys with missing values (a NaN key is still a configuration)."""
-    return df.groupby(keys, dropna=False, sort=True)
-
-
 def cells(df: pd.DataFrame) -> pd.DataFrame:
     """Every cell, failures included, in a stable order: the studies' main table."""
     order = ["model", "peft", "strategy", "instance", "world_size", "micro_batch", "lr"]
@@ -79,14 +85,14 @@ def scaling(df: pd.DataFrame) -> pd.DataFrame:
     multi-GPU strategy with no 1-GPU cell of its own is measured against `single` (one GPU,
     same configuration otherwise), as the studies did."""
     keys = _without("world_size")
-    agg = (_groups(ok(df), keys + ["world_size"])
+    agg = (ok(df).groupby(CONFIG, dropna=False, sort=True)
            .agg(tokens_per_s=("tokens_per_s", "median"), epoch_s=("epoch_s", "median"),
                 train_s=("train_s", "median"), val_loss=("val_loss", "median"),
                 global_batch=("global_batch", "first"), cells=("cell_id", "size"))
            .reset_index())
     singles = agg[agg["strategy"] == "single"]
     rows = []
-    for key, g in _groups(agg, keys):
+    for _, g in by_config(agg, "world_size"):
         g = g.sort_values("world_size")
         base = g.iloc[0]
         if base.strategy != "single" and base.world_size > 1:
@@ -127,73 +133,54 @@ def _outcome(g: pd.DataFrame) -> str:
     return str(g["outcome"].mode().iloc[0])
 
 
+PER_VALUE = ["peak_mem_gb", "tokens_per_s", "val_loss", "train_s", "wall_s", "epoch_s", "cost_usd", "cost_per_mtok"]
+
+
+def _across(df: pd.DataFrame, axis: str, order: dict[str, int] | None = None) -> list[list[dict[str, Any]]]:
+    """For each configuration run at two or more values of `axis` (skipped cells left out):
+    one row per value, in `order`, with its outcome and the medians of its finished cells
+    (over learning rates)."""
+    groups = []
+    for key, g in by_config(df[df["outcome"] != "skipped"], axis):
+        if g[axis].nunique() < 2:
+            continue
+        values = sorted(g.groupby(axis), key=lambda x: (order or {}).get(x[0], 9))
+        groups.append([{**key, axis: value, "outcome": _outcome(m),
+                        "price_per_hour_usd": m["price_per_hour_usd"].iloc[0],
+                        **{c: ok(m)[c].median() for c in PER_VALUE}} for value, m in values])
+    return groups
+
+
+def _relative(groups: list[list[dict[str, Any]]], pick, suffix: str) -> pd.DataFrame:
+    """Each row's peak memory and tokens/s over those of its group's reference row."""
+    rows = []
+    for group in groups:
+        ref = pick(group) or {}
+        for r in group:
+            r[f"mem_vs_{suffix}"] = r["peak_mem_gb"] / ref["peak_mem_gb"] if ref else np.nan
+            r[f"tokens_per_s_vs_{suffix}"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else np.nan
+            rows.append(r)
+    return pd.DataFrame(rows)
+
+
 def methods(df: pd.DataFrame) -> pd.DataFrame:
     """Full vs LoRA vs QLoRA (vs DoRA) on the same configuration: peak memory and tokens/s,
     and their ratios to LoRA's. Configurations where fewer than two methods ran are left out."""
-    keys = _without("peft")
-    rows = []
-    for key, g in _groups(df[df["outcome"] != "skipped"], keys):
-        if g["peft"].nunique() < 2:
-            continue
-        per = {}
-        for peft, m in g.groupby("peft"):
-            good = ok(m)
-            per[peft] = {"outcome": _outcome(m), "peak_mem_gb": good["peak_mem_gb"].median(),
-                         "tokens_per_s": good["tokens_per_s"].median(),
-                         "val_loss": good["val_loss"].median()}
-        lora = per.get("lora", {})
-        for peft, v in per.items():
-            rows.append({**dict(zip(keys, key)), "peft": peft, **v,
-                         "mem_vs_lora": v["peak_mem_gb"] / lora["peak_mem_gb"] if lora else np.nan,
-                         "tokens_per_s_vs_lora": v["tokens_per_s"] / lora["tokens_per_s"] if lora else np.nan})
-    out = pd.DataFrame(rows)
-    if len(out):
-        rank = {"full": 0, "lora": 1, "dora": 2, "qlora": 3}
-        out = out.sort_values(keys + ["peft"], key=lambda s: s.map(rank) if s.name == "peft" else s,
-                              kind="stable").reset_index(drop=True)
-    return out
+    groups = _across(df, "peft", {"full": 0, "lora": 1, "dora": 2, "qlora": 3})
+    return _relative(groups, lambda g: next((r for r in g if r["peft"] == "lora"), None), "lora")
 
 
 def instances(df: pd.DataFrame) -> pd.DataFrame:
     """Time and cost of the same configuration on each instance type (median over learning
     rates), where a configuration ran on at least two."""
-    keys = _without("instance")
-    rows = []
-    for key, g in _groups(df[df["outcome"] != "skipped"], keys):
-        if g["instance"].nunique() < 2:
-            continue
-        for inst, m in g.groupby("instance"):
-            good = ok(m)
-            rows.append({**dict(zip(keys, key)), "instance": inst, "outcome": _outcome(m),
-                         "price_per_hour_usd": m["price_per_hour_usd"].iloc[0],
-                         "train_s": good["train_s"].median(), "wall_s": good["wall_s"].median(),
-                         "epoch_s": good["epoch_s"].median(), "tokens_per_s": good["tokens_per_s"].median(),
-                         "cost_usd": good["cost_usd"].median(), "cost_per_mtok": good["cost_per_mtok"].median(),
-                         "val_loss": good["val_loss"].median()})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([r for group in _across(df, "instance") for r in group])
 
 
 def precisions(df: pd.DataFrame) -> pd.DataFrame:
     """The same configuration at two or more precisions (bf16-true vs bf16-mixed, fp32 ...):
     peak memory, tokens/s and val loss, with memory and speed relative to the first listed."""
-    keys = _without("precision")
-    order = {"fp32": 0, "fp16-mixed": 1, "bf16-mixed": 2, "bf16-true": 3}
-    rows = []
-    for key, g in _groups(df[df["outcome"] != "skipped"], keys):
-        if g["precision"].nunique() < 2:
-            continue
-        per = []
-        for prec, m in sorted(g.groupby("precision"), key=lambda x: order.get(x[0], 9)):
-            good = ok(m)
-            per.append({**dict(zip(keys, key)), "precision": prec, "outcome": _outcome(m),
-                        "peak_mem_gb": good["peak_mem_gb"].median(), "tokens_per_s": good["tokens_per_s"].median(),
-                        "val_loss": good["val_loss"].median()})
-        ref = per[0]
-        for r in per:
-            r["mem_vs_first"] = r["peak_mem_gb"] / ref["peak_mem_gb"]
-            r["tokens_per_s_vs_first"] = r["tokens_per_s"] / ref["tokens_per_s"]
-        rows += per
-    return pd.DataFrame(rows)
+    groups = _across(df, "precision", {"fp32": 0, "fp16-mixed": 1, "bf16-mixed": 2, "bf16-true": 3})
+    return _relative(groups, lambda g: g[0], "first")
 
 
 def instance_totals(df: pd.DataFrame) -> pd.DataFrame:
@@ -215,7 +202,7 @@ def lr_sweep(df: pd.DataFrame) -> pd.DataFrame:
     `best` marks the lowest loss, `at_edge` a best rate at the end of the grid tried (the true
     optimum may lie beyond it)."""
     rows = []
-    for key, g in _groups(df, CONFIG):
+    for key, g in by_config(df):
         good = ok(g).groupby("lr")["val_loss"].median()
         if good.notna().sum() < 2:
             continue
@@ -223,7 +210,7 @@ def lr_sweep(df: pd.DataFrame) -> pd.DataFrame:
         best = good.idxmin()
         for lr in tried:
             m = g[g["lr"] == lr]
-            rows.append({**dict(zip(CONFIG, key)), "global_batch": int(m["global_batch"].iloc[0]),
+            rows.append({**key, "global_batch": int(m["global_batch"].iloc[0]),
                          "lr": lr, "val_loss": good.get(lr, np.nan), "outcome": _outcome(m),
                          "best": lr == best, "at_edge": lr == best and best in (tried[0], tried[-1])})
     return pd.DataFrame(rows)
@@ -255,15 +242,14 @@ def lr_scaling(sweep: pd.DataFrame) -> pd.DataFrame:
 def batch_fit(df: pd.DataFrame) -> pd.DataFrame:
     """Largest micro-batch that trained, and the smallest that did not, per configuration
     tried at two or more micro-batch sizes."""
-    keys = _without("micro_batch")
     rows = []
-    for key, g in _groups(df[df["outcome"] != "skipped"], keys):
+    for key, g in by_config(df[df["outcome"] != "skipped"], "micro_batch"):
         if g["micro_batch"].nunique() < 2:
             continue
         fit = ok(g)["micro_batch"]
         failed = g[(g["outcome"] != "ok") & (g["micro_batch"] > (fit.max() if len(fit) else 0))]
         first_fail = failed.sort_values("micro_batch").iloc[0] if len(failed) else None
-        rows.append({**dict(zip(keys, key)), "tried": ", ".join(str(int(b)) for b in sorted(g["micro_batch"].unique())),
+        rows.append({**key, "tried": ", ".join(str(int(b)) for b in sorted(g["micro_batch"].unique())),
                      "largest_ok": int(fit.max()) if len(fit) else None,
                      "peak_mem_gb_at_largest": ok(g)[ok(g)["micro_batch"] == fit.max()]["peak_mem_gb"].max() if len(fit) else np.nan,
                      "first_failed": int(first_fail.micro_batch) if first_fail is not None else None,
@@ -299,14 +285,13 @@ def equal_tokens(df: pd.DataFrame) -> pd.DataFrame:
     """Training loss after the same number of tokens, for cells of a configuration that differ
     in micro-batch, gradient accumulation or learning rate: the budget is the fewest tokens
     any of them trained on."""
-    keys = _without("micro_batch", "grad_accum")
     rows = []
-    for key, g in _groups(ok(df), keys):
+    for key, g in by_config(ok(df), "micro_batch", "grad_accum"):
         if g[["micro_batch", "grad_accum", "lr"]].drop_duplicates().shape[0] < 2 or g["global_batch"].nunique() < 2:
             continue
         budget = g["train_tokens"].min()
         for _, r in g.sort_values(["global_batch", "lr"]).iterrows():
-            rows.append({**dict(zip(keys, key)), "micro_batch": int(r.micro_batch), "grad_accum": int(r.grad_accum),
+            rows.append({**key, "micro_batch": int(r.micro_batch), "grad_accum": int(r.grad_accum),
                          "global_batch": int(r.global_batch), "lr": r.lr, "tokens": budget,
                          "loss_at_tokens": loss_at_tokens(curve(r), budget), "val_loss": r.val_loss})
     return pd.DataFrame(rows)

@@ -43,9 +43,7 @@ def failures(df: pd.DataFrame) -> list[str]:
 
 def scaling(table: pd.DataFrame) -> list[str]:
     out = []
-    if table.empty:
-        return out
-    for _, g in table.groupby([c for c in analysis.CONFIG if c != "world_size"], dropna=False):
+    for _, g in analysis.by_config(table, "world_size"):
         top = g.sort_values("world_size").iloc[-1]
         out.append(f"{top['strategy']} on {top['world_size']} GPUs ({where(top, 'strategy')}) ran "
                    f"{top['tokens_per_s']:,.0f} tokens/s, {top['speedup']:.2f}x the throughput of {top['base']}: "
@@ -55,10 +53,7 @@ def scaling(table: pd.DataFrame) -> list[str]:
 
 def methods(table: pd.DataFrame) -> list[str]:
     out = []
-    if table.empty:
-        return out
-    keys = [c for c in analysis.CONFIG if c != "peft"]
-    for _, g in table.groupby(keys, dropna=False):
+    for _, g in analysis.by_config(table, "peft"):
         per = {r["peft"]: r for _, r in g.iterrows()}
         lora = per.get("lora")
         if lora is None or lora["outcome"] != "ok":
@@ -78,10 +73,7 @@ def methods(table: pd.DataFrame) -> list[str]:
 
 def precisions(table: pd.DataFrame) -> list[str]:
     out = []
-    if table.empty:
-        return out
-    keys = [c for c in analysis.CONFIG if c != "precision"]
-    for _, g in table.groupby(keys, dropna=False):
+    for _, g in analysis.by_config(table, "precision"):
         ref = g.iloc[0]
         if ref["outcome"] != "ok":
             continue
@@ -110,10 +102,7 @@ def _failed(outcome: str) -> str:
 
 def instances(table: pd.DataFrame) -> list[str]:
     out = []
-    if table.empty:
-        return out
-    keys = [c for c in analysis.CONFIG if c != "instance"]
-    for _, g in table.groupby(keys, dropna=False):
+    for _, g in analysis.by_config(table, "instance"):
         good = g[g["outcome"] == "ok"].sort_values("train_s")
         if len(good) < 2:
             continue
@@ -151,17 +140,15 @@ def batch_size(fit: pd.DataFrame, equal: pd.DataFrame) -> list[str]:
                   if pd.notna(r["first_failed"]) else " (the largest tried)")
         out.append(f"Largest micro-batch that fit for {where(r)}: {int(r['largest_ok'])} "
                    f"({r['peak_mem_gb_at_largest']:.2f} GB peak){beyond}.")
-    if not equal.empty:
-        keys = [c for c in analysis.CONFIG if c not in ("micro_batch", "grad_accum")]
-        for _, g in equal.groupby(keys, dropna=False):
-            best = (g.dropna(subset=["loss_at_tokens"]).sort_values("loss_at_tokens")
-                    .groupby("global_batch", sort=True).head(1).sort_values("global_batch"))
-            if len(best) < 2:
-                continue
-            each = "; ".join(f"global batch {r['global_batch']} (lr {r['lr']:g}) {r['loss_at_tokens']:.4g}"
-                             for _, r in best.iterrows())
-            out.append(f"After the same {best['tokens'].iloc[0]:,.0f} tokens on {where(best.iloc[0], 'micro_batch')}, "
-                       f"the best training loss of each global batch: {each}.")
+    for _, g in analysis.by_config(equal, "micro_batch", "grad_accum"):
+        best = (g.dropna(subset=["loss_at_tokens"]).sort_values("loss_at_tokens")
+                .groupby("global_batch", sort=True).head(1).sort_values("global_batch"))
+        if len(best) < 2:
+            continue
+        each = "; ".join(f"global batch {r['global_batch']} (lr {r['lr']:g}) {r['loss_at_tokens']:.4g}"
+                         for _, r in best.iterrows())
+        out.append(f"After the same {best['tokens'].iloc[0]:,.0f} tokens on {where(best.iloc[0], 'micro_batch')}, "
+                   f"the best training loss of each global batch: {each}.")
     return out
 
 
