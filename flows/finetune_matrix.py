@@ -74,7 +74,7 @@ class FinetuneMatrixFlow(FlowSpec):
     def join(self, inputs):
         """One results table (Parquet, CSV, artifact) and the report, under reports/<run id>/."""
         meta = runs.provenance(current.run_id, current.flow_name, self.matrix)
-        self.results, self.paths = runs.join(
+        self.results, self.paths, self.report_blocks = runs.join(
             current.run_id, [(i.cell, i.metrics) for i in inputs], runs.run_dir(current.run_id), meta)
         self.provenance = meta
         self.next(self.end)
@@ -83,7 +83,7 @@ class FinetuneMatrixFlow(FlowSpec):
     @step
     def end(self):
         """The report as a card: the same findings, tables and figures as report.md/.html."""
-        current.card.extend(runs.report_card(self.results, runs.run_dir(current.run_id), self.provenance))
+        current.card.extend(runs.report_card(self.report_blocks, self.paths))
         print(f"results: {self.paths['parquet']}\nreport:  {self.paths['report']}\n         {self.paths.get('html', '')}")
 
 

@@ -44,6 +44,10 @@ class Block:
     columns: Cols = field(default_factory=list)
     image: Path | None = None
 
+    def __post_init__(self):
+        if self.table is not None:  # only what is shown: blocks travel as a Metaflow artifact
+            self.table = self.table[[c for c, _, _ in self.columns if c in self.table.columns]]
+
 
 def fmt(value: Any, kind: str = "num") -> str:
     """One cell of a table: '-' for missing, numbers to 4 significant digits."""
@@ -321,16 +325,14 @@ def write(df: pd.DataFrame, out_dir: Path, meta: dict[str, Any]) -> dict[str, Pa
     """report.md, report.html and plots/ under out_dir; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    blocks = build(df, meta, out_dir)
+    return write_blocks(build(df, meta, out_dir), out_dir, meta)
+
+
+def write_blocks(blocks: list[Block], out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
     md, page = out_dir / "report.md", out_dir / "report.html"
     md.write_text(to_markdown(blocks, out_dir), encoding="utf-8")
     page.write_text(to_html(blocks, f"finetune-matrix report: {meta.get('matrix', '')}"), encoding="utf-8")
     return {"report": md, "html": page, "plots": out_dir / "plots"}
-
-
-def write_card(out_dir: Path, df: pd.DataFrame, meta: dict[str, Any]) -> list:
-    """Card components built from the same blocks as the files (figures already written)."""
-    return card_components(build(df, meta, Path(out_dir)))
 
 
 # ---------------------------------------------------------------- the command line

@@ -154,13 +154,17 @@ def link_cloned_cells(records: list[tuple[dict, dict]], out_dir: Path) -> None:
 
 
 def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
-         meta: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, str]]:
+         meta: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, str], list | None]:
+    """The results table, provenance and report; also the report's blocks, which the `end`
+    step turns into its card (None where the report could not be built)."""
     df = results.build_table(run_id, records)
     paths = results.write(df, out_dir)
     link_cloned_cells(records, out_dir)
     (out_dir / "provenance.json").write_text(json.dumps(meta, indent=2))
+    blocks = None
     try:
-        paths.update(report.write(df, out_dir, meta))
+        blocks = report.build(df, meta, out_dir)
+        paths.update(report.write_blocks(blocks, out_dir, meta))
     except Exception:  # the results are saved: a report bug must not lose the run
         error = traceback.format_exc()
         print(error, file=sys.stderr)
@@ -169,16 +173,15 @@ def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
             f"# finetune-matrix report: {meta.get('matrix', '')}\n\nThe report could not be built; the results "
             f"table is in `results.parquet`. Rebuild it with\n`python -m steps.report {out_dir} --out {out_dir}`."
             f"\n\n```\n{error}```\n")
-    return df, {k: str(v) for k, v in paths.items()}
+        blocks = None
+    return df, {k: str(v) for k, v in paths.items()}, blocks
 
 
-def report_card(df: pd.DataFrame, out_dir: Path, meta: dict[str, Any]) -> list:
-    """The end step's card: the report's blocks (tables, findings, figures) as card components;
-    report.md as it is where the report could not be built."""
+def report_card(blocks: list | None, paths: dict[str, str]) -> list:
+    """The end step's card: the report's blocks (findings, tables, figures) as card
+    components; report.md as it is where the report could not be built."""
     from metaflow.cards import Markdown
 
-    try:
-        return report.write_card(out_dir, df, meta)
-    except Exception:
-        traceback.print_exc()
-        return [Markdown((Path(out_dir) / "report.md").read_text())]
+    if blocks is None:
+        return [Markdown(Path(paths["report"]).read_text())]
+    return report.card_components(blocks)
