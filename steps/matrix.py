@@ -102,7 +102,8 @@ def _compute_problems(spec: MatrixSpec) -> list[str]:
     if spec.compute == "local":
         return []
     instances = sorted({*spec.instance, *(i for r in spec.include for i in (r.instance or []))})
-    if len(instances) != 1 or (instances[0] in catalog.instances() and catalog.instances()[instances[0]].local):
+    entry = catalog.instances().get(instances[0]) if len(instances) == 1 else None
+    if len(instances) != 1 or (entry is not None and entry.local):
         return [f"instance: compute {spec.compute!r} runs one instance type per run (Metaflow "
                 f"resources are set per step), not {instances}; write one matrix per instance "
                 f"type and compare the runs with `python -m steps.report A B`"]
