@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup browser run test test-quick clean-venv
+.PHONY: setup browser run lint test test-quick clean-venv
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ browser:
 
 run: setup
 	$(BIN)/python flows/finetune_matrix.py run
+
+# Ruff: pyflakes, pycodestyle, import order, bugbear, pyupgrade (pyproject.toml).
+lint: setup
+	$(BIN)/ruff check .
 
 test: setup browser
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)

@@ -22,8 +22,9 @@ if _python.exists() and shutil.which("python") != str(_python):
 
 from metaflow import Config, FlowSpec, card, current, parallel, step  # noqa: E402
 
-from steps import cards, runs  # noqa: E402
-from steps.compute import MatrixCompute  # noqa: E402
+from steps.flow import cards  # noqa: E402
+from steps.flow import tasks as runs  # noqa: E402
+from steps.flow.compute import MatrixCompute  # noqa: E402
 
 
 @MatrixCompute  # @retry/@catch and @kubernetes/@batch on `train`, from the matrix
@@ -31,7 +32,7 @@ class FinetuneMatrixFlow(FlowSpec):
     """start: plan -> launch (per cell) -> train (per node) -> gather: cell card -> join -> end."""
 
     matrix = Config("matrix", default=str(runs.DEFAULT_MATRIX),
-                    parser="steps.matrix.parse_matrix_text", help="matrix YAML file")
+                    parser="steps.plan.matrix.parse_matrix_text", help="matrix YAML file")
 
     @step
     def start(self):
@@ -84,7 +85,8 @@ class FinetuneMatrixFlow(FlowSpec):
     def end(self):
         """The report as a card: the same findings, tables and figures as report.md/.html."""
         current.card.extend(runs.report_card(self.report_blocks, self.paths))
-        print(f"results: {self.paths['parquet']}\nreport:  {self.paths['report']}\n         {self.paths.get('html', '')}")
+        print(f"results: {self.paths['parquet']}\nreport:  {self.paths['report']}\n"
+              f"         {self.paths.get('html', '')}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import peft  # noqa: F401  (before any test loads Metaflow: see below)
 import pytest
 import yaml
 
-from steps.matrix import cell_id
-from steps.schema import CellSpec
+from steps.plan.matrix import cell_id
+from steps.plan.schema import CellSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from steps.matrix import cell_id, expand, load_matrix, parse_matrix
+from steps.plan.matrix import cell_id, expand, load_matrix, parse_matrix
 from tests.conftest import REPO
 
 BASE = {"model": "llama-debug", "peft": "lora", "strategy": "ddp", "gpus": 2, "lr": 1e-3,

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from steps import data
-from steps.schema import DataSettings
-from steps.tokenizer import ByteTokenizer
+from steps.plan.schema import DataSettings
+from steps.trainer import data
+from steps.trainer.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

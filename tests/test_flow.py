@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from steps.results import COLUMNS
+from steps.results.table import COLUMNS
 from tests.conftest import METAFLOW_ROOT, REPO
 
 pytestmark = pytest.mark.slow

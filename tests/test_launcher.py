@@ -5,7 +5,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from steps import launcher
+from steps.flow import launcher
 from tests.conftest import make_cell
 
 pytestmark = pytest.mark.slow

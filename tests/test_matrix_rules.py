@@ -9,9 +9,10 @@ import sys
 import pytest
 import yaml
 
-from steps import catalog, compute
-from steps.matrix import expand, parse_matrix
-from steps.schema import ConfigError
+from steps.flow import compute
+from steps.plan import catalog
+from steps.plan.matrix import expand, parse_matrix
+from steps.plan.schema import ConfigError
 from tests.conftest import METAFLOW_ROOT, REPO
 
 FLOW = str(REPO / "flows" / "finetune_matrix.py")
@@ -96,7 +97,7 @@ def test_code_package_ships_steps_and_configs():
     proc = _flow("package", "list")
     assert proc.returncode == 0, proc.stderr[-2000:]
     listed = (proc.stdout + proc.stderr).splitlines()
-    for name in ("steps/train.py", "steps/parallel/engine.py", "steps/launcher.py",
+    for name in ("steps/train.py", "steps/trainer/engines/base.py", "steps/flow/launcher.py",
                  "configs/instances.yaml", "configs/models/llama-debug.yaml", "configs/matrix/default.yaml"):
         assert str(REPO / name) in listed, name
 

@@ -19,7 +19,9 @@ import math
 import pandas as pd
 import pytest
 
-from steps import analysis, catalog, findings, report
+from steps.plan import catalog
+from steps.report import analysis, findings
+from steps.report import build as report
 
 P4D, G5 = 21.957642, 5.672  # $/h, configs/instances.yaml
 
@@ -256,7 +258,7 @@ def test_command_line_joins_runs_by_cell_id(tmp_path):
 def test_memory_budget_by_hand():
     """llama-debug: hidden 64, 2 layers, 4 heads, vocabulary 259; 100,000 parameters of which
     4,000 train; micro-batch 4 x 32 tokens, fp32."""
-    from steps import memory_budget
+    from steps.report import memory_budget
 
     row = {"peft": "lora", "precision": "fp32", "seq_len": 32, "micro_batch": 4, "total_params": 100_000,
            "trainable_params": 4_000, "strategy": "ddp", "world_size": 2}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from steps import report
+from steps.report import build as report
 from tests.test_report import ROWS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

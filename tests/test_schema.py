@@ -7,8 +7,8 @@ import copy
 import pytest
 import yaml
 
-from steps.matrix import expand, load_matrix, parse_matrix
-from steps.schema import ConfigError, STRATEGIES
+from steps.plan.matrix import expand, load_matrix, parse_matrix
+from steps.plan.schema import STRATEGIES, ConfigError
 from tests.conftest import REPO
 
 GOOD = {

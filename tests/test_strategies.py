@@ -13,8 +13,8 @@ import math
 
 import pytest
 
-from steps import compat
-from steps.schema import PEFT_METHODS, STRATEGIES
+from steps.plan import compat
+from steps.plan.schema import PEFT_METHODS, STRATEGIES
 from tests.conftest import make_cell, torchrun_trainer
 
 pytestmark = pytest.mark.slow

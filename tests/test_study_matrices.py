@@ -1,5 +1,5 @@
 """The reproduction matrices in configs/matrix: each reference study at full scale and a
-`-cpu` twin with the same design at tiny scale (DESIGN.md section 2)."""
+`-cpu` twin with the same design at tiny scale (README, "The reference studies")."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steps import catalog
-from steps.matrix import expand, parse_matrix
+from steps.plan import catalog
+from steps.plan.matrix import expand, parse_matrix
 
 MATRICES = Path(__file__).resolve().parents[1] / "configs" / "matrix"
 TWINS = sorted(MATRICES.glob("study*-cpu.yaml"))

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from steps import launcher
+from steps.flow import launcher
 from tests.conftest import make_cell, torchrun_trainer
 
 pytestmark = pytest.mark.slow

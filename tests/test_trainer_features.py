@@ -67,7 +67,7 @@ def test_adapter_is_saved_in_peft_format_and_reloads(tmp_path, strategy, gpus):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from steps import modeling
+    from steps.trainer import modeling
 
     shape = {"single": dict(micro_batch=4), "pipeline": dict(micro_batch=2, grad_accum=2)}[strategy]
     cell = make_cell(strategy=strategy, gpus=gpus, **shape)
@@ -80,8 +80,8 @@ def test_adapter_is_saved_in_peft_format_and_reloads(tmp_path, strategy, gpus):
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert len(lora_b) == 2 * 4 and all(p.abs().sum() > 0 for p in lora_b)  # trained, not the zero init
     # The reloaded adapter reproduces the trained model's validation loss.
-    from steps import data
-    from steps.tokenizer import ByteTokenizer
+    from steps.trainer import data
+    from steps.trainer.tokenizer import ByteTokenizer
 
     splits = data.build_splits(cell.data, ByteTokenizer(), cell.seq_len)
     batch = data.collate(splits.val, ByteTokenizer.pad_id)

@@ -1,0 +1,92 @@
+"""Where and how the flow's train step runs, decided by the matrix, not by editing the flow.
+
+`MatrixCompute` is a Metaflow FlowMutator: once the `matrix` Config is parsed it adds to the
+train step @retry (real failures), @catch (`on_error: record`) and, for `compute: kubernetes`
+or `batch`, the compute decorator with the GPUs, CPUs, memory and node selector of the matrix's
+instance type from `configs/instances.yaml`. It also ships `steps/` and `configs/` in
+Metaflow's code package, so remote tasks import the same code (they sit next to the flow file
+in the package; see `package_files`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from metaflow import FlowMutator
+from metaflow.packaging_sys import ContentType
+
+from steps import REPO_ROOT
+from steps.plan import catalog
+from steps.plan.matrix import plain
+
+TRAIN_STEP = "train"
+PACKAGED = (("steps", "*.py"), ("configs", "*.yaml"))
+
+
+def package_files(root: Path = REPO_ROOT) -> Iterator[tuple[str, str]]:
+    """(path, name in the package): the package keeps the flow's folder as its root."""
+    for folder, pattern in PACKAGED:
+        for path in sorted((root / folder).rglob(pattern)):
+            if "__pycache__" not in path.parts:
+                yield str(path), str(path.relative_to(root))
+
+
+def remote_resources(matrix: dict[str, Any]) -> dict[str, Any]:
+    """Arguments of @kubernetes / @batch for the matrix's one instance type (`matrix` is
+    validated, so every key is there).
+
+    A cell owns the whole machine (all its GPUs), so timings are not shared and the cost is
+    the instance's hourly price. CPU and memory leave a margin for the node's own daemons.
+    """
+    instance = catalog.instances()[matrix["instance"][0]]
+    remote = matrix["remote"]
+    args: dict[str, Any] = {
+        "gpu": instance.devices_per_node,
+        "cpu": max(1, (instance.vcpus or 4) - 2),
+        "memory": int((instance.memory_gb or 16) * 1024 * 0.9),
+    }
+    if remote.get("image"):
+        args["image"] = remote["image"]
+    if remote.get("shared_memory_mb"):
+        args["shared_memory"] = remote["shared_memory_mb"]
+    if matrix["compute"] == "kubernetes":
+        args["node_selector"] = {remote["node_selector_label"]: instance.name}
+        for key in ("namespace", "service_account"):
+            if remote.get(key):
+                args[key] = remote[key]
+        if remote.get("disk_mb"):
+            args["disk"] = remote["disk_mb"]
+    else:
+        args["queue"] = remote["queue"]
+    return args
+
+
+def catches(matrix: dict[str, Any]) -> bool:
+    """`on_error: record` uses @catch, which Metaflow does not allow with @parallel on
+    Kubernetes; there the train step records the error itself on its last attempt."""
+    return matrix["on_error"] == "record" and matrix["compute"] != "kubernetes"
+
+
+def train_decorators(matrix: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(decorator name, arguments) for the train step."""
+    decos = [("retry", {"times": matrix["retries"], "minutes_between_retries": 0})]
+    if catches(matrix):
+        decos.append(("catch", {"var": "failure", "print_exception": True}))
+    if matrix["compute"] != "local":
+        decos.append((matrix["compute"], remote_resources(matrix)))
+    return decos
+
+
+class MatrixCompute(FlowMutator):
+    def pre_mutate(self, mutable_flow) -> None:
+        matrix = plain(dict(mutable_flow.configs)["matrix"])
+        for name, step in mutable_flow.steps:
+            if name == TRAIN_STEP:
+                for deco, kwargs in train_decorators(matrix):
+                    step.add_decorator(deco, deco_kwargs=kwargs, duplicates=step.OVERRIDE)
+
+    def add_to_package(self):
+        for path, name in package_files():
+            yield path, name, ContentType.USER_CONTENT

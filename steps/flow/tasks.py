@@ -1,0 +1,195 @@
+"""What each step of the flow does, as plain functions (the flow file only wires them)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from steps import REPO_ROOT
+from steps.flow import compute, launcher
+from steps.plan import catalog
+from steps.plan.matrix import expand, parse_matrix, plain
+from steps.plan.schema import CellSpec
+from steps.results import table as results
+from steps.results.metrics import CellMetrics, versions
+
+DEFAULT_MATRIX = REPO_ROOT / "configs" / "matrix" / "default.yaml"
+
+
+def reports_root() -> Path:
+    return Path(os.environ.get("FINETUNE_MATRIX_REPORTS", REPO_ROOT / "reports")).resolve()
+
+
+def run_dir(run_id: str) -> Path:
+    """reports/<run id>/: run ids are unique, so a run never writes into another's folder."""
+    return reports_root() / str(run_id)
+
+
+def plan(matrix: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every cell of the matrix (refused ones included: they become `skipped` rows)."""
+    return [p.to_dict() for p in expand(parse_matrix(plain(matrix)))]
+
+
+class CellFailed(RuntimeError):
+    """A real failure of a cell (not oom/timeout/hang): fails its branch, so `resume` re-runs it."""
+
+
+def placement(planned: dict[str, Any]) -> tuple[int, int]:
+    """How many @parallel tasks (nodes) the cell needs, and the rendezvous port they share."""
+    nodes = 1 if planned["refused"] else int(planned["cell"]["nodes"])
+    return nodes, launcher.free_port()
+
+
+def node_dir(out_root: Path, cell: CellSpec, node_index: int) -> Path:
+    base = Path(out_root) / "cells" / cell.cell_id
+    return base if node_index == 0 else base / f"node{node_index}"
+
+
+def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
+               main_ip: str = "127.0.0.1", port: int | None = None) -> tuple[dict[str, Any], str]:
+    """Run this node's share of a cell; returns its metrics and its log."""
+    cell = CellSpec.model_validate(planned["cell"])
+    if planned["refused"]:
+        return launcher.skipped_metrics(cell, planned["refused"]).to_dict(), ""
+    out = node_dir(out_root, cell, node_index)
+    out.mkdir(parents=True, exist_ok=True)
+    with _running(out):
+        m = launcher.run_cell(cell, out, node_rank=node_index, master_addr=main_ip, port=port)
+    if node_index == 0:
+        m.cost_usd = catalog.cost_usd(cell.instance, m.wall_s, cell.nodes, cell.world_size)
+    return m.to_dict(), (out / "train.log").read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def _running(out: Path):
+    """A lock held while the cell runs: a failing cell waits on it (see wait_for_running)."""
+    lock = out / ".running"
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def wait_for_running(out_root: Path, echo=print) -> int:
+    """Block until no other cell of this run is running here; returns how many were waited on.
+
+    Metaflow's local runtime stops every running task when one fails: a cell that fails for
+    real waits for the cells already running beside it, so their results are kept and
+    `resume` re-runs only what failed.
+    """
+    busy = []
+    for lock in sorted(Path(out_root).glob("cells/*/.running")):
+        with contextlib.suppress(FileNotFoundError), open(lock) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy.append(lock)
+    if busy:
+        echo(f"waiting for {len(busy)} running cell(s) to finish before failing the run")
+    for lock in busy:
+        with contextlib.suppress(FileNotFoundError), open(lock) as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+    return len(busy)
+
+
+def fail_if_error(metrics: dict[str, Any], out_root: Path, matrix: dict[str, Any], attempt: int) -> None:
+    """Outcomes ok/oom/timeout/hang/skipped are results; `error` fails the task, so @retry
+    runs it again and then the run fails (or @catch records it, `on_error: record`)."""
+    if metrics.get("outcome") != "error":
+        return
+    final = attempt >= int(matrix["retries"])
+    if final and matrix["on_error"] == "record" and not compute.catches(matrix):
+        return  # no @catch here: the row records the error
+    if final and matrix["on_error"] == "fail" and matrix["compute"] == "local":
+        wait_for_running(out_root)
+    raise CellFailed(f"{metrics.get('cell_id')}: {metrics.get('error')}")
+
+
+def gather(nodes: list[tuple[int, dict | None, str, Any]]) -> tuple[dict[str, Any], str]:
+    """One cell's result from its nodes: node 0's metrics (rank 0 measures the cell), every
+    node's log, and a failure that @catch recorded (outcome `error` with its message)."""
+    nodes = sorted(nodes, key=lambda n: n[0])
+    _, first, _, failure = nodes[0]
+    m = CellMetrics.from_dict(first) if first else CellMetrics(outcome="error")
+    for index, other, _, other_failure in nodes[1:]:
+        other = CellMetrics.from_dict(other) if other else None
+        if m.outcome == "ok" and (other_failure or (other is not None and other.outcome == "error")):
+            m.update(outcome="error", error=f"node {index} failed: {(other and other.error) or other_failure}")
+    if failure is not None and m.outcome in ("ok", "error"):
+        m.update(outcome="error",
+                 error=m.error or str(getattr(failure, "exception", failure)).strip().splitlines()[-1])
+    log = "".join(text if i == 0 else f"\n===== node {i} =====\n{text}" for i, _, text, _ in nodes)
+    return m.to_dict(), log
+
+
+def provenance(run_id: str, flow: str, matrix: dict[str, Any]) -> dict[str, Any]:
+    matrix = plain(matrix)
+    blob = json.dumps(matrix, sort_keys=True, default=str).encode()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"run_id": run_id, "flow": flow, "matrix": matrix.get("name", ""),
+            "matrix_sha256": hashlib.sha256(blob).hexdigest(), "git_commit": commit,
+            "versions": versions(), "matrix_spec": matrix}
+
+
+def link_cloned_cells(records: list[tuple[dict, dict]], out_dir: Path) -> None:
+    """A resumed run re-runs failed cells only; the folders of the cells it cloned stay in the
+    origin run's folder. Link them, so every cell of this run is under its folder."""
+    for cell, m in records:
+        here, there = out_dir / "cells" / cell["cell_id"], m.get("out_dir")
+        if there and not here.exists() and Path(there).is_dir():
+            here.parent.mkdir(parents=True, exist_ok=True)
+            here.symlink_to(Path(there).resolve(), target_is_directory=True)
+
+
+def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
+         meta: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, str], list | None]:
+    """The results table, provenance and report; also the report's blocks, which the `end`
+    step turns into its card (None where the report could not be built)."""
+    df = results.build_table(run_id, records)
+    paths = results.write(df, out_dir)
+    link_cloned_cells(records, out_dir)
+    (out_dir / "provenance.json").write_text(json.dumps(meta, indent=2))
+    from steps.report import build as report  # here: only join draws figures (matplotlib)
+
+    blocks = None
+    try:
+        blocks = report.build(df, meta, out_dir)
+        paths.update(report.write_blocks(blocks, out_dir, meta))
+    except Exception:  # the results are saved: a report bug must not lose the run
+        error = traceback.format_exc()
+        print(error, file=sys.stderr)
+        paths["report"] = out_dir / "report.md"
+        paths["report"].write_text(
+            f"# finetune-matrix report: {meta.get('matrix', '')}\n\nThe report could not be built; the results "
+            f"table is in `results.parquet`. Rebuild it with\n`python -m steps.report {out_dir} --out {out_dir}`."
+            f"\n\n```\n{error}```\n")
+        blocks = None
+    return df, {k: str(v) for k, v in paths.items()}, blocks
+
+
+def report_card(blocks: list | None, paths: dict[str, str]) -> list:
+    """The end step's card: the report's blocks (findings, tables, figures) as card
+    components; report.md as it is where the report could not be built."""
+    from metaflow.cards import Markdown
+
+    if blocks is None:
+        return [Markdown(Path(paths["report"]).read_text())]
+    from steps.report.render import card_components
+
+    return card_components(blocks)

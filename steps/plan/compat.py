@@ -1,0 +1,109 @@
+"""Combinations that cannot run, refused before launch with the reason and what to run instead.
+
+Each rule returns a reason or None. Keep this list short: refuse only what truly cannot work
+(the README's compatibility table mirrors it, and a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from steps.plan import catalog
+from steps.plan.schema import CellSpec
+
+
+def _arch(cell: CellSpec) -> dict:
+    preset = catalog.model_presets().get(cell.model)
+    return preset.config if preset else {}  # hub models: checked when loaded
+
+
+def quantized_tensor_parallel(cell: CellSpec) -> str | None:
+    if cell.peft == "qlora" and cell.layout.model_split == "tensor":
+        return ("qlora with tensor parallelism: bitsandbytes' packed 4-bit weights cannot be split "
+                "across ranks; use qlora with pipeline, ddp, fsdp or zero2/zero3, or lora with tensor")
+    return None
+
+
+def dora_tensor_parallel(cell: CellSpec) -> str | None:
+    if cell.peft == "dora" and cell.layout.model_split == "tensor":
+        return ("dora with tensor parallelism: peft's DoRA magnitude does not support sharded "
+                "weights; use lora with tensor, or dora with pipeline, ddp, fsdp or zero")
+    return None
+
+
+def adapter_on_sharded_head(cell: CellSpec) -> str | None:
+    """transformers' tensor plan splits lm_head's output across ranks; a LoRA adapter on it
+    produces the whole vocabulary and the two cannot be added (measured: 259 vs 129 on 2 ranks)."""
+    if (cell.peft in ("lora", "dora") and cell.layout.model_split == "tensor"
+            and "lm_head" in cell.train.lora.target_modules):
+        return ("lora on lm_head with tensor parallelism: the head is split across ranks and its "
+                "adapter is not; drop lm_head from train.lora.target_modules, or use pipeline/ddp")
+    return None
+
+
+def hybrid_shape(cell: CellSpec) -> str | None:
+    if cell.strategy != "hybrid":
+        return None
+    mp = cell.layout.mp_size
+    if cell.world_size % mp or cell.world_size // mp < 2:
+        return (f"hybrid needs at least 2 data-parallel groups of train.parallel.model_parallel={mp} "
+                f"ranks, and world size {cell.world_size} gives {cell.world_size / mp:g}; use "
+                f"gpus: {2 * mp} (or more, a multiple of {mp}), or strategy {cell.layout.model_split}")
+    return None
+
+
+def model_split_of_one(cell: CellSpec) -> str | None:
+    """Tensor or pipeline parallelism over one rank splits nothing (tensor has no plan to run)."""
+    if cell.strategy in ("tensor", "pipeline") and cell.layout.mp_size < 2:
+        return (f"{cell.strategy} parallelism over {cell.layout.mp_size} rank splits nothing; use "
+                f"gpus >= 2, or strategy single for one GPU")
+    return None
+
+
+def split_fits_model(cell: CellSpec) -> str | None:
+    arch, inner = _arch(cell), cell.layout.model_split
+    if not arch or inner is None:
+        return None
+    ways = cell.layout.mp_size
+    if inner == "pipeline" and arch.get("num_hidden_layers", ways) < ways:
+        return (f"pipeline over {ways} ranks needs at least {ways} layers, {cell.model} has "
+                f"{arch['num_hidden_layers']}; use fewer ranks or ddp/fsdp")
+    if inner == "tensor":
+        heads, kv = arch.get("num_attention_heads", ways), arch.get("num_key_value_heads", ways)
+        if heads % ways or kv % ways:
+            return (f"tensor parallelism over {ways} ranks needs attention heads ({heads}) and "
+                    f"key/value heads ({kv}) divisible by {ways}; use a divisor of {kv} ranks")
+    return None
+
+
+def precision_supported(cell: CellSpec) -> str | None:
+    instance = catalog.instances().get(cell.instance)
+    if instance and not instance.bf16 and cell.precision.startswith("bf16"):
+        return (f"{cell.instance} ({instance.accelerator}) has no bf16; use precision fp16-mixed "
+                f"(or fp32)")
+    return None
+
+
+def devices_fit(cell: CellSpec) -> str | None:
+    """A node runs one process per GPU: more processes than the instance has GPUs cannot run."""
+    instance = catalog.instances().get(cell.instance)
+    if instance is None or instance.devices_per_node == 0 or cell.gpus <= instance.devices_per_node:
+        return None
+    family = cell.instance.split(".")[0]
+    bigger = [n for n, i in catalog.instances().items()
+              if n.startswith(family + ".") and i.devices_per_node >= cell.gpus]
+    hint = f"; {', '.join(bigger)} has enough" if bigger else f"; use gpus <= {instance.devices_per_node} or more nodes"
+    return f"{cell.instance} has {instance.devices_per_node} GPU(s), the cell asks for {cell.gpus} per node{hint}"
+
+
+RULES: list[Callable[[CellSpec], str | None]] = [
+    quantized_tensor_parallel, dora_tensor_parallel, adapter_on_sharded_head, hybrid_shape, model_split_of_one,
+    split_fits_model, precision_supported, devices_fit,
+]
+
+
+def refusal(cell: CellSpec) -> str | None:
+    for rule in RULES:
+        if reason := rule(cell):
+            return reason
+    return None

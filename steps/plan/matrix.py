@@ -1,0 +1,330 @@
+"""Matrix files: load and validate, expand into cells with stable ids, show them.
+
+    python -m steps.matrix configs/matrix/default.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from steps.plan import catalog, compat
+from steps.plan.schema import (
+    AXES,
+    AXIS_FIELD,
+    CellSpec,
+    ConfigError,
+    DataSettings,
+    MatrixSpec,
+    TrainSettings,
+    key_path,
+    validate,
+)
+from steps.plan.settings import RUN_LIMITS, flatten, get, merge, put, unknown_path_problem
+
+# Settings that change how a cell is run, not what it measures: kept out of its id.
+_ID_EXCLUDE = {"cell_id": True, "matrix": True, "train": {path.split(".")[1] for path in RUN_LIMITS}}
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    cell: CellSpec
+    refused: str | None = None  # why it cannot run; it becomes a `skipped` row
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, so artifacts read back without this package installed."""
+        return {"cell": self.cell.model_dump(mode="json"), "refused": self.refused}
+
+
+def _reference_problems(data: dict) -> list[str]:
+    """Names that must exist in the catalogs (checked on the raw values, beside the schema)."""
+    problems = []
+    places = [((), data)] + [
+        ((rule, i), entry) for rule in ("exclude", "include")
+        for i, entry in enumerate(data.get(rule) or []) if isinstance(entry, dict)
+    ]
+    for prefix, where in places:
+        for axis, check in (("models", catalog.model_reference_problem), ("instance", _instance_problem)):
+            values = where.get(axis)
+            values = values if isinstance(values, list) else [values] if values is not None else []
+            for i, value in enumerate(values):
+                if isinstance(value, str) and (msg := check(value)):
+                    problems.append(f"{key_path((*prefix, axis, i))}: {msg}")
+    return problems
+
+
+def _instance_problem(name: str) -> str | None:
+    known = catalog.instances()
+    if name in known:
+        return None
+    return f"{name!r} is not in configs/instances.yaml; allowed values: {', '.join(known)}"
+
+
+def _shared_sections(data: dict) -> dict[str, Any]:
+    """The matrix's train/data sections as plain data (the defaults where a section has
+    problems of its own, which are reported apart)."""
+    out = {}
+    for section, model in (("train", TrainSettings), ("data", DataSettings)):
+        try:
+            out[section] = validate(model, data.get(section) or {}, "").model_dump()
+        except ConfigError:
+            out[section] = model().model_dump()
+    return out
+
+
+def _sections_problems(sections: dict[str, Any], where: str, changed: str) -> list[str]:
+    """Validate train/data after a change; problems are named `where` + the changed setting."""
+    problems = []
+    for section, model in (("train", TrainSettings), ("data", DataSettings)):
+        if not changed.startswith(section):
+            continue
+        try:
+            validate(model, sections[section], "")
+        except ConfigError as exc:
+            rel = changed.partition(".")[2]
+            for problem in exc.problems:
+                path, _, msg = problem.partition(": ")
+                tail = path[len(rel):] if rel and path.startswith(rel) else f".{path}" if not rel else f" ({path})"
+                problems.append(f"{where}{tail}: {msg}")
+    return problems
+
+
+def _sweep_problems(sweep: Any, shared: dict[str, Any], where: str) -> list[str]:
+    """Each swept setting must exist, and each of its values must be valid there."""
+    if not isinstance(sweep, dict):
+        return []
+    problems = []
+    for key, values in sweep.items():
+        if key in AXES or key in AXIS_FIELD.values():
+            problems.append(f"{where}.{key}: {key} is an axis of the matrix: list its values under `{key}:` instead")
+            continue
+        if msg := unknown_path_problem(str(key)):
+            problems.append(f"{where}.{key}: {msg}")
+            continue
+        for i, value in enumerate(values if isinstance(values, list) else [values]):
+            problems += _sections_problems(put(shared, key, value), f"{where}.{key}[{i}]", key)
+        if isinstance(values, list) and not values:
+            problems.append(f"{where}.{key}: needs at least one value")
+    return problems
+
+
+def _rule_problems(data: dict) -> list[str]:
+    """`include[i].train` / `.data` are changes to the shared sections, `include[i].sweep` and
+    `sweep` name settings with values, `exclude[i]` may name settings by dotted keys: each is
+    validated against the settings it changes."""
+    shared = _shared_sections(data)
+    problems = _sweep_problems(data.get("sweep"), shared, "sweep")
+    for i, rule in enumerate(data.get("include") or []):
+        if not isinstance(rule, dict):
+            continue
+        changed = dict(shared)
+        for section in ("train", "data"):
+            if isinstance(rule.get(section), dict):
+                changed = put(changed, section, rule[section])
+                problems += _sections_problems(changed, f"include[{i}].{section}", section)
+        problems += _sweep_problems(rule.get("sweep"), changed, f"include[{i}].sweep")
+        problems += [f"include[{i}].{k}: an include rule sets settings with `train:`/`data:` (or adds variants "
+                     f"with `sweep:`); dotted keys only match settings in `exclude`" for k in rule if "." in str(k)]
+    for i, rule in enumerate(data.get("exclude") or []):
+        if isinstance(rule, dict):
+            problems += [f"exclude[{i}].{k}: {msg}" for k in rule
+                         if "." in str(k) and (msg := unknown_path_problem(str(k)))]
+    return problems
+
+
+def _compute_problems(spec: MatrixSpec) -> list[str]:
+    """Metaflow sets resources per step, so a remote run uses one (GPU) instance type."""
+    if spec.compute == "local":
+        return []
+    instances = sorted({*spec.instance, *(i for r in spec.include for i in (r.instance or []))})
+    entry = catalog.instances().get(instances[0]) if len(instances) == 1 else None
+    if len(instances) != 1 or (entry is not None and entry.local):
+        return [f"instance: compute {spec.compute!r} runs one instance type per run (Metaflow "
+                f"resources are set per step), not {instances}; write one matrix per instance "
+                f"type and compare the runs with `python -m steps.report A B`"]
+    if spec.compute == "batch" and not spec.remote.queue:
+        return ["remote.queue: compute 'batch' needs the AWS Batch job queue"]
+    return []
+
+
+def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
+    """Validate a matrix mapping; every problem is reported at once in one ConfigError."""
+    problems: list[str] = []
+    spec = None
+    try:
+        spec = validate(MatrixSpec, data, source)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if isinstance(data, dict):
+        problems.extend(_reference_problems(data) + _rule_problems(data))
+    if spec is not None:
+        problems.extend(_compute_problems(spec))
+    if problems:
+        raise ConfigError(problems, source)
+    return spec
+
+
+def plain(matrix: Any) -> dict[str, Any]:
+    """A matrix as plain dicts and lists (Metaflow hands Config values over as ConfigValue)."""
+    return matrix.to_dict() if hasattr(matrix, "to_dict") else dict(matrix)
+
+
+def parse_matrix_text(text: str) -> dict[str, Any]:
+    """Metaflow Config parser: YAML text in, the validated and normalised matrix out.
+
+    Problems are raised as a MetaflowException so the CLI prints them, not a traceback.
+    """
+    from metaflow.exception import MetaflowException
+
+    try:
+        data = yaml.safe_load(text)
+        return parse_matrix(data).model_dump(mode="json")
+    except yaml.YAMLError as exc:
+        raise MetaflowException(f"matrix: not valid YAML: {exc}") from None
+    except ConfigError as exc:
+        raise MetaflowException(str(exc)) from None
+
+
+def load_matrix(path: str | Path) -> MatrixSpec:
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"<top>: not valid YAML: {exc}"], str(path)) from None
+    return parse_matrix(data, str(path))
+
+
+def _prune(d: dict[str, Any]) -> dict[str, Any]:
+    """Drop sections left empty once defaults and run limits are taken out."""
+    out = {}
+    for k, v in d.items():
+        v = _prune(v) if isinstance(v, dict) else v
+        if v != {}:
+            out[k] = v
+    return out
+
+
+def cell_id(settings: dict[str, Any]) -> str:
+    """Readable prefix + hash of the settings that differ from the defaults.
+
+    Hashing only non-default values keeps ids stable when a later version adds a setting
+    with a default, and makes `seed: 0` written out equal to leaving it out.
+    """
+    cell = CellSpec.model_validate({**settings, "cell_id": ""})
+    canonical = _prune(cell.model_dump(mode="json", exclude_defaults=True, exclude=_ID_EXCLUDE))
+    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+    model = re.sub(r"[^A-Za-z0-9.]+", "-", cell.model.rstrip("/").split("/")[-1]).strip("-")
+    return f"{model}-{cell.peft}-{cell.strategy}-{cell.nodes}x{cell.gpus}-{digest}"
+
+
+def _combos(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of swept values ([{}] when nothing is swept)."""
+    keys = list(sweep)
+    return [dict(zip(keys, values)) for values in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _apply(sections: dict[str, Any], combo: dict[str, Any]) -> dict[str, Any]:
+    for key, value in combo.items():
+        sections = put(sections, key, value)
+    return sections
+
+
+def _combo_key(combo: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in combo.items()))
+
+
+def _matches(rule, point: dict[str, Any], sections: dict[str, Any]) -> bool:
+    return (all(point[a] in allowed for a, allowed in rule.axes().items())
+            and all(get(sections, k) in allowed for k, allowed in rule.settings.items()))
+
+
+def expand(spec: MatrixSpec) -> list[PlannedCell]:
+    """The cartesian product of the axes (in file order) and the swept settings, minus
+    `exclude`, plus `include`.
+
+    Each cell is checked for compatibility; `single` runs one process whatever the gpus/nodes
+    axes say; duplicates are merged. An `include` entry whose axis values (and swept values)
+    are already a cell changes that cell's train/data settings instead of adding a copy; its
+    own `sweep` adds variants beside the cells it names.
+    """
+    base = {"train": spec.train.model_dump(), "data": spec.data.model_dump()}
+    chosen: dict[tuple, dict[str, Any]] = {}  # (axis values, swept values) -> that cell's sections
+    for values in itertools.product(*(getattr(spec, axis) for axis in AXES)):
+        point = dict(zip(AXES, values))
+        for combo in _combos(spec.sweep):
+            sections = _apply(base, combo)
+            if not any(_matches(rule, point, sections) for rule in spec.exclude):
+                chosen[(values, _combo_key(combo))] = sections
+    for rule in spec.include:
+        given, own = rule.axes(), rule.sweep or {}
+        matrix_combos = _combos({k: v for k, v in spec.sweep.items() if k not in own})
+        for values in itertools.product(*(given.get(axis, getattr(spec, axis)) for axis in AXES)):
+            for combo, variant in itertools.product(matrix_combos, _combos(own)):
+                sections = _apply(base, combo)
+                sections = {k: merge(sections[k], getattr(rule, k) or {}) for k in ("train", "data")}
+                chosen[(values, _combo_key({**combo, **variant}))] = _apply(sections, variant)
+    planned: dict[str, PlannedCell] = {}
+    for (values, _), sections in chosen.items():
+        settings = {AXIS_FIELD[axis]: v for axis, v in zip(AXES, values)}
+        if settings["strategy"] == "single":
+            settings.update(nodes=1, gpus=1)
+        settings.update(sections, matrix=spec.name)
+        cid = cell_id(settings)
+        if cid not in planned:
+            cell = CellSpec.model_validate({**settings, "cell_id": cid})
+            planned[cid] = PlannedCell(cell, compat.refusal(cell))
+    return list(planned.values())
+
+
+def varying_settings(planned: list[PlannedCell]) -> list[str]:
+    """The train/data settings (dotted names) that differ between cells, run limits aside."""
+    flat = [flatten(p.cell.model_dump(mode="json", include={"train", "data"})) for p in planned]
+    return [k for k in (flat[0] if flat else {}) if k not in RUN_LIMITS
+            and len({json.dumps(f[k], sort_keys=True) for f in flat}) > 1]
+
+
+def show(planned: list[PlannedCell], out=sys.stdout) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    refused = sum(p.refused is not None for p in planned)
+    swept = varying_settings(planned)
+    table = Table(title=f"{len(planned)} cells: {len(planned) - refused} run, {refused} refused",
+                  show_lines=False)
+    for col in ("cell_id", "peft", "strategy", "nodes x gpus", "instance", "lr", "mb x ga",
+                "precision", "seq", *(["settings"] if swept else []), "status"):
+        table.add_column(col)
+    for p in planned:
+        c = p.cell
+        flat = flatten(c.model_dump(mode="json", include={"train", "data"}))
+        table.add_row(
+            c.cell_id, c.peft, c.strategy, f"{c.nodes} x {c.gpus}", c.instance, f"{c.lr:g}",
+            f"{c.micro_batch} x {c.grad_accum}", c.precision, str(c.seq_len),
+            *([" ".join(f"{k.partition('.')[2]}={flat[k]}" for k in swept)] if swept else []),
+            f"refused: {p.refused}" if p.refused else "runs",
+        )
+    Console(file=out, width=200).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("matrix", help="matrix YAML file")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_matrix(args.matrix)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    show(expand(spec))
+    return 0
+

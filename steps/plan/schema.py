@@ -1,0 +1,395 @@
+"""The one typed schema of a matrix and of a cell.
+
+A matrix YAML is validated here before any compute: pydantic collects every problem at once,
+and `ConfigError` renders each with its key path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from steps.plan.layout import ParallelLayout
+
+Peft = Literal["full", "lora", "qlora", "dora"]
+Strategy = Literal[
+    "single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload",
+    "tensor", "pipeline", "hybrid",
+]
+Precision = Literal["fp32", "fp16-mixed", "bf16-mixed", "bf16-true"]
+Outcome = Literal["ok", "oom", "error", "timeout", "hang", "skipped"]
+
+PEFT_METHODS: tuple[str, ...] = get_args(Peft)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+# The axes of a matrix, in the order they appear in cell ids and result columns.
+AXES: tuple[str, ...] = (
+    "models", "peft", "strategy", "instance", "nodes", "gpus",
+    "lr", "micro_batch", "grad_accum", "precision", "seq_len",
+)
+# Matrix axis name -> cell field name (the only plural is `models`).
+AXIS_FIELD = {axis: ("model" if axis == "models" else axis) for axis in AXES}
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors, values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSettings(Strict):
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    )
+
+
+class QLoraSettings(Strict):
+    """bitsandbytes 4-bit base weights (QLoRA)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    # auto: bf16 where the precision is bf16, fp16 for fp16-mixed, fp32 otherwise.
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # The dtype the packed 4-bit weights are stored in; sharding strategies (fsdp, zero3) need
+    # a float storage so that every parameter of a shard has one dtype. auto picks for you.
+    quant_storage: Literal["auto", "uint8", "fp32", "bf16", "fp16"] = "auto"
+
+
+class ParallelSettings(Strict):
+    """How model-parallel strategies split the model."""
+
+    # hybrid: data parallel across groups of `model_parallel` ranks that run `hybrid_inner`.
+    hybrid_inner: Literal["tensor", "pipeline"] = "pipeline"
+    model_parallel: PositiveInt = 2
+    pipeline_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+
+
+class FaultSettings(Strict):
+    """Make a cell fail on purpose, to test what the tool does with failures."""
+
+    kind: Literal["raise", "oom", "hang", "kill"]
+    at_step: PositiveInt = 1
+    rank: int = Field(0, ge=0)
+
+
+class TrainSettings(Strict):
+    """Settings every cell of a matrix shares."""
+
+    max_steps: PositiveInt = 20
+    # When set, the run lasts this many passes over the training split instead of max_steps.
+    epochs: PositiveFloat | None = None
+    # Steps excluded from throughput (compile, allocator and cache warm-up); reported apart.
+    timing_warmup_steps: int = Field(2, ge=0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    optimizer: Literal["adamw", "paged_adamw_8bit", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # Model weights: `random` builds the architecture with random weights (no download),
+    # `pretrained` loads them; `auto` follows the preset (hub ids and directories: pretrained).
+    init: Literal["auto", "random", "pretrained"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
+    # Time and tokens until the validation loss (train loss when eval_every is 0) first
+    # reaches this value: the goodput / statistical-efficiency measure.
+    target_loss: PositiveFloat | None = None
+    checkpoint_every: int = Field(0, ge=0, description="0: no checkpoints")
+    # Cap on each rank's memory (GPU: the caching allocator; CPU: the process's data
+    # segment), to find out what fits in a smaller device; exceeding it is outcome `oom`.
+    memory_cap_gb: PositiveFloat | None = None
+    save_adapter: bool = True
+    # Run limits (kept out of the cell id): the whole cell, and the longest stretch with no
+    # completed step (model loading, evaluation and checkpoints count as progress) before the
+    # cell is stopped as `hang`, its Python stacks dumped into its log first.
+    timeout_s: PositiveFloat = 1800.0
+    hang_after_s: PositiveFloat | None = 900.0
+    # What starts the processes of a multi-process cell (the same trainer either way).
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    fault: FaultSettings | None = None
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    qlora: QLoraSettings = Field(default_factory=QLoraSettings)
+    parallel: ParallelSettings = Field(default_factory=ParallelSettings)
+
+
+class DataSettings(Strict):
+    """Where the examples come from and how they become token sequences."""
+
+    # synthetic: majority letter of a string (learnable fast); synthetic-reverse: reverse it;
+    # instructions: JSONL with instruction/context/response (Alpaca, Dolly); classification:
+    # TSV of label and text (SST-2); text: plain text packed in blocks; hub: datasets.load_dataset.
+    task: Literal[
+        "synthetic", "synthetic-reverse", "instructions", "classification", "text", "hub"
+    ] = "synthetic"
+    # A file, or a folder holding a train file and a dev/validation file.
+    path: str | None = None
+    # hub: the dataset name (and config) for datasets.load_dataset.
+    hub_name: str | None = None
+    hub_config: str | None = None
+    # Caps on the number of examples (synthetic: how many to generate, default 2048 / 128).
+    train_samples: PositiveInt | None = None
+    val_samples: PositiveInt | None = None
+    # Share held out for validation when the source has no validation split of its own.
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    # Concatenate examples into full seq_len rows (no padding); loss masks are kept.
+    packing: bool = False
+    # classification: the prompt ({text} is replaced) and the answer word of each label id.
+    prompt_template: str | None = None
+    labels: list[str] = Field(default_factory=lambda: ["negative", "positive"], min_length=2)
+    seed: int = 1234
+
+
+def _as_list(value: Any) -> Any:
+    """An axis may be written as a single value or a list of values."""
+    if value is None:
+        return value
+    return value if isinstance(value, (list, tuple)) else [value]
+
+
+def _sweep_lists(value: Any) -> Any:
+    return {k: _as_list(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def _dotted_to_settings(data: Any) -> Any:
+    """`train.lora.r: 64` in a pattern names a setting, not an axis: kept apart in `settings`."""
+    if not isinstance(data, dict):
+        return data
+    dotted = {k: _as_list(v) for k, v in data.items() if isinstance(k, str) and "." in k}
+    if not dotted:
+        return data
+    return {**{k: v for k, v in data.items() if k not in dotted}, "settings": dotted}
+
+
+class CellPattern(Strict):
+    """A partial cell: the axes it names, each one value or a list of values, and settings by
+    their dotted names (`train.optimizer: sgd`; checked against the settings in `steps.plan.matrix`)."""
+
+    models: list[str] | None = None
+    peft: list[Peft] | None = None
+    strategy: list[Strategy] | None = None
+    instance: list[str] | None = None
+    nodes: list[PositiveInt] | None = None
+    gpus: list[PositiveInt] | None = None
+    lr: list[PositiveFloat] | None = None
+    micro_batch: list[PositiveInt] | None = None
+    grad_accum: list[PositiveInt] | None = None
+    precision: list[Precision] | None = None
+    seq_len: list[PositiveInt] | None = None
+    settings: dict[str, list[Any]] = Field(default_factory=dict)
+
+    _axis_lists = field_validator(*AXES, mode="before")(lambda cls, v: _as_list(v))
+    _dotted = model_validator(mode="before")(lambda cls, data: _dotted_to_settings(data))
+
+    def axes(self) -> dict[str, list]:
+        return {a: getattr(self, a) for a in AXES if getattr(self, a) is not None}
+
+
+class IncludeRule(CellPattern):
+    """Cells to add; axes left out take every value of the matrix. `train` and `data` are
+    changes to the shared sections for these cells only (merged key by key)."""
+
+    train: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    # Variants of these cells at other settings (`{train.optimizer: [sgd]}` adds the SGD cell
+    # beside the existing one); over the matrix's own sweep.
+    sweep: dict[str, list[Any]] | None = None
+
+    _sweep_lists = field_validator("sweep", mode="before")(lambda cls, v: _sweep_lists(v))
+
+
+class RemoteSettings(Strict):
+    """What Metaflow's @kubernetes / @batch need beyond the instance catalog's facts."""
+
+    image: str | None = None  # default: Metaflow's configured image
+    queue: str | None = None  # batch: the AWS Batch job queue
+    namespace: str | None = None  # kubernetes
+    service_account: str | None = None  # kubernetes
+    # Node label that selects the instance type (kubernetes); the value is the instance name.
+    node_selector_label: str = "node.kubernetes.io/instance-type"
+    shared_memory_mb: PositiveInt | None = None  # /dev/shm for NCCL and data loaders
+    disk_mb: PositiveInt | None = None
+
+
+class MatrixSpec(Strict):
+    """A matrix file: axes (each a list), shared settings, and pruning rules."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    models: list[str] = Field(min_length=1)
+    peft: list[Peft] = Field(min_length=1)
+    strategy: list[Strategy] = Field(min_length=1)
+    instance: list[str] = Field(default_factory=lambda: ["local-cpu"], min_length=1)
+    nodes: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
+    gpus: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
+    lr: list[PositiveFloat] = Field(min_length=1)
+    micro_batch: list[PositiveInt] = Field(default_factory=lambda: [4], min_length=1)
+    grad_accum: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
+    precision: list[Precision] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    seq_len: list[PositiveInt] = Field(default_factory=lambda: [128], min_length=1)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    # Cells matching any of these partial cells are dropped; `include` adds cells (or changes
+    # the train/data settings of cells already in the matrix).
+    exclude: list[CellPattern] = Field(default_factory=list)
+    include: list[IncludeRule] = Field(default_factory=list)
+    # Settings multiplied like axes, by their dotted names: {train.lora.r: [8, 16, 64]}.
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    # Where the train step runs: here, or on Metaflow's @kubernetes / @batch with resources
+    # from the instance catalog (one instance type per run).
+    compute: Literal["local", "kubernetes", "batch"] = "local"
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    # A real failure (an exception in the trainer, a lost node) is retried this many times,
+    # then fails the run (`on_error: fail`, so that `resume` re-runs only the failed cells)
+    # or becomes a row with outcome `error` (`on_error: record`).
+    retries: int = Field(1, ge=0, le=4)
+    on_error: Literal["fail", "record"] = "fail"
+
+    _axis_lists = field_validator(*AXES, mode="before")(lambda cls, v: _as_list(v))
+    _sweep_lists = field_validator("sweep", mode="before")(lambda cls, v: _sweep_lists(v))
+
+
+class CellSpec(Strict):
+    """One point of the matrix: what the trainer reads from `--cell CELL.yaml`."""
+
+    cell_id: str
+    matrix: str = ""
+    model: str
+    peft: Peft
+    strategy: Strategy
+    instance: str = "local-cpu"
+    nodes: PositiveInt = 1
+    gpus: PositiveInt = 1
+    lr: PositiveFloat
+    micro_batch: PositiveInt
+    grad_accum: PositiveInt = 1
+    precision: Precision = "fp32"
+    seq_len: PositiveInt
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """How the ranks share the work (replicas, model split, sharding): ask it, not the strategy."""
+        p = self.train.parallel
+        return ParallelLayout.of(self.strategy, self.world_size, p.hybrid_inner, p.model_parallel)
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one copy of the model between them (tensor or pipeline group)."""
+        return self.layout.mp_size
+
+    @property
+    def dp_size(self) -> int:
+        """Model replicas, each fed its own slice of the global batch."""
+        return self.layout.dp_size
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step. Tensor and pipeline ranks share their samples."""
+        return self.dp_size * self.micro_batch * self.grad_accum
+
+
+class ConfigError(ValueError):
+    """Every problem of a config, each on its own line, raised before any compute."""
+
+    def __init__(self, problems: list[str], source: str = "matrix"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+def key_path(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not part.startswith("function-") and "[" not in part:
+            path += f".{part}" if path else str(part)
+    return path or "<top>"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at the parent of `loc` (walks nested models by field name)."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+# Names other tools use for our keys, for "did you mean" hints.
+ALIASES = {
+    "learning_rate": "lr", "model": "models", "method": "peft", "methods": "peft",
+    "strategies": "strategy", "instances": "instance", "instance_type": "instance",
+    "batch_size": "micro_batch", "per_device_train_batch_size": "micro_batch",
+    "gradient_accumulation_steps": "grad_accum", "num_gpus": "gpus", "num_nodes": "nodes",
+    "max_seq_length": "seq_len", "seq_length": "seq_len", "steps": "max_steps",
+    "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+}
+
+
+def near_key(name: str, allowed: list[str]) -> list[str]:
+    """The allowed key the user most likely meant: a known alias, a close spelling, a prefix."""
+    if ALIASES.get(name) in allowed:
+        return [ALIASES[name]]
+    close = difflib.get_close_matches(name, allowed, n=1)
+    return close or [a for a in allowed if name.startswith(a) or a.startswith(name)][:1]
+
+
+def describe_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per problem: key path, bad value, what is allowed."""
+    problems = []
+    for err in exc.errors():
+        loc, kind, value = err["loc"], err["type"], err.get("input")
+        path = key_path(loc)
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            near = near_key(str(loc[-1]), allowed)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            problems.append(
+                f"{path}: unknown key{hint}; allowed keys: {', '.join(allowed)}"
+            )
+        elif kind == "literal_error":
+            problems.append(
+                f"{path}: {value!r} is not allowed; allowed values: "
+                f"{err['ctx']['expected'].replace(' or ', ', ')}"
+            )
+        elif kind == "missing":
+            problems.append(f"{path}: required key is missing")
+        else:
+            problems.append(f"{path}: {value!r} is invalid: {err['msg'].lower()}")
+    return problems
+
+
+def validate(model: type[BaseModel], data: Any, source: str) -> BaseModel:
+    if not isinstance(data, dict):
+        raise ConfigError([f"<top>: expected a mapping of keys, got {type(data).__name__}"], source)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, model), source) from None

@@ -1,0 +1,1 @@
+"""The report: comparisons, findings, figures and renderings, from results tables alone."""

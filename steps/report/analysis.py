@@ -1,0 +1,400 @@
+"""The comparisons the reference studies made by hand, each computed from the results table.
+
+Every function takes the table (one row per cell, `steps/results.py`) and returns a small
+DataFrame that the report renders and the findings quote. Only cells whose outcome is `ok`
+enter a number; the others are listed by `cells` with their outcome, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from steps.plan import catalog
+from steps.plan.settings import RUN_LIMITS
+
+# Axes that make two cells "the same configuration" apart from the one being compared; with
+# them, every train.* / data.* setting that differs between cells of the table.
+CONFIG = ["model", "peft", "strategy", "instance", "world_size", "micro_batch", "grad_accum",
+          "precision", "seq_len"]
+SMOOTH_WINDOW = 5  # training-loss points averaged for time-to-target and loss-at-tokens
+NUMERIC = ["lr", "world_size", "nodes", "gpus", "micro_batch", "grad_accum", "global_batch",
+           "seq_len", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb",
+           "val_loss", "accuracy", "wall_s", "train_s", "cost_usd", "epoch_s", "step_s",
+           "train_tokens", "target_loss", "time_to_target_s", "tokens_to_target", "steps_to_target",
+           "stopped_after_steps"]
+
+
+def varying_settings(df: pd.DataFrame) -> list[str]:
+    """The train.* / data.* columns whose value differs between cells (run limits aside): what
+    tells apart cells with equal axes (a LoRA-rank sweep, an SGD variant)."""
+    names = [c for c in df.columns if c.startswith(("train.", "data.")) and c not in RUN_LIMITS]
+    return [c for c in names if df[c].astype(str).nunique() > 1]
+
+
+def setting_text(name: str, value: Any) -> str:
+    """'lora.r=16': a train/data setting as the report names it."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"{name.partition('.')[2]}={'-' if value is None or value != value else value}"
+
+
+def config_keys(df: pd.DataFrame, *varying: str) -> list[str]:
+    """The columns that make a configuration, less the `varying` ones."""
+    return [c for c in CONFIG + varying_settings(df) if c not in varying]
+
+
+def by_config(df: pd.DataFrame, *varying: str):
+    """(settings, cells) for each configuration, cells differing only in the `varying` axes or
+    settings (and the learning rate, which is not part of CONFIG). A missing setting (NaN) is
+    still a configuration of its own."""
+    if df.empty:
+        return
+    keys = config_keys(df, *varying)
+    for key, g in df.groupby(keys, dropna=False, sort=True):
+        yield dict(zip(keys, key)), g
+
+
+def prepare(df: pd.DataFrame) -> pd.DataFrame:
+    """Missing columns as NaN, numbers as numbers, cost from the instance catalog (so a price
+    change reprices old runs), and cost per million trained tokens."""
+    df = df.copy().reset_index(drop=True)
+    for col in NUMERIC + ["outcome", "error", "loss_curve", "val_curve", "run_id", "cell_id"]:
+        if col not in df.columns:
+            df[col] = np.nan
+    for col in NUMERIC:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    known = catalog.instances()
+    df["price_per_hour_usd"] = [known[i].price_per_hour_usd if i in known else np.nan for i in df["instance"]]
+    priced = [catalog.cost_usd(r.instance, r.wall_s, int(r.nodes), int(r.world_size))
+              if r.instance in known and pd.notna(r.wall_s) and r.outcome != "skipped" else None
+              for r in df[["instance", "wall_s", "nodes", "world_size", "outcome"]].itertuples()]
+    df["cost_usd"] = [c if c is not None else old for c, old in zip(priced, df["cost_usd"])]
+    finished = (df["outcome"] == "ok") & (df["train_tokens"] > 0)
+    df["cost_per_mtok"] = np.where(finished, df["cost_usd"] / (df["train_tokens"] / 1e6), np.nan)
+    return df
+
+
+def ok(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["outcome"] == "ok"]
+
+
+def curve(row: Any, name: str = "loss_curve") -> list[dict[str, Any]]:
+    value = row[name] if name in row else None
+    if isinstance(value, str) and value:
+        return json.loads(value)
+    return list(value) if isinstance(value, list) else []
+
+
+def cells(df: pd.DataFrame) -> pd.DataFrame:
+    """Every cell, failures included, in a stable order: the studies' main table."""
+    order = ["model", "peft", "strategy", "instance", "world_size", "micro_batch", "lr"]
+    return df.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def scaling(df: pd.DataFrame) -> pd.DataFrame:
+    """Speedup and scaling efficiency against the smallest GPU count of the same
+    configuration. Speedup = tokens/s over the baseline's; efficiency = speedup / (GPUs over
+    the baseline's GPUs). Cells that differ only in learning rate are pooled (median). A
+    multi-GPU strategy with no 1-GPU cell of its own is measured against `single` (one GPU,
+    same configuration otherwise), as the studies did."""
+    config = config_keys(df)
+    agg = (ok(df).groupby(config, dropna=False, sort=True)
+           .agg(tokens_per_s=("tokens_per_s", "median"), epoch_s=("epoch_s", "median"),
+                train_s=("train_s", "median"), val_loss=("val_loss", "median"),
+                global_batch=("global_batch", "first"), cells=("cell_id", "size"))
+           .reset_index())
+    singles = agg[agg["strategy"] == "single"]
+    rows = []
+    for _, g in by_config(agg, "world_size"):
+        g = g.sort_values("world_size")
+        base = g.iloc[0]
+        if base.strategy != "single" and base.world_size > 1:
+            single = _single_baseline(singles, base)
+            base = single if single is not None else base
+        if len(g) < 2 and base.strategy == g.iloc[0].strategy:
+            continue  # one GPU count and no single-GPU baseline: nothing to compare
+        for _, r in g.iterrows():
+            speedup = r.tokens_per_s / base.tokens_per_s
+            ideal = r.world_size / base.world_size
+            rows.append({**{k: r[k] for k in config if k != "world_size"}, "world_size": int(r.world_size),
+                         "base": f"{base.strategy} x{int(base.world_size)}" + (
+                             f" (micro-batch {int(base.micro_batch)} x {int(base.grad_accum)})"
+                             if (base.micro_batch, base.grad_accum) != (r.micro_batch, r.grad_accum) else ""),
+                         "base_world_size": int(base.world_size), "tokens_per_s": r.tokens_per_s,
+                         "epoch_s": r.epoch_s, "train_s": r.train_s, "val_loss": r.val_loss,
+                         "speedup": speedup, "epoch_speedup": base.epoch_s / r.epoch_s,
+                         "efficiency": speedup / ideal, "cells": int(r.cells)})
+    return pd.DataFrame(rows)
+
+
+def _single_baseline(singles: pd.DataFrame, base: pd.Series) -> pd.Series | None:
+    """The one-GPU cell to measure a multi-GPU strategy against: the same per-GPU batch (weak
+    scaling, as studies 1-4 did), else the same global batch (strong scaling, study 5)."""
+    same = singles
+    settings = [k for k in base.index if k.startswith(("train.", "data."))]
+    for k in ("model", "peft", "instance", "precision", "seq_len", *settings):
+        same = same[(same[k] == base[k]) | (same[k].isna() & pd.isna(base[k]))]
+    weak = same[(same["micro_batch"] == base["micro_batch"]) & (same["grad_accum"] == base["grad_accum"])]
+    strong = same[same["global_batch"] == base["global_batch"]]
+    pick = weak if len(weak) else strong
+    return pick.iloc[0] if len(pick) else None
+
+
+def _outcome(g: pd.DataFrame) -> str:
+    """ok if any cell finished, else the commonest failure (oom, hang, ...)."""
+    if (g["outcome"] == "ok").any():
+        return "ok"
+    return str(g["outcome"].mode().iloc[0])
+
+
+PER_VALUE = ["peak_mem_gb", "tokens_per_s", "val_loss", "train_s", "wall_s", "epoch_s", "cost_usd", "cost_per_mtok"]
+
+
+def _across(df: pd.DataFrame, axis: str, order: dict[str, int] | None = None) -> list[list[dict[str, Any]]]:
+    """For each configuration run at two or more values of `axis` (skipped cells left out):
+    one row per value, in `order`, with its outcome and the medians of its finished cells
+    (over learning rates)."""
+    groups = []
+    for key, g in by_config(df[df["outcome"] != "skipped"], axis):
+        if g[axis].nunique() < 2:
+            continue
+        values = sorted(g.groupby(axis), key=lambda x: (order or {}).get(x[0], 9))
+        groups.append([{**key, axis: value, "outcome": _outcome(m),
+                        "price_per_hour_usd": m["price_per_hour_usd"].iloc[0],
+                        **{c: ok(m)[c].median() for c in PER_VALUE}} for value, m in values])
+    return groups
+
+
+def _relative(groups: list[list[dict[str, Any]]], pick, suffix: str) -> pd.DataFrame:
+    """Each row's peak memory and tokens/s over those of its group's reference row."""
+    rows = []
+    for group in groups:
+        ref = pick(group) or {}
+        for r in group:
+            r[f"mem_vs_{suffix}"] = r["peak_mem_gb"] / ref["peak_mem_gb"] if ref else np.nan
+            r[f"tokens_per_s_vs_{suffix}"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else np.nan
+            rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def methods(df: pd.DataFrame) -> pd.DataFrame:
+    """Full vs LoRA vs QLoRA (vs DoRA) on the same configuration: peak memory and tokens/s,
+    and their ratios to LoRA's. Configurations where fewer than two methods ran are left out."""
+    groups = _across(df, "peft", {"full": 0, "lora": 1, "dora": 2, "qlora": 3})
+    return _relative(groups, lambda g: next((r for r in g if r["peft"] == "lora"), None), "lora")
+
+
+def instances(df: pd.DataFrame) -> pd.DataFrame:
+    """Time and cost of the same configuration on each instance type (median over learning
+    rates), where a configuration ran on at least two."""
+    return pd.DataFrame([r for group in _across(df, "instance") for r in group])
+
+
+def precisions(df: pd.DataFrame) -> pd.DataFrame:
+    """The same configuration at two or more precisions (bf16-true vs bf16-mixed, fp32 ...):
+    peak memory, tokens/s and val loss, with memory and speed relative to the first listed."""
+    groups = _across(df, "precision", {"fp32": 0, "fp16-mixed": 1, "bf16-mixed": 2, "bf16-true": 3})
+    return _relative(groups, lambda g: g[0], "first")
+
+
+def settings(df: pd.DataFrame) -> pd.DataFrame:
+    """The same configuration at two or more values of a swept train/data setting (LoRA rank,
+    optimizer, gradient checkpointing ...): peak memory, tokens/s and val loss per value, with
+    memory and speed relative to the first value. `train.fault` (failures on purpose) is left out."""
+    tables = []
+    for name in varying_settings(df):
+        if name.startswith("train.fault."):
+            continue
+        groups = [[{**r, "setting": name, "value": r[name], "group": i,
+                    "others": " ".join(setting_text(k, v) for k, v in r.items() if k.startswith(("train.", "data."))
+                                       and k != name)}
+                   for r in group] for i, group in enumerate(_across(df, name))]
+        if groups:
+            tables.append(_relative(groups, lambda g: g[0], "first"))
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def instance_totals(df: pd.DataFrame) -> pd.DataFrame:
+    """What each instance type ran and what it cost in all (failed cells cost too)."""
+    ran = df[df["outcome"] != "skipped"]
+    rows = []
+    for inst, g in df.groupby("instance"):
+        r = ran[ran["instance"] == inst]
+        entry = catalog.instances().get(inst)
+        rows.append({"instance": inst, "accelerator": entry.accelerator if entry else None,
+                     "price_per_hour_usd": g["price_per_hour_usd"].iloc[0],
+                     "cells": len(g), "ok": int((g["outcome"] == "ok").sum()),
+                     "wall_s": r["wall_s"].sum(), "cost_usd": r["cost_usd"].sum(min_count=1)})
+    return pd.DataFrame(rows)
+
+
+def lr_sweep(df: pd.DataFrame) -> pd.DataFrame:
+    """Validation loss per learning rate for each configuration tried at two or more rates;
+    `best` marks the lowest loss, `at_edge` a best rate at the end of the grid tried (the true
+    optimum may lie beyond it)."""
+    rows = []
+    for key, g in by_config(df):
+        good = ok(g).groupby("lr")["val_loss"].median()
+        if good.notna().sum() < 2:
+            continue
+        tried = sorted(g["lr"].unique())
+        best = good.idxmin()
+        for lr in tried:
+            m = g[g["lr"] == lr]
+            rows.append({**key, "global_batch": int(m["global_batch"].iloc[0]),
+                         "lr": lr, "val_loss": good.get(lr, np.nan), "outcome": _outcome(m),
+                         "best": lr == best, "at_edge": lr == best and best in (tried[0], tried[-1])})
+    return pd.DataFrame(rows)
+
+
+def lr_scaling(sweep: pd.DataFrame) -> pd.DataFrame:
+    """The exponent k of best_lr ~ global_batch^k (least squares on logs), per model and
+    method, where the best rate was found at two or more global batch sizes; the linear rule
+    says k = 1, the square-root rule k = 0.5."""
+    if sweep.empty:
+        return pd.DataFrame()
+    best = sweep[sweep["best"]]
+    rows = []
+    for (model, peft), g in best.groupby(["model", "peft"]):
+        if g["global_batch"].nunique() < 2:
+            continue
+        k, _ = np.polyfit(np.log(g["global_batch"]), np.log(g["lr"]), 1)
+        k = float(np.round(k, 4)) + 0.0  # no -0.0
+        rule = min((("linear", 1.0), ("square-root", 0.5), ("constant", 0.0)), key=lambda r: abs(k - r[1]))[0]
+        rows.append({"model": model, "peft": peft, "points": len(g), "exponent": float(k),
+                     "closest_rule": rule, "min_batch": int(g["global_batch"].min()),
+                     "max_batch": int(g["global_batch"].max()),
+                     "best_lrs": ", ".join(f"{b}:{lr:g}" for b, lr in g.sort_values("global_batch")[
+                         ["global_batch", "lr"]].itertuples(index=False)),
+                     "any_at_edge": bool(g["at_edge"].any())})
+    return pd.DataFrame(rows)
+
+
+def batch_fit(df: pd.DataFrame) -> pd.DataFrame:
+    """Largest micro-batch that trained, and the smallest that did not, per configuration
+    tried at two or more micro-batch sizes."""
+    rows = []
+    for key, g in by_config(df[df["outcome"] != "skipped"], "micro_batch"):
+        if g["micro_batch"].nunique() < 2:
+            continue
+        fit = ok(g)["micro_batch"]
+        failed = g[(g["outcome"] != "ok") & (g["micro_batch"] > (fit.max() if len(fit) else 0))]
+        first_fail = failed.sort_values("micro_batch").iloc[0] if len(failed) else None
+        rows.append({**key, "tried": ", ".join(str(int(b)) for b in sorted(g["micro_batch"].unique())),
+                     "largest_ok": int(fit.max()) if len(fit) else None,
+                     "peak_mem_gb_at_largest": (ok(g)[ok(g)["micro_batch"] == fit.max()]["peak_mem_gb"].max()
+                                                if len(fit) else np.nan),
+                     "first_failed": int(first_fail.micro_batch) if first_fail is not None else None,
+                     "failed_as": first_fail.outcome if first_fail is not None else None})
+    return pd.DataFrame(rows)
+
+
+def smooth(losses: list[float], window: int = SMOOTH_WINDOW) -> list[float]:
+    """Trailing mean over up to `window` points (fewer at the start)."""
+    out = []
+    for i in range(len(losses)):
+        part = losses[max(0, i - window + 1): i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def loss_at_tokens(points: list[dict[str, Any]], tokens: float) -> float | None:
+    """Mean training loss over the last 10% of the first `tokens` tokens (at least one point)."""
+    cum, window, last = 0.0, [], None
+    for p in points:
+        cum += p["tokens"]
+        if cum > tokens * (1 + 1e-9):
+            break
+        last = p["loss"]
+        if cum > 0.9 * tokens:
+            window.append(p["loss"])
+    if window:
+        return sum(window) / len(window)
+    return last
+
+
+def equal_tokens(df: pd.DataFrame) -> pd.DataFrame:
+    """Training loss after the same number of tokens, for cells of a configuration that differ
+    in micro-batch, gradient accumulation or learning rate: the budget is the fewest tokens
+    any of them trained on."""
+    rows = []
+    for key, g in by_config(ok(df), "micro_batch", "grad_accum"):
+        if g[["micro_batch", "grad_accum", "lr"]].drop_duplicates().shape[0] < 2 or g["global_batch"].nunique() < 2:
+            continue
+        budget = g["train_tokens"].min()
+        for _, r in g.sort_values(["global_batch", "lr"]).iterrows():
+            rows.append({**key, "micro_batch": int(r.micro_batch), "grad_accum": int(r.grad_accum),
+                         "global_batch": int(r.global_batch), "lr": r.lr, "tokens": budget,
+                         "loss_at_tokens": loss_at_tokens(curve(r), budget), "val_loss": r.val_loss})
+    return pd.DataFrame(rows)
+
+
+def target_losses(df: pd.DataFrame, window: int = SMOOTH_WINDOW) -> dict[str, float]:
+    """Per model: the matrix's train.target_loss where set, else the median of the finished
+    cells' final smoothed training losses (half of them reach it: the others are the slow ones)."""
+    out = {}
+    for model, g in ok(df).groupby("model"):
+        if g["target_loss"].notna().any():
+            out[model] = float(g["target_loss"].dropna().iloc[0])
+            continue
+        finals = [smooth([p["loss"] for p in c], window)[-1] for c in (curve(r) for _, r in g.iterrows()) if c]
+        if finals:
+            out[model] = float(np.median(finals))
+    return out
+
+
+def reach(points: list[dict[str, Any]], target: float, window: int = SMOOTH_WINDOW) -> dict[str, Any] | None:
+    """Training time, tokens and steps when the smoothed training loss first reached target."""
+    cum = 0.0
+    for p, s in zip(points, smooth([p["loss"] for p in points], window)):
+        cum += p["tokens"]
+        if s <= target:
+            return {"time_s": p["time_s"], "tokens": cum, "steps": p["step"]}
+    return None
+
+
+def goodput(df: pd.DataFrame, window: int = SMOOTH_WINDOW) -> pd.DataFrame:
+    """Throughput is tokens per second; goodput is useful optimizer updates per second (and
+    samples per second); statistical efficiency is time and tokens to the target loss."""
+    targets = target_losses(df, window)
+    config = config_keys(df)
+    g_target_set = {m: bool(g["target_loss"].notna().any()) for m, g in ok(df).groupby("model")}
+    rows = []
+    for _, r in ok(df).iterrows():
+        target = targets.get(r.model)
+        from_trainer = pd.notna(r.target_loss) and target == r.target_loss and pd.notna(r.time_to_target_s)
+        hit = ({"time_s": r.time_to_target_s, "tokens": r.tokens_to_target, "steps": r.get("steps_to_target")}
+               if from_trainer else (reach(curve(r), target, window) if target is not None else None))
+        rows.append({"cell_id": r.cell_id, **{k: r[k] for k in config}, "lr": r.lr,
+                     "target_from": "matrix" if g_target_set.get(r.model) else "median",
+                     "global_batch": r.global_batch, "tokens_per_s": r.tokens_per_s,
+                     "updates_per_s": 1 / r.step_s if r.step_s else np.nan,
+                     "samples_per_s": r.global_batch / r.step_s if r.step_s else np.nan,
+                     "target_loss": target, "time_to_target_s": hit["time_s"] if hit else np.nan,
+                     "tokens_to_target": hit["tokens"] if hit else np.nan,
+                     "steps_to_target": hit["steps"] if hit else np.nan, "train_s": r.train_s,
+                     "curve_points": len(curve(r)),
+                     "val_loss": r.val_loss})
+    return pd.DataFrame(rows)
+
+
+def pareto(df: pd.DataFrame, objectives: tuple[str, ...] = ("cost_usd", "wall_s", "val_loss")) -> pd.DataFrame:
+    """Finished cells with a `pareto` column: no other cell is at least as good on every
+    objective and better on one (all minimised)."""
+    fixed = [c for c in df.columns if c.startswith(("train.", "data.")) and c not in varying_settings(df)]
+    good = ok(df).drop(columns=fixed).dropna(subset=list(objectives)).reset_index(drop=True)
+    values = good[list(objectives)].to_numpy(dtype=float)
+    front = []
+    for i, v in enumerate(values):
+        dominated = any(np.all(w <= v) and np.any(w < v) for j, w in enumerate(values) if j != i)
+        front.append(not dominated)
+    return good.assign(pareto=front)
+
+
+def failures(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["outcome"] != "ok"]
+

@@ -1,0 +1,189 @@
+"""What the report says, as data: each comparison section's table, columns, texts and figure,
+in report order (`SECTIONS`), and the tables and text around them.
+
+`steps/report/build.py` renders them; keeping them apart lets a test check every declared
+column against the table it comes from, and a section be added or moved in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from steps.report import analysis, plots
+from steps.report.render import Cols
+
+SETTINGS_COLS: Cols = [("model", "model", "text"), ("peft", "method", "text"), ("strategy", "strategy", "text"),
+                       ("instance", "instance", "text"), ("world_size", "GPUs", "int")]
+RESULTS_COLS: Cols = SETTINGS_COLS + [
+    ("lr", "lr", "lr"), ("global_batch", "global batch", "int"), ("outcome", "outcome", "text"),
+    ("epoch_s", "epoch s", "s"), ("train_s", "train s", "s"), ("wall_s", "wall s", "s"),
+    ("tokens_per_s", "tokens/s", "num"), ("tokens_per_s_per_device", "tokens/s per GPU", "num"),
+    ("mfu", "MFU", "pct"), ("peak_mem_gb", "peak mem GB", "num"), ("val_loss", "val loss", "num"),
+    ("accuracy", "accuracy", "pct"), ("cost_usd", "cost $", "usd"), ("cost_per_mtok", "$ per M tokens", "usd"),
+    ("cell_id", "cell", "text"),
+]
+FAILED_COLS: Cols = [("cell_id", "cell", "text"), ("outcome", "outcome", "text"),
+                     ("stopped_after_steps", "stopped after steps", "int"), ("wall_s", "wall s", "s"),
+                     ("error", "reason", "text")]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A plot under a section: `plot(table, path)` writes a PNG and returns its path, or None
+    when the data has nothing to show. It gets the prepared results table, or the section's own
+    table with `of_section`."""
+
+    plot: Callable[[pd.DataFrame, Path], Path | None]
+    file: str  # under the report's plots/
+    of_section: bool = False
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """A second table under a section, after its figure, with a lead-in sentence. Shown when it
+    has rows, or `always` (what each instance type cost matters without a comparison)."""
+
+    table: str  # its key in build.sections(df)
+    columns: Cols
+    lead: str = ""
+    always: bool = False
+
+
+@dataclass(frozen=True)
+class Section:
+    """A heading and intro, then the section's table, or what a run needs to have one; then its
+    figure and follow-up tables. A section without a table is a figure alone, left out when
+    there is nothing to draw."""
+
+    title: str
+    table: str | None  # its key in build.sections(df)
+    columns: Cols = field(default_factory=list)
+    needs: str = ""  # completes "Not in this run: needs ..." when the table is empty
+    intro: str = ""
+    figure: Figure | None = None
+    follow_ups: tuple[FollowUp, ...] = ()
+    only_with_data: bool = False  # left out, not "not in this run", when its table is empty
+
+
+SECTIONS: list[Section] = [
+    Section(
+        "Scaling", "scaling", SETTINGS_COLS + [
+            ("base", "against", "text"), ("tokens_per_s", "tokens/s", "num"), ("epoch_s", "epoch s", "s"),
+            ("speedup", "speedup", "x"), ("epoch_speedup", "epoch speedup", "x"), ("efficiency", "efficiency", "pct"),
+            ("val_loss", "val loss", "num")],
+        needs="one configuration at two or more GPU counts",
+        intro="Speedup: tokens/s over the smallest GPU count of the same configuration; efficiency: "
+              "speedup over the GPU ratio (100% = linear).",
+        figure=Figure(plots.throughput_vs_gpus, "throughput_vs_gpus.png")),
+    Section(
+        "Methods: memory and throughput", "methods", SETTINGS_COLS + [
+            ("outcome", "outcome", "text"), ("peak_mem_gb", "peak mem GB", "num"),
+            ("mem_vs_lora", "memory vs LoRA", "x"), ("tokens_per_s", "tokens/s", "num"),
+            ("tokens_per_s_vs_lora", "tokens/s vs LoRA", "x"), ("val_loss", "val loss", "num")],
+        needs="two or more methods on one configuration",
+        figure=Figure(plots.memory_by_method, "peak_memory.png")),
+    Section(
+        "Precision", "precisions", SETTINGS_COLS + [
+            ("precision", "precision", "text"), ("micro_batch", "micro-batch", "int"), ("outcome", "outcome", "text"),
+            ("peak_mem_gb", "peak mem GB", "num"), ("mem_vs_first", "memory vs first", "x"),
+            ("tokens_per_s", "tokens/s", "num"), ("tokens_per_s_vs_first", "tokens/s vs first", "x"),
+            ("val_loss", "val loss", "num")],
+        needs="one configuration at two or more precisions"),
+    Section(
+        "Settings", "settings", SETTINGS_COLS + [
+            ("setting", "setting", "text"), ("value", "value", "text"), ("others", "with", "text"),
+            ("outcome", "outcome", "text"), ("peak_mem_gb", "peak mem GB", "num"),
+            ("mem_vs_first", "memory vs first", "x"), ("tokens_per_s", "tokens/s", "num"),
+            ("tokens_per_s_vs_first", "tokens/s vs first", "x"), ("val_loss", "val loss", "num")],
+        needs="one configuration at two or more values of a train/data setting",
+        intro="The same configuration at each value of a swept `train.*` / `data.*` setting (`sweep:` in the "
+              "matrix): memory and speed relative to the first value.",
+        only_with_data=True),
+    Section(
+        "Memory budget", "memory_budget", SETTINGS_COLS + [
+            ("precision", "precision", "text"), ("micro_batch", "micro-batch", "int"), ("seq_len", "seq", "int"),
+            ("weights_gb", "weights GB", "num"), ("grads_gb", "grads GB", "num"), ("optim_gb", "optimizer GB", "num"),
+            ("activations_gb", "activations GB", "num"), ("estimate_gb", "estimate GB", "num"),
+            ("device_gb", "GPU GB", "num"), ("fits", "fits", "text"), ("outcome", "outcome", "text"),
+            ("peak_mem_gb", "measured peak GB", "num")],
+        needs="cells of preset models that ran",
+        intro="Per rank, worked out from the parameter counts and the settings (see "
+              "`steps/report/memory_budget.py` for the conventions: 4 bytes per weight, 2 with bf16-true, 0.5 "
+              "for a QLoRA base; the cell's optimizer, AdamW 2 states per trainable parameter; activations after "
+              "Korthikanti et al. 2022; sharding by the cell's parallel layout). On CPU the "
+              "measured peak also holds the runtime (about 1 GB of libraries)."),
+    Section(
+        "Instance types: time and cost", "instances", SETTINGS_COLS + [
+            ("outcome", "outcome", "text"), ("price_per_hour_usd", "$ per hour", "usd"),
+            ("train_s", "train s", "s"), ("wall_s", "wall s", "s"), ("tokens_per_s", "tokens/s", "num"),
+            ("cost_usd", "cost $", "usd"), ("cost_per_mtok", "$ per M tokens", "usd"), ("val_loss", "val loss", "num")],
+        needs="one configuration on two or more instance types",
+        follow_ups=(FollowUp("instance_totals", [
+            ("instance", "instance", "text"), ("accelerator", "accelerator", "text"),
+            ("price_per_hour_usd", "$ per hour", "usd"), ("cells", "cells", "int"), ("ok", "ok", "int"),
+            ("wall_s", "wall s (all cells)", "s"), ("cost_usd", "cost $ (all cells)", "usd")], always=True),)),
+    Section(
+        "Learning rate", "lr_sweep", SETTINGS_COLS + [
+            ("global_batch", "global batch", "int"), ("lr", "lr", "lr"), ("outcome", "outcome", "text"),
+            ("val_loss", "val loss", "num"), ("best", "best", "text"), ("at_edge", "at grid edge", "text")],
+        needs="one configuration at two or more learning rates",
+        figure=Figure(plots.lr_sweep, "lr_sweep.png", of_section=True),
+        follow_ups=(FollowUp("lr_scaling", [
+            ("model", "model", "text"), ("peft", "method", "text"), ("best_lrs", "batch:best lr", "text"),
+            ("exponent", "k", "num"), ("closest_rule", "closest rule", "text"),
+            ("any_at_edge", "edge of grid", "text")],
+            lead="Best learning rate against global batch, fitted as lr ~ batch^k "
+                 "(linear scaling rule: k = 1, square-root rule: k = 0.5):"),)),
+    Section(
+        "Batch size", "batch_fit", SETTINGS_COLS[:4] + [
+            ("world_size", "GPUs", "int"), ("tried", "micro-batches tried", "text"),
+            ("largest_ok", "largest that fit", "int"), ("peak_mem_gb_at_largest", "its peak mem GB", "num"),
+            ("first_failed", "first that failed", "int"), ("failed_as", "failed as", "text")],
+        needs="one configuration at two or more micro-batch sizes",
+        follow_ups=(FollowUp("equal_tokens", SETTINGS_COLS + [
+            ("micro_batch", "micro-batch", "int"), ("grad_accum", "accum", "int"),
+            ("global_batch", "global batch", "int"), ("lr", "lr", "lr"), ("tokens", "tokens", "int"),
+            ("loss_at_tokens", "train loss", "num"),
+            ("val_loss", "final val loss", "num")],
+            lead="Training loss after the same number of tokens (mean over the last 10% of them):"),)),
+    Section(
+        "Goodput and time to target", "goodput", SETTINGS_COLS + [
+            ("lr", "lr", "lr"), ("tokens_per_s", "tokens/s", "num"), ("updates_per_s", "updates/s", "num"),
+            ("samples_per_s", "samples/s", "num"), ("target_loss", "target loss", "num"),
+            ("time_to_target_s", "time to target s", "s"), ("tokens_to_target", "tokens to target", "int"),
+            ("steps_to_target", "steps to target", "int"), ("val_loss", "val loss", "num")],
+        needs="finished cells",
+        intro="Goodput: optimizer updates (and samples) per second of training. Target: the matrix's "
+              "`train.target_loss` (validation loss when evaluated during training), else the median of the "
+              f"finished cells' final training losses (mean of the last {analysis.SMOOTH_WINDOW} steps): "
+              "half of them reach it."),
+    Section("Loss curves", None, figure=Figure(plots.loss_curves, "loss_curves.png")),
+    Section(
+        "Cost, time and loss: the Pareto set", "pareto", SETTINGS_COLS + [
+            ("lr", "lr", "lr"), ("global_batch", "global batch", "int"), ("cost_usd", "cost $", "usd"),
+            ("wall_s", "wall s", "s"), ("val_loss", "val loss", "num"), ("pareto", "Pareto-optimal", "text")],
+        needs="finished cells with a cost",
+        intro="A cell is Pareto-optimal when no other is at least as cheap, as fast and as low in validation "
+              "loss, and better in one.",
+        figure=Figure(plots.cost_vs_time, "cost_vs_time.png", of_section=True)),
+]
+
+DEFINITIONS = """## How the numbers are defined
+
+- tokens/s: non-padding tokens through the forward pass, summed over ranks, over the timed steps
+  (warm-up steps excluded); per GPU = divided by the number of ranks.
+- MFU: achieved model FLOP/s over the catalog's dense peak of the devices used (fp16 peak for
+  fp16-mixed, bf16 for bf16, fp32 for fp32). FLOPs per token: 6N for full fine-tuning, 4N + 6N
+  trainable with a frozen base (no weight gradients for frozen weights), plus the attention term
+  12·L·H·Q·T (scaled the same way). No MFU on CPU: no published peak.
+- peak mem: the largest rank's; GPU `max_memory_allocated`, CPU the process's peak resident set.
+- val loss: mean next-token loss over the answer tokens of the held-out split; accuracy: exact match
+  of the whole answer (teacher-forced argmax).
+- epoch s: time per step x steps per epoch; train s: the training loop; wall s: launch to exit.
+- cost: wall time x the catalog's on-demand price x instances (local CPU types: x devices, at a
+  reference cloud price); $ per M tokens: cost over the tokens trained.
+"""

@@ -1,0 +1,247 @@
+"""Model, tokenizer and adapters for a cell: a preset built with random weights, or any
+Hugging Face causal LM by hub id or local directory (`from_pretrained`)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steps.plan import catalog
+from steps.plan.schema import CellSpec
+from steps.trainer.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                "uint8": torch.uint8}
+
+
+def load_tokenizer(cell: CellSpec) -> Tokenizer:
+    """The model directory's tokenizer when it has one, otherwise the built-in byte tokenizer."""
+    preset = catalog.model_presets().get(cell.model)
+    if preset:
+        source = None if preset.tokenizer == "byte" else preset.tokenizer
+    else:
+        source = cell.model
+    if source is None or (
+        Path(source).is_dir() and not any(Path(source, f).exists() for f in TOKENIZER_FILES)
+    ):
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(source, trust_remote_code=cell.train.trust_remote_code))
+
+
+def weights_dtype(cell: CellSpec) -> torch.dtype:
+    """bf16-true keeps weights (and so optimizer states) in bf16; mixed precision keeps fp32."""
+    return torch.bfloat16 if cell.precision == "bf16-true" else torch.float32
+
+
+def compute_dtype(cell: CellSpec) -> torch.dtype:
+    return {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
+            "fp16-mixed": torch.float16}.get(cell.precision, torch.float32)
+
+
+def is_random_init(cell: CellSpec) -> bool:
+    preset = catalog.model_presets().get(cell.model)
+    if cell.train.init != "auto":
+        return cell.train.init == "random"
+    return preset is not None and preset.init == "random"
+
+
+def model_config(cell: CellSpec, vocab_size: int):
+    from transformers import AutoConfig
+
+    preset = catalog.model_presets().get(cell.model)
+    if preset and preset.config:
+        config = AutoConfig.for_model(**{"vocab_size": vocab_size, **preset.config})
+    else:
+        config = AutoConfig.from_pretrained(_source(cell), trust_remote_code=cell.train.trust_remote_code)
+    if config.vocab_size < vocab_size:
+        raise ValueError(f"model vocab {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    return config
+
+
+def _source(cell: CellSpec) -> str:
+    preset = catalog.model_presets().get(cell.model)
+    if preset is None:
+        return cell.model
+    if not preset.source:
+        raise ValueError(f"preset {cell.model!r} has no `source` to load pretrained weights from; use init: random")
+    return preset.source
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FINETUNE_MATRIX_CACHE", Path.home() / ".cache" / "finetune-matrix"))
+
+
+def random_checkpoint(cell: CellSpec, vocab_size: int) -> Path:
+    """Random weights saved once per (architecture, seed) on this machine, so that loaders that
+    only take a directory (4-bit quantisation, tensor-parallel plans) can build them too."""
+    config = model_config(cell, vocab_size)
+    key = json.dumps({"config": config.to_dict(), "seed": cell.train.seed}, sort_keys=True, default=str)
+    folder = cache_root() / "random-init" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (folder / "complete").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one writer per machine; the others wait, then read
+        if not (folder / "complete").exists():
+            from transformers import AutoModelForCausalLM
+
+            torch.manual_seed(cell.train.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.save_pretrained(folder)
+            (folder / "complete").touch()
+    return folder
+
+
+def quantization_config(cell: CellSpec):
+    from transformers import BitsAndBytesConfig
+
+    q = cell.train.qlora
+    compute = compute_dtype(cell) if q.compute_dtype == "auto" else TORCH_DTYPES[q.compute_dtype]
+    storage = q.quant_storage
+    if storage == "auto":  # sharding needs every parameter of a shard in one float dtype
+        storage = ("bf16" if cell.precision.startswith("bf16") else "fp32") if (
+            "weights" in cell.layout.sharded) else "uint8"
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=TORCH_DTYPES[storage],
+    )
+
+
+def load_model(cell: CellSpec, vocab_size: int, device: torch.device, tp_mesh=None) -> torch.nn.Module:
+    """The base model on `device`. Random init is seeded, so every rank builds the same weights.
+
+    tp_mesh: shard it with the model's tensor-parallel plan over this (1-D, "tp") device mesh.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": weights_dtype(cell), "attn_implementation": cell.train.attn_implementation,
+                              "trust_remote_code": cell.train.trust_remote_code}
+    if is_random_init(cell) and cell.peft != "qlora":
+        torch.manual_seed(cell.train.seed)
+        config = model_config(cell, vocab_size)
+        config._attn_implementation = cell.train.attn_implementation
+        model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"]).to(device)
+    else:
+        # 4-bit quantisation happens while loading, so random weights go through a directory too.
+        source = str(random_checkpoint(cell, vocab_size)) if is_random_init(cell) else _source(cell)
+        if cell.peft == "qlora":
+            kwargs.update(quantization_config=quantization_config(cell), device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = model if cell.peft == "qlora" else model.to(device)
+        if cell.peft == "qlora":
+            _keep_4bit_weights_as_loaded(model)
+    return model if tp_mesh is None else shard_tensor_parallel(model, tp_mesh)
+
+
+def _keep_4bit_weights_as_loaded(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit weight in place for its CPU inference kernel the first time a
+    layer runs in eval mode without gradients. ZeRO-3 keeps its own copy of each weight and
+    gathers that copy back over the repacked one, so the layer then reads garbage; turn the
+    repacking off (it only speeds up CPU inference)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def shard_tensor_parallel(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:
+    """Apply the model's own tensor-parallel plan over `tp_mesh`, as `from_pretrained(tp_plan=...)`
+    does, but on a mesh we choose (transformers builds one over all ranks, and with data-parallel
+    ranks it would also wrap the model in FSDP)."""
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    config = DistributedConfig(tp_size=tp_mesh.size(), tp_plan="auto")
+    tp_plan, _, _ = model._resolve_parallel_plans(config)
+    apply_tensor_parallelism(model, tp_mesh, tp_plan)
+    # What peft reads to make its adapters tensor-parallel too.
+    model.config.distributed_config = config
+    model._device_mesh = tp_mesh
+    model._tp_size = tp_mesh.size()
+    return model
+
+
+def apply_peft(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:
+    if cell.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cell.peft == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cell.peft == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cell.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = cell.train.lora
+    torch.manual_seed(cell.train.seed + 1)  # adapter init is the same on every rank
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), use_dora=cell.peft == "dora",
+        ),
+    )
+    _fix_tensor_parallel_lora(model)
+    _init_lora_a(model, cell.train.seed)
+    return model
+
+
+@torch.no_grad()
+def _init_lora_a(model: torch.nn.Module, seed: int) -> None:
+    """Draw every lora_A from its own generator, seeded by (seed, parameter name), with peft's
+    distribution (kaiming-uniform, a=sqrt(5)). The adapters then start identical whatever the
+    strategy: a tensor-parallel lora_A is built at its shard's size and would otherwise be drawn
+    from a different stream of random numbers."""
+    import math
+    import zlib
+
+    for name, p in model.named_parameters():
+        if ".lora_A." not in name:
+            continue
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        fan_in = p.shape[1]
+        full = (torch.rand(tuple(p.shape), generator=g, dtype=torch.float32) * 2 - 1) / math.sqrt(fan_in)
+        if hasattr(p, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            full = distribute_tensor(full.to(p.to_local().device), p.device_mesh, p.placements)
+        p.copy_(full.to(dtype=p.dtype, device=p.device))
+
+
+def _fix_tensor_parallel_lora(model: torch.nn.Module) -> None:
+    """peft builds lora_A of a row-parallel layer with the local in_features while its weight is
+    a DTensor of the global shape; transformers' row-parallel hook reads `in_features` to
+    rebuild the sharded input, so it must be the global size (else: a shape error)."""
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if base is not None and getattr(base, "_hf_tp_plan", None) == "rowwise":
+            for lora_a in module.lora_A.values():
+                lora_a.in_features = lora_a.weight.shape[-1]
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total), counting 4-bit packed weights by the elements they represent."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and getattr(p, "quant_state", None) is not None:
+            n = p.quant_state.shape.numel() if hasattr(p.quant_state, "shape") else n * 2
+        elif hasattr(p, "full_tensor"):  # a DTensor shard: count the whole parameter
+            n = p.shape.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def embedding_parameters(model: torch.nn.Module) -> int:
+    emb = model.get_input_embeddings()
+    return emb.weight.shape.numel() if emb is not None else 0
