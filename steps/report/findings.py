@@ -75,16 +75,7 @@ def methods(table: pd.DataFrame) -> list[str]:
 def precisions(table: pd.DataFrame) -> list[str]:
     out = []
     for _, g in analysis.by_config(table, "precision"):
-        ref = g.iloc[0]
-        if ref["outcome"] != "ok":
-            continue
-        for _, r in g.iloc[1:].iterrows():
-            if r["outcome"] != "ok":
-                out.append(f"{r['precision']} {_failed(r['outcome'])} on {where(r, 'precision')}, where "
-                           f"{ref['precision']} trained.")
-                continue
-            out.append(f"{r['precision']} used {_versus(r, ref, ref['precision'])}, val loss {r['val_loss']:.4g} "
-                       f"vs {ref['val_loss']:.4g}, on {where(r, 'precision')}.")
+        out += _against_first(g, lambda r: r["precision"], lambda r: where(r, "precision"))
     return out
 
 
@@ -95,18 +86,24 @@ def settings(table: pd.DataFrame) -> list[str]:
         return out
     for (name, _), g in table.groupby(["setting", "group"], sort=False):
         g = g.drop(columns=[c for c in g if c.startswith(("train.", "data.")) and g[c].isna().all()])  # others' rows
-        ref = g.iloc[0]
-        if ref["outcome"] != "ok":
-            continue
-        for _, r in g.iloc[1:].iterrows():
-            at = where(r.drop(["setting", "value", "group", "others"]), name)
-            if r["outcome"] != "ok":
-                out.append(f"{analysis.setting_text(name, r['value'])} {_failed(r['outcome'])} on {at}, where "
-                           f"{analysis.setting_text(name, ref['value'])} trained.")
-                continue
-            value, ref_value = analysis.setting_text(name, r["value"]), analysis.setting_text(name, ref["value"])
-            out.append(f"{value} used {_versus(r, ref, ref_value)}, val loss {r['val_loss']:.4g} vs "
-                       f"{ref['val_loss']:.4g}, on {at}.")
+        out += _against_first(g, lambda r, name=name: analysis.setting_text(name, r["value"]),
+                              lambda r, name=name: where(r.drop(["setting", "value", "group", "others"]), name))
+    return out
+
+
+def _against_first(g: pd.DataFrame, label, at) -> list[str]:
+    """Each later row of a group against the first (which must have finished): its failure, or
+    its memory, speed and val loss. `label(row)` names the value compared, `at(row)` the rest."""
+    ref = g.iloc[0]
+    if ref["outcome"] != "ok":
+        return []
+    out = []
+    for _, r in g.iloc[1:].iterrows():
+        if r["outcome"] != "ok":
+            out.append(f"{label(r)} {_failed(r['outcome'])} on {at(r)}, where {label(ref)} trained.")
+        else:
+            out.append(f"{label(r)} used {_versus(r, ref, label(ref))}, val loss {r['val_loss']:.4g} "
+                       f"vs {ref['val_loss']:.4g}, on {at(r)}.")
     return out
 
 
