@@ -286,9 +286,9 @@ def expand(spec: MatrixSpec) -> list[PlannedCell]:
     return list(planned.values())
 
 
-def varying_settings(planned: list[PlannedCell]) -> list[str]:
-    """The train/data settings (dotted names) that differ between cells, run limits aside."""
-    flat = [flatten(p.cell.model_dump(mode="json", include={"train", "data"})) for p in planned]
+def varying_settings(flat: list[dict[str, Any]]) -> list[str]:
+    """The train/data settings (dotted names) that differ between cells (each `flatten`ed), run
+    limits aside."""
     return [k for k in (flat[0] if flat else {}) if k not in RUN_LIMITS
             and len({json.dumps(f[k], sort_keys=True) for f in flat}) > 1]
 
@@ -298,19 +298,19 @@ def show(planned: list[PlannedCell], out=sys.stdout) -> None:
     from rich.table import Table
 
     refused = sum(p.refused is not None for p in planned)
-    swept = varying_settings(planned)
+    flat = [flatten(p.cell) for p in planned]
+    swept = varying_settings(flat)
     table = Table(title=f"{len(planned)} cells: {len(planned) - refused} run, {refused} refused",
                   show_lines=False)
     for col in ("cell_id", "peft", "strategy", "nodes x gpus", "instance", "lr", "mb x ga",
                 "precision", "seq", *(["settings"] if swept else []), "status"):
         table.add_column(col)
-    for p in planned:
+    for p, values in zip(planned, flat):
         c = p.cell
-        flat = flatten(c.model_dump(mode="json", include={"train", "data"}))
         table.add_row(
             c.cell_id, c.peft, c.strategy, f"{c.nodes} x {c.gpus}", c.instance, f"{c.lr:g}",
             f"{c.micro_batch} x {c.grad_accum}", c.precision, str(c.seq_len),
-            *([" ".join(f"{k.partition('.')[2]}={flat[k]}" for k in swept)] if swept else []),
+            *([" ".join(f"{k.partition('.')[2]}={values[k]}" for k in swept)] if swept else []),
             f"refused: {p.refused}" if p.refused else "runs",
         )
     Console(file=out, width=200).print(table)

@@ -105,6 +105,7 @@ def column_value(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def flatten(sections: dict[str, Any]) -> dict[str, Any]:
-    """Every leaf setting of a cell's {"train": ..., "data": ...} (plain data) by dotted name."""
+def flatten(cell: BaseModel) -> dict[str, Any]:
+    """Every leaf setting of a cell (its train and data sections) by dotted name."""
+    sections = cell.model_dump(mode="json", include=set(SECTIONS))
     return {path: column_value(get(sections, path)) for path in leaf_paths()}

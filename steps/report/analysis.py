@@ -385,7 +385,8 @@ def goodput(df: pd.DataFrame, window: int = SMOOTH_WINDOW) -> pd.DataFrame:
 def pareto(df: pd.DataFrame, objectives: tuple[str, ...] = ("cost_usd", "wall_s", "val_loss")) -> pd.DataFrame:
     """Finished cells with a `pareto` column: no other cell is at least as good on every
     objective and better on one (all minimised)."""
-    fixed = [c for c in df.columns if c.startswith(("train.", "data.")) and c not in varying_settings(df)]
+    varying = varying_settings(df)
+    fixed = [c for c in df.columns if c.startswith(("train.", "data.")) and c not in varying]
     good = ok(df).drop(columns=fixed).dropna(subset=list(objectives)).reset_index(drop=True)
     values = good[list(objectives)].to_numpy(dtype=float)
     front = []

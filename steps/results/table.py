@@ -57,7 +57,7 @@ def row(run_id: str, cell: dict[str, Any], metrics: dict[str, Any]) -> dict[str,
     for name in AS_JSON:
         value = getattr(m, name)
         out[name] = json.dumps(value) if value is not None else None
-    out.update(settings.flatten(spec.model_dump(mode="json", include={"train", "data"})))
+    out.update(settings.flatten(spec))
     return out
 
 
