@@ -46,7 +46,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup browser
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" --durations=30 $(PYTEST_ARGS)
 
 # The quick loop: everything but the slow tests (under a minute).
 test-quick: setup browser

@@ -16,8 +16,17 @@ pytestmark = pytest.mark.slow
 GOOD_ROW = {"instruction": "Repeat the word", "input": "tea", "output": "tea"}
 
 
+# The three failing cells and one that finishes (the other four add nothing to these checks).
+FOUR = [{"strategy": "ddp", "micro_batch": 4}, {"strategy": "single", "micro_batch": 2}]
+
+
+def _four(outcomes: dict[tuple, str]) -> dict[tuple, str]:
+    return {k: v for k, v in outcomes.items()
+            if not (k[0] == "ddp" and k[2] == 4) and not (k[0] == "single" and k[2] == 2)}
+
+
 def failing_matrix(tmp_path, **extra) -> dict:
-    """8 cells; three forced to fail: one OOMs, one hangs (rank 1 stops at step 3, rank 0 waits
+    """8 cells (`exclude=FOUR` keeps 4); three forced to fail: one OOMs, one hangs (rank 1 stops at step 3, rank 0 waits
     in its all-reduce), one reads a data file with a broken line."""
     data = tmp_path / "instructions.jsonl"
     rows = [json.dumps(GOOD_ROW)] * 64
@@ -69,7 +78,7 @@ def test_only_the_raising_cell_fails_and_resume_reruns_it_alone(tmp_path):
     from metaflow import Run, namespace
 
     namespace(None)
-    matrix, data = failing_matrix(tmp_path)
+    matrix, data = failing_matrix(tmp_path, exclude=FOUR)
     with _runner(tmp_path, matrix) as runner:
         first = runner.run(max_workers=8)
         output = first.stdout + first.stderr
@@ -82,7 +91,7 @@ def test_only_the_raising_cell_fails_and_resume_reruns_it_alone(tmp_path):
         assert "instructions.jsonl:11: not valid JSON" in failed[0]["metrics"].data["error"]
         assert failed[0].current_attempt == 1  # retried once (retries: 1), then failed the run
         done = {t["cell"].data["cell_id"]: t.pathspec for t in trains if t.successful}
-        assert len(done) == 7, "the cells running beside the failing one were stopped"
+        assert len(done) == 3, "the cells running beside the failing one were stopped"
         outcomes = {t["metrics"].data["outcome"] for t in trains if t.successful}
         assert outcomes == {"ok", "oom", "hang"}
 
@@ -104,7 +113,7 @@ def test_only_the_raising_cell_fails_and_resume_reruns_it_alone(tmp_path):
     cloned = {t["cell"].data["cell_id"]: t.origin_pathspec for t in trains if t.origin_pathspec}
     assert cloned == done
     df = resumed["join"].task["results"].data
-    assert len(df) == 8 and _outcomes(df) == _expected("ok")
+    assert len(df) == 4 and _outcomes(df) == _four(_expected("ok"))
     # The resumed run's folder holds every cell: the one it ran, links to the cloned ones.
     cells = tmp_path / "reports" / resumed.id / "cells"
     assert sorted(p.name for p in cells.iterdir()) == sorted(df["cell_id"])
@@ -113,12 +122,12 @@ def test_only_the_raising_cell_fails_and_resume_reruns_it_alone(tmp_path):
 
 
 def test_record_errors_finishes_with_the_error_in_its_row(tmp_path):
-    matrix, _ = failing_matrix(tmp_path, on_error="record")
+    matrix, _ = failing_matrix(tmp_path, on_error="record", exclude=FOUR)
     with _runner(tmp_path, matrix) as runner:
         result = runner.run(max_workers=8)
         assert result.status == "successful", (result.stdout + result.stderr)[-3000:]
         df = result.run["join"].task["results"].data
-    assert len(df) == 8 and _outcomes(df) == _expected("error")
+    assert len(df) == 4 and _outcomes(df) == _four(_expected("error"))
     row = df[df["outcome"] == "error"].iloc[0]
     assert row["error"].startswith("ValueError: ") and "instructions.jsonl:11: not valid JSON" in row["error"]
     # The report of a run with failed cells: built, every cell in it, the failures listed.
@@ -127,7 +136,7 @@ def test_record_errors_finishes_with_the_error_in_its_row(tmp_path):
     failed = report.split("## Cells that did not finish")[1].split("\n## ")[0]
     for _, r in df[df["outcome"] != "ok"].iterrows():
         assert f"| {r['cell_id']} | {r['outcome']} |" in failed
-    assert "3 of 8 cells did not finish (1 error, 1 hang, 1 oom)" in report
+    assert "3 of 4 cells did not finish (1 error, 1 hang, 1 oom)" in report
     results = report.split("## Results")[1].split("\n## ")[0]
     assert all(cid in results for cid in df["cell_id"])  # failed cells stay in the main table
     assert (out / "report.html").is_file()

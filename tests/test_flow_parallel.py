@@ -16,6 +16,7 @@ DDP4 = {
     "lr": [3e-3, 1e-2], "micro_batch": [2, 4], "seq_len": 32,
     "train": {"max_steps": 8, "timing_warmup_steps": 1, "timeout_s": 300, "save_adapter": False},
     "data": {"train_samples": 128, "val_samples": 16},
+    "exclude": [{"lr": 1e-2, "micro_batch": 4}],  # 3 cells: enough to share the workers
 }
 TIMING = {"tokens_per_s", "tokens_per_s_per_device", "step_s", "epoch_s", "achieved_tflops",
           "wall_s", "train_s", "eval_s", "trainer_wall_s", "overhead_s", "queued_s", "started_at",
@@ -45,7 +46,7 @@ def test_four_workers_give_the_results_of_one_worker(tmp_path):
     status, parallel_spec, output = run_flow(tmp_path / "parallel", DDP4, max_workers=4)
     assert status == "successful", output[-3000:]
     serial, parallel = _cells(Run(serial_spec)), _cells(Run(parallel_spec))
-    assert sorted(serial) == sorted(parallel) and len(serial) == 4
+    assert sorted(serial) == sorted(parallel) and len(serial) == 3
 
     ports = set()
     for cid, task in parallel.items():
@@ -59,7 +60,7 @@ def test_four_workers_give_the_results_of_one_worker(tmp_path):
         m = task["metrics"].data
         assert m["outcome"] == "ok" and m["world_size"] == 2 and math.isfinite(m["val_loss"])
         assert _measured(m) == _measured(serial[cid]["metrics"].data)
-    assert len(ports) == 4
+    assert len(ports) == 3
     # Cells that ran at the same time ran on different cores (the others waited for theirs).
     runs = [t["metrics"].data for t in parallel.values()]
     for i, a in enumerate(runs):

@@ -45,7 +45,7 @@ def test_twin_has_the_design_of_its_full_scale_study(twin):
     assert axis_values(small, "instance") <= local  # runs here
     for big in fulls:
         assert not axis_values(big, "instance") & local  # GPU instances
-        assert big.compute in ("kubernetes", "batch")
+        assert big.compute in ("kubernetes", "batch", "sagemaker")
         for axis in ("peft", "strategy", "precision"):
             twin_values, full_values = axis_values(small, axis), axis_values(big, axis)
             if axis == "precision" and len(full_values) == 1:

@@ -74,7 +74,7 @@ def train_decorators(matrix: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
     decos = [("retry", {"times": matrix["retries"], "minutes_between_retries": 0})]
     if catches(matrix):
         decos.append(("catch", {"var": "failure", "print_exception": True}))
-    if matrix["compute"] != "local":
+    if matrix["compute"] in ("kubernetes", "batch"):  # sagemaker: the step submits a job
         decos.append((matrix["compute"], remote_resources(matrix)))
     return decos
 

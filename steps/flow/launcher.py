@@ -39,11 +39,12 @@ def free_port() -> int:
 
 
 def trainer_command(cell: CellSpec, cell_file: Path, out_dir: Path, port: int,
-                    node_rank: int = 0, master_addr: str = "127.0.0.1") -> list[str]:
+                    node_rank: int = 0, master_addr: str = "127.0.0.1", resume: bool = False) -> list[str]:
     """torchrun (or DeepSpeed's launcher) for several processes; one process runs the trainer
     directly (a launcher would only add its own start-up, about 1.7 s here) with the
-    environment torchrun would give it."""
-    trainer = ["--cell", str(cell_file), "--out", str(out_dir)]
+    environment torchrun would give it. `resume`: continue from the last checkpoint in
+    `out_dir` where there is one."""
+    trainer = ["--cell", str(cell_file), "--out", str(out_dir), *(["--resume"] if resume else [])]
     if cell.world_size == 1:
         return [sys.executable, "-m", "steps.train", *trainer]
     if cell.train.launcher == "deepspeed":
@@ -95,7 +96,7 @@ def last_progress(out_dir: Path, since: float) -> float:
 
 
 def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 0,
-             master_addr: str = "127.0.0.1", port: int | None = None) -> CellMetrics:
+             master_addr: str = "127.0.0.1", port: int | None = None, resume: bool = False) -> CellMetrics:
     """Run this node's part of a cell to completion, time limit or hang; return its metrics.
 
     `wall_s` is launch to exit as seen from here (process start-up included). Node 0 holds
@@ -106,7 +107,7 @@ def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 
     (out_dir / "metrics.json").unlink(missing_ok=True)
     _clear_working_files(out_dir)  # a previous attempt's
     port = port or free_port()
-    cmd = trainer_command(cell, cell_file, out_dir, port, node_rank, master_addr)
+    cmd = trainer_command(cell, cell_file, out_dir, port, node_rank, master_addr, resume)
     stopped = None  # "timeout" or "hang"
     queued = time.perf_counter()
     with _devices(cell) as cores, open(out_dir / "train.log", "w", encoding="utf-8") as log:

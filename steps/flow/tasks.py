@@ -44,10 +44,11 @@ class CellFailed(RuntimeError):
     """A real failure of a cell (not oom/timeout/hang): fails its branch, so `resume` re-runs it."""
 
 
-def placement(planned: dict[str, Any]) -> tuple[int, int]:
-    """How many @parallel tasks (nodes) the cell needs, and the rendezvous port they share."""
-    nodes = 1 if planned["refused"] else int(planned["cell"]["nodes"])
-    return nodes, launcher.free_port()
+def placement(planned: dict[str, Any], matrix: dict[str, Any]) -> tuple[int, int]:
+    """How many @parallel tasks (nodes) the cell needs, and the rendezvous port they share.
+    A SageMaker cell is one task: its job holds all the cell's instances."""
+    one = planned["refused"] or matrix["compute"] == "sagemaker"
+    return (1 if one else int(planned["cell"]["nodes"])), launcher.free_port()
 
 
 def node_dir(out_root: Path, cell: CellSpec, node_index: int) -> Path:
@@ -56,13 +57,23 @@ def node_dir(out_root: Path, cell: CellSpec, node_index: int) -> Path:
 
 
 def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
-               main_ip: str = "127.0.0.1", port: int | None = None) -> tuple[dict[str, Any], str]:
-    """Run this node's share of a cell; returns its metrics and its log."""
+               main_ip: str = "127.0.0.1", port: int | None = None,
+               matrix: dict[str, Any] | None = None, run: tuple[str, int, str | None] | None = None,
+               ) -> tuple[dict[str, Any], str]:
+    """Run this node's share of a cell; returns its metrics and its log. With `compute:
+    sagemaker` the cell is one training job (`run`: run id, attempt, origin run id)."""
     cell = CellSpec.model_validate(planned["cell"])
     if planned["refused"]:
         return launcher.skipped_metrics(cell, planned["refused"]).to_dict(), ""
     out = node_dir(out_root, cell, node_index)
     out.mkdir(parents=True, exist_ok=True)
+    if matrix is not None and matrix["compute"] == "sagemaker":
+        from steps.flow.sagemaker import submit  # the SDK loads only where it is used
+
+        run_id, attempt, origin = run or (Path(out_root).name, 0, None)
+        with _running(out):
+            m, log = submit.run_cell(cell, out, plain(matrix)["remote"], run_id, attempt, origin)
+        return m.to_dict(), log
     with _running(out):
         m = launcher.run_cell(cell, out, node_rank=node_index, master_addr=main_ip, port=port)
     if node_index == 0:
@@ -112,8 +123,8 @@ def fail_if_error(metrics: dict[str, Any], out_root: Path, matrix: dict[str, Any
     final = attempt >= int(matrix["retries"])
     if final and matrix["on_error"] == "record" and not compute.catches(matrix):
         return  # no @catch here: the row records the error
-    if final and matrix["on_error"] == "fail" and matrix["compute"] == "local":
-        wait_for_running(out_root)
+    if final and matrix["on_error"] == "fail" and matrix["compute"] in ("local", "sagemaker"):
+        wait_for_running(out_root)  # sagemaker: a killed step could not stop its job
     raise CellFailed(f"{metrics.get('cell_id')}: {metrics.get('error')}")
 
 

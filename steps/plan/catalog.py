@@ -51,6 +51,9 @@ class Instance(Strict):
     price_region: str | None = None
     price_date: str | None = None  # when the price was read (YYYY-MM)
     sagemaker_instance: str | None = None  # the `ml.` name, where SageMaker offers it
+    # SageMaker training's on-demand price per instance-hour (its own rate, above EC2's), in
+    # price_region; None where SageMaker does not offer the type.
+    sagemaker_price_per_hour_usd: float | None = Field(None, ge=0.0)
     source: str
 
     @property

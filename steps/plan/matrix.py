@@ -21,6 +21,7 @@ from steps.plan import catalog, compat
 from steps.plan.schema import (
     AXES,
     AXIS_FIELD,
+    REMOTE_KEYS,
     CellSpec,
     ConfigError,
     DataSettings,
@@ -141,19 +142,43 @@ def _rule_problems(data: dict) -> list[str]:
     return problems
 
 
+def _remote_keys_set(spec: MatrixSpec) -> list[str]:
+    """remote keys with a value other than their default (a dumped matrix names them all)."""
+    fields = type(spec.remote).model_fields
+    return [k for k in spec.remote.model_fields_set
+            if getattr(spec.remote, k) != fields[k].get_default(call_default_factory=True)]
+
+
 def _compute_problems(spec: MatrixSpec) -> list[str]:
-    """Metaflow sets resources per step, so a remote run uses one (GPU) instance type."""
+    """Where the cells run: remote keys of another compute, one (GPU) instance type per run on
+    Metaflow's @kubernetes / @batch (resources are set per step), SageMaker instance types."""
+    problems = [f"remote.{key}: only used by compute {', '.join(repr(c) for c in used)}, not {spec.compute!r}"
+                for key in sorted(_remote_keys_set(spec))
+                if spec.compute not in (used := [c for c, keys in REMOTE_KEYS.items() if key in keys])]
     if spec.compute == "local":
-        return []
+        return problems
     instances = sorted({*spec.instance, *(i for r in spec.include for i in (r.instance or []))})
+    if spec.compute == "sagemaker":
+        offered = [n for n, e in catalog.instances().items() if e.sagemaker_instance]
+        problems += [f"instance: {name!r} is not offered by SageMaker training (no sagemaker_instance "
+                     f"in configs/instances.yaml); SageMaker types: {', '.join(offered)}"
+                     for name in instances if name in catalog.instances()
+                     and not catalog.instances()[name].sagemaker_instance]
+        remote = spec.remote
+        if remote.max_wait_s is not None and not remote.spot:
+            problems.append("remote.max_wait_s: only used with remote.spot: true")
+        if bool(remote.subnets) != bool(remote.security_groups):
+            problems.append("remote.subnets / remote.security_groups: a VPC needs both, or neither")
+        return problems
     entry = catalog.instances().get(instances[0]) if len(instances) == 1 else None
     if len(instances) != 1 or (entry is not None and entry.local):
-        return [f"instance: compute {spec.compute!r} runs one instance type per run (Metaflow "
-                f"resources are set per step), not {instances}; write one matrix per instance "
-                f"type and compare the runs with `python -m steps.report A B`"]
+        return problems + [
+            f"instance: compute {spec.compute!r} runs one instance type per run (Metaflow "
+            f"resources are set per step), not {instances}; write one matrix per instance "
+            f"type and compare the runs with `python -m steps.report A B`"]
     if spec.compute == "batch" and not spec.remote.queue:
-        return ["remote.queue: compute 'batch' needs the AWS Batch job queue"]
-    return []
+        problems.append("remote.queue: compute 'batch' needs the AWS Batch job queue")
+    return problems
 
 
 def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:

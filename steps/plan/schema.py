@@ -215,9 +215,13 @@ class IncludeRule(CellPattern):
 
 
 class RemoteSettings(Strict):
-    """What Metaflow's @kubernetes / @batch need beyond the instance catalog's facts."""
+    """What remote compute needs beyond the instance catalog's facts: Metaflow's @kubernetes /
+    @batch, or SageMaker training jobs (`compute: sagemaker`, one job per cell)."""
 
-    image: str | None = None  # default: Metaflow's configured image
+    # kubernetes/batch: default Metaflow's configured image. sagemaker: default the AWS PyTorch
+    # training image (Deep Learning Container) of the installed torch's version, or the newest
+    # one before it, for the region and instance type.
+    image: str | None = None
     queue: str | None = None  # batch: the AWS Batch job queue
     namespace: str | None = None  # kubernetes
     service_account: str | None = None  # kubernetes
@@ -225,6 +229,36 @@ class RemoteSettings(Strict):
     node_selector_label: str = "node.kubernetes.io/instance-type"
     shared_memory_mb: PositiveInt | None = None  # /dev/shm for NCCL and data loaders
     disk_mb: PositiveInt | None = None
+    # --- sagemaker ---
+    # The IAM role the jobs run as; default $FINETUNE_MATRIX_SAGEMAKER_ROLE, then $SAGEMAKER_ROLE,
+    # then the SDK's own resolution (SageMaker config file, the caller's role).
+    role: str | None = Field(None, pattern=r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
+    region: str | None = Field(None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")  # default: the AWS profile's
+    # Where code, outputs and checkpoints go: s3://bucket/prefix. Default: the session's default
+    # bucket (sagemaker-<region>-<account>), prefix finetune-matrix.
+    s3_prefix: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
+    spot: bool = False  # managed spot training: checkpoints carry a job across interruptions
+    max_wait_s: PositiveInt | None = None  # spot: run + wait for capacity; default 2x the run limit
+    volume_gb: PositiveInt = Field(100, le=16384)  # EBS per instance: model, data, checkpoints
+    # SageMaker warm pools: an instance stays this long after its job, so the next cell of the
+    # same type starts in seconds instead of minutes (needs a warm-pool quota; max 3600).
+    keep_alive_s: int = Field(0, ge=0, le=3600)
+    subnets: list[str] = Field(default_factory=list, max_length=16)  # VPC: both or neither
+    security_groups: list[str] = Field(default_factory=list, max_length=5)
+    tags: dict[str, str] = Field(default_factory=dict, max_length=50)
+    # Beyond the cell's timeout_s, what a job may spend starting (image pull, installs, model
+    # download) before SageMaker stops it (MaxRuntimeInSeconds = timeout_s + this).
+    startup_allowance_s: PositiveInt = 1800
+    poll_s: PositiveFloat = 15.0  # how often the train step asks SageMaker how its job is doing
+
+
+# Which remote keys each compute reads; a key set for another compute is reported.
+REMOTE_KEYS = {
+    "kubernetes": {"image", "namespace", "service_account", "node_selector_label", "shared_memory_mb", "disk_mb"},
+    "batch": {"image", "queue", "shared_memory_mb"},
+    "sagemaker": {"image", "role", "region", "s3_prefix", "spot", "max_wait_s", "volume_gb", "keep_alive_s",
+                  "subnets", "security_groups", "tags", "startup_allowance_s", "poll_s"},
+}
 
 
 class MatrixSpec(Strict):
@@ -251,9 +285,10 @@ class MatrixSpec(Strict):
     include: list[IncludeRule] = Field(default_factory=list)
     # Settings multiplied like axes, by their dotted names: {train.lora.r: [8, 16, 64]}.
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
-    # Where the train step runs: here, or on Metaflow's @kubernetes / @batch with resources
-    # from the instance catalog (one instance type per run).
-    compute: Literal["local", "kubernetes", "batch"] = "local"
+    # Where the train step runs: here, on Metaflow's @kubernetes / @batch with resources from
+    # the instance catalog (one instance type per run), or as one SageMaker training job per
+    # cell (any instance type SageMaker offers, several per run).
+    compute: Literal["local", "kubernetes", "batch", "sagemaker"] = "local"
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
     # A real failure (an exception in the trainer, a lost node) is retried this many times,
     # then fails the run (`on_error: fail`, so that `resume` re-runs only the failed cells)
@@ -382,7 +417,7 @@ def describe_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
         elif kind == "missing":
             problems.append(f"{path}: required key is missing")
         else:
-            problems.append(f"{path}: {value!r} is invalid: {err['msg'].lower()}")
+            problems.append(f"{path}: {value!r} is invalid: {err['msg'][:1].lower() + err['msg'][1:]}")
     return problems
 
 

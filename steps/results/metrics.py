@@ -167,6 +167,13 @@ class CellMetrics(_Record):
     node_rank: int | None = None
     out_dir: str | None = None
     cost_usd: float | None = None
+    # compute: sagemaker: the cell's training job, and what SageMaker billed (seconds per
+    # instance; managed spot bills less than it ran: spot_savings = 1 - billable / training).
+    job_name: str | None = None
+    job_arn: str | None = None
+    job_status: str | None = None  # status/secondary status at the end, e.g. Failed/Failed
+    billable_s: float | None = None
+    spot_savings: float | None = None
 
     def update(self, **values: Any) -> CellMetrics:
         """Set several names at once (each checked like an attribute)."""

@@ -1,0 +1,93 @@
+"""What a SageMaker job's end means for its cell: the same outcomes as a local cell.
+
+- the trainer's own outcome (ok, oom, error, timeout, hang) from the metrics.json it uploaded,
+  whatever the job's status (a failed job still brings its metrics back);
+- `MaxRuntimeExceeded`: timeout;
+- capacity and quota (`CapacityError`, `ResourceLimitExceeded`, insufficient capacity), a spot
+  job that found no capacity in `max_wait_s`, or a job stopped from outside: error, with the
+  reason, which the flow retries per `retries` (a retry resumes from the cell's checkpoints).
+Pure: the job's description and the downloaded cell folder in, CellMetrics out.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from steps.plan.schema import CellSpec
+from steps.results.metrics import CellMetrics
+
+TERMINAL = ("Completed", "Failed", "Stopped")
+CAPACITY = ("CapacityError", "ResourceLimitExceeded", "InsufficientInstanceCapacity",
+            "insufficient capacity", "ThrottlingException")
+
+
+def refused_result(cell: CellSpec, code: str, message: str) -> CellMetrics:
+    """SageMaker (or the request check) refused to create the job."""
+    kind = "capacity or quota" if any(c.lower() in f"{code} {message}".lower() for c in CAPACITY) else "refused"
+    return CellMetrics(cell_id=cell.cell_id, outcome="error", world_size=cell.world_size,
+                       global_batch=cell.global_batch,
+                       error=f"SageMaker job not created ({kind}): {code}: {message}"[:2000])
+
+
+def _node_metrics(out_dir: Path) -> dict[int, CellMetrics]:
+    found = {}
+    for index, folder in [(0, out_dir), *((int(p.name[4:]), p) for p in out_dir.glob("node[0-9]*"))]:
+        try:
+            m = CellMetrics.read(folder / "metrics.json")
+        except ValueError as exc:
+            m = CellMetrics(outcome="error", error=str(exc)[:2000])
+        if m is not None:
+            found[index] = m
+    return found
+
+
+def _log(out_dir: Path) -> str:
+    parts = [(0, out_dir / "train.log")]
+    parts += sorted((int(p.name[4:]), p / "train.log") for p in out_dir.glob("node[0-9]*"))
+    return "".join(
+        (path.read_text(errors="replace") if path.exists() else "(no log came back)\n") if i == 0
+        else f"\n===== node {i} =====\n" + (path.read_text(errors="replace") if path.exists() else "")
+        for i, path in parts)
+
+
+def _seconds(a, b) -> float | None:
+    return (b - a).total_seconds() if a is not None and b is not None else None
+
+
+def job_result(cell: CellSpec, job: dict[str, Any], out_dir: Path) -> tuple[CellMetrics, str]:
+    """The cell's metrics from the ended job (`DescribeTrainingJob`) and what it uploaded."""
+    status, secondary = job["TrainingJobStatus"], job.get("SecondaryStatus", "")
+    reason = job.get("FailureReason") or ""
+    nodes = _node_metrics(Path(out_dir))
+    m = nodes.get(0)
+    if m is None:
+        m = CellMetrics(cell_id=cell.cell_id, outcome="error", world_size=cell.world_size,
+                        global_batch=cell.global_batch,
+                        error=f"SageMaker job {status.lower()} and its metrics.json did not come back"
+                              + (f": {reason}" if reason else ""))
+    for index, other in sorted(nodes.items())[1:]:
+        if m.outcome == "ok" and other.outcome == "error":
+            m.update(outcome="error", error=f"node {index} failed: {other.error}")
+    if status == "Stopped" and secondary == "MaxRuntimeExceeded":
+        limit = job.get("StoppingCondition", {}).get("MaxRuntimeInSeconds")
+        m.update(outcome="timeout", stopped_after_steps=len(m.loss_curve),
+                 error=f"SageMaker stopped the job at MaxRuntimeInSeconds={limit} "
+                       f"({len(m.loss_curve)} steps done){': ' + reason if reason else ''}")
+    elif status == "Stopped" and secondary == "MaxWaitTimeExceeded":
+        m.update(outcome="error", error=f"spot: no capacity within MaxWaitTimeInSeconds ({reason})")
+    elif status == "Stopped" and m.outcome in ("ok", "running"):
+        m.update(outcome="error", error=f"SageMaker job stopped before the cell ended{': ' + reason if reason else ''}")
+    elif status == "Failed" and m.outcome in ("ok", "running"):
+        m.update(outcome="error", error=f"SageMaker job failed: {reason or secondary}")
+    training = job.get("TrainingTimeInSeconds")
+    billable = job.get("BillableTimeInSeconds")
+    savings = (1 - billable / training if job.get("EnableManagedSpotTraining") and billable is not None
+               and training else None)
+    m.update(job_name=job.get("TrainingJobName"), job_arn=job.get("TrainingJobArn"),
+             job_status=f"{status}/{secondary}" if secondary else status,
+             billable_s=float(billable) if billable is not None else None,
+             spot_savings=round(savings, 4) if savings is not None and math.isfinite(savings) else None,
+             queued_s=_seconds(job.get("CreationTime"), job.get("TrainingStartTime")))
+    return m, _log(Path(out_dir))
