@@ -56,6 +56,11 @@ def test_matrix_problems_for_sagemaker_are_reported_together():
     assert problems[2:] == ["remote.max_wait_s: only used with remote.spot: true",
                             "remote.subnets / remote.security_groups: a VPC needs both, or neither"]
     with pytest.raises(ConfigError) as err:
+        parse_matrix(base_matrix(remote={"spot": True, "max_wait_s": 1000}))
+    assert err.value.problems == [
+        "remote.max_wait_s: 1000 is below the jobs' run limit 2400 s (train.timeout_s + "
+        "remote.startup_allowance_s); SageMaker needs at least that"]
+    with pytest.raises(ConfigError) as err:
         parse_matrix(base_matrix(compute="local", instance="local-cpu", remote={"spot": True, "role": "x"}))
     assert any(p.startswith("remote.role: 'x' is invalid: string should match pattern '^arn:aws")
                for p in err.value.problems)

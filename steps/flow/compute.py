@@ -3,7 +3,8 @@
 `MatrixCompute` is a Metaflow FlowMutator: once the `matrix` Config is parsed it adds to the
 train step @retry (real failures), @catch (`on_error: record`) and, for `compute: kubernetes`
 or `batch`, the compute decorator with the GPUs, CPUs, memory and node selector of the matrix's
-instance type from `configs/instances.yaml`. It also ships `steps/` and `configs/` in
+instance type from `configs/instances.yaml` (`compute: sagemaker` adds no decorator: the step
+itself submits the cell's training job, `steps/flow/sagemaker`). It also ships `steps/` and `configs/` in
 Metaflow's code package, so remote tasks import the same code (they sit next to the flow file
 in the package; see `package_files`).
 """

@@ -167,6 +167,10 @@ def _compute_problems(spec: MatrixSpec) -> list[str]:
         remote = spec.remote
         if remote.max_wait_s is not None and not remote.spot:
             problems.append("remote.max_wait_s: only used with remote.spot: true")
+        run_limit = int(spec.train.timeout_s) + remote.startup_allowance_s
+        if remote.spot and remote.max_wait_s is not None and remote.max_wait_s < run_limit:
+            problems.append(f"remote.max_wait_s: {remote.max_wait_s} is below the jobs' run limit {run_limit} s "
+                            f"(train.timeout_s + remote.startup_allowance_s); SageMaker needs at least that")
         if bool(remote.subnets) != bool(remote.security_groups):
             problems.append("remote.subnets / remote.security_groups: a VPC needs both, or neither")
         return problems
