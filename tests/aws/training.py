@@ -619,7 +619,9 @@ class TrainingService:
         stop_pumps = threading.Event()
         pumps = [
             threading.Thread(target=self._every, args=(self.log_interval_s, stop_pumps, self._flush_logs, hosts)),
-            threading.Thread(target=self._every, args=(self.sync_interval_s, stop_pumps, self._sync, job, hosts)),
+            # an interruption waiting for a checkpoint file: sync often, so it comes right after it
+            threading.Thread(target=self._every, args=(
+                0.05 if job.interrupt_glob else self.sync_interval_s, stop_pumps, self._sync, job, hosts)),
         ]
         for pump in pumps:
             pump.daemon = True
