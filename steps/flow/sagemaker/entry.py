@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from steps.flow import launcher
-from steps.flow.sagemaker.job import DATA_CHANNEL, MODEL_CHANNEL
+from steps.flow.sagemaker.job import DATA_CHANNEL, MODEL_CHANNEL, split_s3
 from steps.plan.schema import CellSpec
 
 FAILURE_MAX = 1024  # SageMaker keeps the first 1 KiB of the failure file
@@ -66,12 +66,12 @@ def upload(folder: Path, uri: str) -> int:
     """Every file of the cell folder to s3://... (checkpoints have their own channel)."""
     import boto3
 
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    bucket, prefix = split_s3(uri)
     s3, count = boto3.client("s3"), 0
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if path.is_file() and not path.is_symlink() and rel.parts[0] != "checkpoints":
-            s3.upload_file(str(path), bucket, f"{prefix.rstrip('/')}/{rel.as_posix()}")
+            s3.upload_file(str(path), bucket, f"{prefix}/{rel.as_posix()}")
             count += 1
     return count
 

@@ -103,6 +103,12 @@ class JobPlan:
     inputs: dict[str, str] = field(default_factory=dict)
 
 
+def split_s3(uri: str) -> tuple[str, str]:
+    """s3://bucket/some/prefix -> (bucket, "some/prefix")."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key.strip("/")
+
+
 def sagemaker_instance(instance: str) -> str | None:
     entry = catalog.instances().get(instance)
     return entry.sagemaker_instance if entry else None

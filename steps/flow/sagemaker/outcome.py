@@ -31,25 +31,19 @@ def refused_result(cell: CellSpec, code: str, message: str) -> CellMetrics:
                        error=f"SageMaker job not created ({kind}): {code}: {message}"[:2000])
 
 
-def _node_metrics(out_dir: Path) -> dict[int, CellMetrics]:
-    found = {}
-    for index, folder in [(0, out_dir), *((int(p.name[4:]), p) for p in out_dir.glob("node[0-9]*"))]:
+def _nodes(out_dir: Path) -> list[tuple[int, dict | None, str, None]]:
+    """What each instance uploaded (node 0 in the cell folder, others in node<i>/), in the
+    shape `tasks.gather` combines for @parallel nodes."""
+    nodes = []
+    for index, folder in [(0, out_dir), *sorted((int(p.name[4:]), p) for p in out_dir.glob("node[0-9]*"))]:
         try:
             m = CellMetrics.read(folder / "metrics.json")
         except ValueError as exc:
             m = CellMetrics(outcome="error", error=str(exc)[:2000])
-        if m is not None:
-            found[index] = m
-    return found
-
-
-def _log(out_dir: Path) -> str:
-    parts = [(0, out_dir / "train.log")]
-    parts += sorted((int(p.name[4:]), p / "train.log") for p in out_dir.glob("node[0-9]*"))
-    return "".join(
-        (path.read_text(errors="replace") if path.exists() else "(no log came back)\n") if i == 0
-        else f"\n===== node {i} =====\n" + (path.read_text(errors="replace") if path.exists() else "")
-        for i, path in parts)
+        log = folder / "train.log"
+        text = log.read_text(errors="replace") if log.exists() else "(no log came back)\n" if index == 0 else ""
+        nodes.append((index, m.to_dict() if m else None, text, None))
+    return nodes
 
 
 def _seconds(a, b) -> float | None:
@@ -60,16 +54,15 @@ def job_result(cell: CellSpec, job: dict[str, Any], out_dir: Path) -> tuple[Cell
     """The cell's metrics from the ended job (`DescribeTrainingJob`) and what it uploaded."""
     status, secondary = job["TrainingJobStatus"], job.get("SecondaryStatus", "")
     reason = job.get("FailureReason") or ""
-    nodes = _node_metrics(Path(out_dir))
-    m = nodes.get(0)
-    if m is None:
-        m = CellMetrics(cell_id=cell.cell_id, outcome="error", world_size=cell.world_size,
-                        global_batch=cell.global_batch,
-                        error=f"SageMaker job {status.lower()} and its metrics.json did not come back"
-                              + (f": {reason}" if reason else ""))
-    for index, other in sorted(nodes.items())[1:]:
-        if m.outcome == "ok" and other.outcome == "error":
-            m.update(outcome="error", error=f"node {index} failed: {other.error}")
+    from steps.flow.tasks import gather  # node 0 measures the cell; a failed node fails it
+
+    nodes = _nodes(Path(out_dir))
+    combined, log = gather(nodes)
+    m = CellMetrics.from_dict(combined)
+    if nodes[0][1] is None:
+        m.update(cell_id=cell.cell_id, world_size=cell.world_size, global_batch=cell.global_batch,
+                 error=f"SageMaker job {status.lower()} and its metrics.json did not come back"
+                       + (f": {reason}" if reason else ""))
     if status == "Stopped" and secondary == "MaxRuntimeExceeded":
         limit = job.get("StoppingCondition", {}).get("MaxRuntimeInSeconds")
         m.update(outcome="timeout", stopped_after_steps=len(m.loss_curve),
@@ -90,4 +83,4 @@ def job_result(cell: CellSpec, job: dict[str, Any], out_dir: Path) -> tuple[Cell
              billable_s=float(billable) if billable is not None else None,
              spot_savings=round(savings, 4) if savings is not None and math.isfinite(savings) else None,
              queued_s=_seconds(job.get("CreationTime"), job.get("TrainingStartTime")))
-    return m, _log(Path(out_dir))
+    return m, log

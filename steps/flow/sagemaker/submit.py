@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from steps import REPO_ROOT
+from steps.flow import launcher
+from steps.flow.compute import package_files
 from steps.flow.sagemaker import job as jobs
 from steps.flow.sagemaker.outcome import TERMINAL, job_result, refused_result
 from steps.flow.sagemaker.service_model import request_problems
@@ -36,8 +36,6 @@ from steps.results.metrics import CellMetrics
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 SDK_MAJOR = 3  # the sagemaker SDK major version this module is written against
 ROLE_ENV = ("FINETUNE_MATRIX_SAGEMAKER_ROLE", "SAGEMAKER_ROLE")
-# What goes into the job's code channel (with cell.yaml and requirements.txt).
-SOURCE = (("steps", "*.py"), ("configs", "*.yaml"))
 
 
 class RequestRefused(ValueError):
@@ -106,14 +104,13 @@ def training_image(plan: jobs.JobPlan, region: str) -> str:
 
 
 def stage_source(cell: CellSpec, plan: jobs.JobPlan, folder: Path, root: Path = REPO_ROOT) -> Path:
-    """The code channel: steps/ and configs/ as they are here, the cell, pinned requirements."""
-    for sub, pattern in SOURCE:
-        for path in sorted((root / sub).rglob(pattern)):
-            if "__pycache__" not in path.parts:
-                target = folder / path.relative_to(root)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)
-    (folder / "cell.yaml").write_text(yaml.safe_dump(cell.model_dump(mode="json"), sort_keys=False))
+    """The code channel: what Metaflow's code package ships (steps/, configs/), the cell,
+    pinned requirements."""
+    for path, name in package_files(root):
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    launcher.write_cell(cell, folder)
     (folder / "requirements.txt").write_text("".join(f"{line}\n" for line in plan.requirements))
     return folder
 
@@ -132,9 +129,8 @@ def model_trainer(cell: CellSpec, plan: jobs.JobPlan, session, source_dir: Path)
         StoppingCondition,
     )
 
-    bucket = plan.s3.output.removeprefix("s3://").split("/")[0]
-    sm_session = Session(boto_session=session, default_bucket=bucket,
-                         default_bucket_prefix=_key_prefix(plan.s3.output))
+    bucket, prefix = jobs.split_s3(plan.s3.output)
+    sm_session = Session(boto_session=session, default_bucket=bucket, default_bucket_prefix=prefix)
     networking = (Networking(subnets=plan.subnets, security_group_ids=plan.security_groups)
                   if plan.subnets else None)
     trainer = ModelTrainer(
@@ -158,10 +154,6 @@ def model_trainer(cell: CellSpec, plan: jobs.JobPlan, session, source_dir: Path)
     trainer.input_data_config = [InputData(channel_name=name, data_source=path)
                                  for name, path in plan.inputs.items()] or None
     return trainer
-
-
-def _key_prefix(uri: str) -> str:
-    return uri.removeprefix("s3://").partition("/")[2].strip("/")
 
 
 def request(trainer) -> dict[str, Any]:
@@ -239,27 +231,31 @@ def stop(client, job: str, echo=_print) -> None:
             echo(f"sagemaker {job}: stop requested (the step ended before the job)")
 
 
+def _objects(s3, uri: str):
+    """(bucket, key, key below the prefix) of every object under an s3:// prefix."""
+    bucket, prefix = jobs.split_s3(uri)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            yield bucket, obj["Key"], obj["Key"][len(prefix) + 1:]
+
+
 def fetch(s3, uri: str, out_dir: Path) -> list[Path]:
     """Everything under the cell's results prefix into the local cell folder."""
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    prefix = prefix.rstrip("/") + "/"
     got = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            target = out_dir / obj["Key"][len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, obj["Key"], str(target))
-            got.append(target)
+    for bucket, key, rel in _objects(s3, uri):
+        target = out_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, key, str(target))
+        got.append(target)
     return got
 
 
 def clear(s3, uri: str) -> None:
     """A previous execution of the same attempt's results (so nothing stale comes back)."""
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    found = list(_objects(s3, uri))
+    for start in range(0, len(found), 1000):  # DeleteObjects takes 1000 keys at most
+        batch = found[start:start + 1000]
+        s3.delete_objects(Bucket=batch[0][0], Delete={"Objects": [{"Key": key} for _, key, _ in batch]})
 
 
 @contextlib.contextmanager
