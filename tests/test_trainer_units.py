@@ -199,8 +199,11 @@ def test_heartbeat_holds_the_pid_and_rank_0_streams_new_curve_points(tmp_path):
     p.add_step(_point(1, 5.0, 8.0), 0.1, warm=True, seq_tokens=8, sequences=1)
     p.add_step(_point(2, 4.5, 8.0), 0.1, warm=False, seq_tokens=8, sequences=1)
     os.utime(pid_file, (0, 0))
+    beat.beat(p)  # the first beat: training has started, hang detection may begin
+    assert pid_file.stat().st_mtime > 0 and pid_file.read_text() == f"{os.getpid()}\ntraining\n"
+    os.utime(pid_file, (0, 0))
     beat.beat(p)
-    assert pid_file.stat().st_mtime > 0 and pid_file.read_text() == f"{os.getpid()}\n"
+    assert pid_file.stat().st_mtime > 0 and pid_file.read_text() == f"{os.getpid()}\ntraining\n"
     p.add_step(_point(3, 4.0, 8.0), 0.1, warm=False, seq_tokens=8, sequences=1)
     p.val_curve.append(ValPoint(step=3, time_s=1.5, val_loss=4.2, accuracy=None, token_accuracy=0.25))
     beat.beat(p)
@@ -217,7 +220,7 @@ def test_heartbeat_of_other_ranks_writes_no_curve(tmp_path):
     beat = Heartbeat(tmp_path, 3)
     p = Progress(loss_curve=[_point(1, 5.0, 8.0)])
     beat.beat(p)
-    assert (tmp_path / HEARTBEAT_DIR / "rank3").read_text() == f"{os.getpid()}\n"
+    assert (tmp_path / HEARTBEAT_DIR / "rank3").read_text() == f"{os.getpid()}\ntraining\n"
     assert not (tmp_path / PARTIAL_CURVES).exists()
 
 
@@ -232,3 +235,31 @@ def test_an_engine_takes_only_its_declared_attributes():
     assert engine.lr() == pytest.approx(2e-3 / 4)
     with pytest.raises(AttributeError, match="declares no attribute 'param_counts'"):
         engine.param_counts = (8, 8, 0)
+
+
+# ---------------------------------------------------------------- random-init cache
+def _write_random_checkpoint_on_rank_1(rank: int, init_file: str, cache: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["FINETUNE_MATRIX_CACHE"] = cache
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if rank == 1:  # the rank that takes the lock first need not be global rank 0
+        from steps.trainer.modeling import random_checkpoint
+
+        with open(out, "w") as fh:
+            fh.write(str(random_checkpoint(make_cell(), 259)))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_random_checkpoint_written_by_rank_1_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.multiprocessing.spawn(_write_random_checkpoint_on_rank_1, nprocs=2, args=(
+        str(tmp_path / "init"), str(tmp_path / "cache"), str(tmp_path / "folder")))
+    folder = (tmp_path / "folder").read_text()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(0)
+    again = AutoModelForCausalLM.from_config(model.config)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

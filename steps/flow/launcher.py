@@ -25,7 +25,15 @@ from steps import REPO_ROOT
 from steps.flow import cpu_slots
 from steps.plan import catalog
 from steps.plan.schema import CellSpec
-from steps.results.metrics import HEARTBEAT_DIR, PARTIAL_CURVES, CellMetrics, LossPoint, ValPoint, rank_prefix
+from steps.results.metrics import (
+    HEARTBEAT_DIR,
+    PARTIAL_CURVES,
+    TRAINING,
+    CellMetrics,
+    LossPoint,
+    ValPoint,
+    rank_prefix,
+)
 
 KILL_GRACE_S = 5.0
 STACK_DUMP_WAIT_S = 2.0
@@ -89,10 +97,16 @@ def skipped_metrics(cell: CellSpec, reason: str) -> CellMetrics:
                        world_size=cell.world_size, global_batch=cell.global_batch)
 
 
-def last_progress(out_dir: Path, since: float) -> float:
-    """When a rank of this node last showed progress (launch time until one has)."""
-    stamps = [p.stat().st_mtime for p in (out_dir / HEARTBEAT_DIR).glob("rank*")]
-    return max([since, *(t for t in stamps if t >= since)])
+def last_progress(out_dir: Path, since: float) -> float | None:
+    """When a training rank of this node last showed progress; None before any rank trains
+    (start-up, however long the model takes to load, is bounded by the timeout only)."""
+    stamps = []
+    for beat in (out_dir / HEARTBEAT_DIR).glob("rank*"):
+        with contextlib.suppress(OSError):
+            if TRAINING in beat.read_text().split():
+                stamps.append(beat.stat().st_mtime)
+    stamps = [t for t in stamps if t >= since]
+    return max(stamps) if stamps else None
 
 
 def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 0,
@@ -147,14 +161,16 @@ def _clear_working_files(out_dir: Path) -> None:
 def _watch(proc: subprocess.Popen, cell: CellSpec, out_dir: Path, start: float,
            started_at: float) -> str | None:
     """Wait for the trainer; stop it at the time limit or when no rank has progressed for
-    `hang_after_s` (its stacks dumped into the log first). Returns why it was stopped."""
+    `hang_after_s` once training has started (its stacks dumped into the log first). Returns
+    why it was stopped."""
     hang_after = cell.train.hang_after_s
     while proc.poll() is None:
         time.sleep(POLL_S)
         if time.perf_counter() - start > cell.train.timeout_s:
             _stop(proc)
             return "timeout"
-        if hang_after and time.time() - last_progress(out_dir, started_at) > hang_after:
+        progress = last_progress(out_dir, started_at) if hang_after else None
+        if progress is not None and time.time() - progress > hang_after:
             dump_stacks(out_dir)
             _stop(proc)
             return "hang"

@@ -25,6 +25,7 @@ Outcome = Literal["running", "ok", "oom", "error", "timeout", "hang", "skipped"]
 # Working files the trainer leaves for the launcher's hang watch, in the cell's folder: one
 # heartbeat file per rank, and rank 0's curve so far (one JSON point per line).
 HEARTBEAT_DIR = "heartbeat"
+TRAINING = "training"  # a heartbeat file's second line once its rank trains
 PARTIAL_CURVES = "partial.jsonl"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 from steps.results import metrics
+from steps.results.metrics import TRAINING
 from steps.trainer.progress import Progress
 
 
@@ -17,9 +18,12 @@ class Heartbeat:
     """Shows the launcher that this rank makes progress, for hang detection.
 
     Every rank has its own file, `<out>/heartbeat/rank<N>`, holding its process id (the launcher
-    signals exactly the trainer processes) and touched at each beat: a stuck rank and the ranks
-    waiting for it in a collective all go quiet. Rank 0 also appends each new curve point to
-    `partial.jsonl`, so a cell stopped as `hang` or `timeout` keeps what it measured.
+    signals exactly the trainer processes) from start-up on, and touched at each beat: a stuck
+    rank and the ranks waiting for it in a collective all go quiet. The first beat (training
+    starts) adds the line "training": start-up (imports, rendezvous, model loading) takes as
+    long as the model needs and is bounded by the cell's timeout only. Rank 0 also appends each
+    new curve point to `partial.jsonl`, so a cell stopped as `hang` or `timeout` keeps what it
+    measured.
     """
 
     def __init__(self, out: Path, rank: int):
@@ -27,11 +31,16 @@ class Heartbeat:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"rank{rank}"
         self.path.write_text(f"{os.getpid()}\n")
+        self.training = False
         self.partial = out / metrics.PARTIAL_CURVES if rank == 0 else None
         self.written = {"loss_curve": 0, "val_curve": 0}  # points already in `partial`
 
     def beat(self, progress: Progress | None = None) -> None:
-        self.path.touch()
+        if self.training:
+            self.path.touch()
+        else:
+            self.path.write_text(f"{os.getpid()}\n{TRAINING}\n")
+            self.training = True
         if self.partial is None or progress is None:
             return
         lines = []

@@ -92,11 +92,15 @@ def random_checkpoint(cell: CellSpec, vocab_size: int) -> Path:
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one writer per machine; the others wait, then read
         if not (folder / "complete").exists():
+            from safetensors.torch import save_model
             from transformers import AutoModelForCausalLM
 
             torch.manual_seed(cell.train.seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            model.save_pretrained(folder)
+            # Not model.save_pretrained: under torch.distributed it writes on global rank 0
+            # only, and the writer here is whichever rank of this machine took the lock.
+            config.save_pretrained(folder)
+            save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
             (folder / "complete").touch()
     return folder
 
