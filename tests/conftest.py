@@ -65,6 +65,24 @@ def torchrun_trainer(cell: CellSpec, out: Path, nproc: int | None = None, timeou
     return proc, metrics
 
 
+def torchrun_cells(cells: list[CellSpec], outs: list[Path], timeout: float = 600):
+    """Cells of one world size trained one after the other by one torchrun launch
+    (`tests/one_launch.py`, the trainer's own `main` per cell); the launch and each cell's metrics."""
+    args = []
+    for cell, out in zip(cells, outs, strict=True):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cell.yaml").write_text(yaml.safe_dump(cell.model_dump(mode="json")))
+        args += [str(out / "cell.yaml"), str(out)]
+    (nproc,) = {cell.world_size for cell in cells}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "tests.one_launch", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    found = [out / "metrics.json" for out in outs]
+    return proc, [json.loads(f.read_text()) if f.exists() else {"outcome": None, "error": proc.stderr[-3000:]}
+                  for f in found]
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED / "data").is_dir():

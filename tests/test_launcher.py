@@ -26,7 +26,7 @@ def test_deepspeed_launcher_gives_the_losses_of_torchrun(tmp_path):
         runs[name] = (cell, launcher.run_cell(cell, tmp_path / name, echo=False))
     (a, ma), (b, mb) = runs["torchrun"], runs["deepspeed"]
     assert a.cell_id == b.cell_id  # how a cell is launched is not part of what it measures
-    assert ma["outcome"] == mb["outcome"] == "ok"
+    assert ma["outcome"] == mb["outcome"] == "ok", (ma["error"], mb["error"])
     assert [p["loss"] for p in ma["loss_curve"]] == [p["loss"] for p in mb["loss_curve"]]
     assert ma["val_loss"] == mb["val_loss"]
     log = (tmp_path / "deepspeed" / "train.log").read_text()

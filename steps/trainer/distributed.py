@@ -6,6 +6,7 @@ Without torchrun (plain `python -m steps.train`) everything degrades to one proc
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, NamedTuple
@@ -70,12 +71,20 @@ def mesh_2d(d: Dist, layout: ParallelLayout) -> Meshes:
     return Meshes(mesh["dp"], mesh[inner])
 
 
-def shutdown() -> None:
+def shutdown(end: bool = True) -> None:
     """Every rank reaches the barrier before any tears its connections down (gloo aborts a
-    peer that is still sending to a rank that has gone)."""
+    peer that is still sending to a rank that has gone). DeepSpeed tears down through its own
+    comm layer, which also drops the groups it keeps (a later process group would otherwise
+    meet them, destroyed)."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if not end:
+            return
+        deepspeed_comm = sys.modules.get("deepspeed.comm")
+        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+            deepspeed_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -61,7 +61,9 @@ def block_unused_imports(cell: CellSpec) -> None:
         sys.modules.setdefault("bitsandbytes", None)  # find_spec() then returns None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
+    """One cell in this process. end_process_group=False leaves the process group (and the
+    groups built on it) up for a caller that trains further cells in the same processes."""
     args = parse_args(argv)
     t_start = time.perf_counter()
     rank = int(os.environ.get("RANK", 0))
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if code == EXIT_OK:
         if d.is_main:
             m.write(out / "metrics.json")
-        distributed.shutdown()
+        distributed.shutdown(end_process_group)
     else:
         m.write(out / "metrics.json", first_wins=True)  # the first rank to fail reports the cell
     return code
