@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from steps.plan import data_sources as sources
 from steps.plan.schema import DataSettings
 from steps.trainer import data
 from steps.trainer.tokenizer import ByteTokenizer
@@ -18,7 +19,7 @@ def test_sst2_real_files_with_their_different_headers_and_line_ends(shared_data)
     splits = data.build_splits(DataSettings(task="classification", path=str(shared_data / "sst2")), TOK, 128)
     assert len(splits.train) == 67_349 and len(splits.val) == 872
     assert splits.has_answers
-    pairs_train, pairs_val, _ = data.load_pairs(DataSettings(task="classification", path=str(shared_data / "sst2")), 128)
+    pairs_train, pairs_val, _ = sources.load_pairs(DataSettings(task="classification", path=str(shared_data / "sst2")), 128)
     assert all("\r" not in p and p.startswith("Review: ") and p.endswith("\nSentiment:") for p, _ in pairs_train[:500])
     assert {a for _, a in pairs_train} == {" negative", " positive"}
     assert {a for _, a in pairs_val} == {" negative", " positive"}
@@ -47,15 +48,15 @@ def test_instructions_in_alpaca_and_dolly_fields(tmp_path):
             {"instruction": "Greet.", "context": "", "response": "Hello"}] * 10
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    train, val, has_answers = data.load_pairs(DataSettings(task="instructions", path=str(path), val_fraction=0.1), 512)
+    train, val, has_answers = sources.load_pairs(DataSettings(task="instructions", path=str(path), val_fraction=0.1), 512)
     assert len(train) == 18 and len(val) == 2 and not has_answers
-    prompt, answer = data.instruction_pair(rows[0])
+    prompt, answer = sources.instruction_pair(rows[0])
     assert "### Instruction:\nAdd.\n\n### Input:\n2+2\n\n### Response:\n" in prompt
     assert "paired with an input" in prompt and answer == "4"
-    prompt, answer = data.instruction_pair(rows[1])
+    prompt, answer = sources.instruction_pair(rows[1])
     assert "### Input" not in prompt and answer == "Hello"
     with pytest.raises(ValueError, match="expected instruction and response/output fields"):
-        data.instruction_pair({"question": "?"})
+        sources.instruction_pair({"question": "?"})
 
 
 def test_hub_loader_reads_a_local_json_dataset(tmp_path):
@@ -67,7 +68,7 @@ def test_hub_loader_reads_a_local_json_dataset(tmp_path):
 
 
 def test_packing_joins_examples_without_padding_and_keeps_the_loss_masks():
-    pairs = data.synthetic_majority(64, 32, seed=1)
+    pairs = sources.synthetic_majority(64, 32, seed=1)
     examples = [data.encode_pair(TOK, p, a, 32) for p, a in pairs]
     packed = data.pack(examples, 32)
     assert all(len(e.ids) == 33 for e in packed)
@@ -79,9 +80,9 @@ def test_packing_joins_examples_without_padding_and_keeps_the_loss_masks():
 
 
 def test_synthetic_majority_is_deterministic_balanced_and_fits():
-    a = data.synthetic_majority(1000, 64, seed=7)
-    assert a == data.synthetic_majority(1000, 64, seed=7)
-    assert a != data.synthetic_majority(1000, 64, seed=8)
+    a = sources.synthetic_majority(1000, 64, seed=7)
+    assert a == sources.synthetic_majority(1000, 64, seed=7)
+    assert a != sources.synthetic_majority(1000, 64, seed=8)
     assert 400 < sum(ans == "a" for _, ans in a) < 600
     for prompt, ans in a:
         letters = prompt[:-1]
@@ -90,7 +91,7 @@ def test_synthetic_majority_is_deterministic_balanced_and_fits():
 
 
 def test_every_replica_gets_its_slice_of_the_same_global_batch():
-    examples = [data.encode_pair(TOK, p, a, 32) for p, a in data.synthetic_majority(40, 32, 0)]
+    examples = [data.encode_pair(TOK, p, a, 32) for p, a in sources.synthetic_majority(40, 32, 0)]
     batches = data.GlobalBatches(examples, global_batch=8, seed=3)
     whole = batches.replica_examples(step=2, replica=0, replicas=1)
     halves = batches.replica_examples(2, 0, 2) + batches.replica_examples(2, 1, 2)

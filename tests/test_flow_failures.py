@@ -27,11 +27,10 @@ def _four(outcomes: dict[tuple, str]) -> dict[tuple, str]:
 
 def failing_matrix(tmp_path, **extra) -> dict:
     """8 cells (`exclude=FOUR` keeps 4); three forced to fail: one OOMs, one hangs (rank 1 stops at step 3, rank 0 waits
-    in its all-reduce), one reads a data file with a broken line."""
+    in its all-reduce), one reads a data file too short for one global batch (it parses, so the checks before launch
+    let it through; the trainer finds out)."""
     data = tmp_path / "instructions.jsonl"
-    rows = [json.dumps(GOOD_ROW)] * 64
-    rows[10] = '{"instruction": "Repeat the word", "input": "tea", '  # cut short
-    data.write_text("\n".join(rows) + "\n")
+    data.write_text("\n".join([json.dumps(GOOD_ROW)] * 3) + "\n")
     return {
         "name": "failures", "models": "llama-debug", "peft": "lora", "strategy": ["single", "ddp"],
         "gpus": 2, "lr": [3e-3, 1e-2], "micro_batch": [2, 4], "seq_len": 256,
@@ -88,7 +87,7 @@ def test_only_the_raising_cell_fails_and_resume_reruns_it_alone(tmp_path):
         failed = [t for t in trains if not t.successful]
         assert len(failed) == 1, output[-3000:]
         assert failed[0]["cell"].data["data"]["path"] == str(data)
-        assert "instructions.jsonl:11: not valid JSON" in failed[0]["metrics"].data["error"]
+        assert "fewer than one global batch" in failed[0]["metrics"].data["error"]
         assert failed[0].current_attempt == 1  # retried once (retries: 1), then failed the run
         done = {t["cell"].data["cell_id"]: t.pathspec for t in trains if t.successful}
         assert len(done) == 3, "the cells running beside the failing one were stopped"
@@ -129,7 +128,7 @@ def test_record_errors_finishes_with_the_error_in_its_row(tmp_path):
         df = result.run["join"].task["results"].data
     assert len(df) == 4 and _outcomes(df) == _four(_expected("error"))
     row = df[df["outcome"] == "error"].iloc[0]
-    assert row["error"].startswith("ValueError: ") and "instructions.jsonl:11: not valid JSON" in row["error"]
+    assert row["error"].startswith("ValueError: data has 2 training samples, fewer than one global batch (4)")
     # The report of a run with failed cells: built, every cell in it, the failures listed.
     out = tmp_path / "reports" / result.run.id
     report = (out / "report.md").read_text()

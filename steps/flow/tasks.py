@@ -17,7 +17,7 @@ import pandas as pd
 
 from steps import REPO_ROOT
 from steps.flow import compute, launcher
-from steps.plan import catalog
+from steps.plan import catalog, preflight
 from steps.plan.matrix import expand, parse_matrix, plain
 from steps.plan.schema import CellSpec
 from steps.results import table as results
@@ -36,8 +36,11 @@ def run_dir(run_id: str) -> Path:
 
 
 def plan(matrix: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every cell of the matrix (refused ones included: they become `skipped` rows)."""
-    return [p.to_dict() for p in expand(parse_matrix(plain(matrix)))]
+    """Every cell of the matrix (refused ones included: they become `skipped` rows), after the
+    checks that need the models and data (`preflight`): a problem fails `start`, before any
+    cell runs."""
+    spec = parse_matrix(plain(matrix))
+    return [p.to_dict() for p in preflight.check(spec, expand(spec))]
 
 
 class CellFailed(RuntimeError):

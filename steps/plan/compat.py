@@ -6,10 +6,12 @@ Each rule returns a reason or None. Keep this list short: refuse only what truly
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from typing import Any
 
 from steps.plan import catalog
-from steps.plan.schema import CellSpec
+from steps.plan.schema import ALL_LINEAR, CellSpec
 
 
 def _arch(cell: CellSpec) -> dict:
@@ -34,8 +36,10 @@ def dora_tensor_parallel(cell: CellSpec) -> str | None:
 def adapter_on_sharded_head(cell: CellSpec) -> str | None:
     """transformers' tensor plan splits lm_head's output across ranks; a LoRA adapter on it
     produces the whole vocabulary and the two cannot be added (measured: 259 vs 129 on 2 ranks)."""
-    if (cell.peft in ("lora", "dora") and cell.layout.model_split == "tensor"
-            and "lm_head" in cell.train.lora.target_modules):
+    targets = cell.train.lora.target_modules
+    on_head = "lm_head" in targets if isinstance(targets, list) else (
+        isinstance(targets, str) and targets != ALL_LINEAR and re.fullmatch(targets, "lm_head") is not None)
+    if cell.peft in ("lora", "dora") and cell.layout.model_split == "tensor" and on_head:
         return ("lora on lm_head with tensor parallelism: the head is split across ranks and its "
                 "adapter is not; drop lm_head from train.lora.target_modules, or use pipeline/ddp")
     return None
@@ -100,6 +104,36 @@ RULES: list[Callable[[CellSpec], str | None]] = [
     quantized_tensor_parallel, dora_tensor_parallel, adapter_on_sharded_head, hybrid_shape, model_split_of_one,
     split_fits_model, precision_supported, devices_fit,
 ]
+
+
+PIPELINE_LAYOUT = ("embed_tokens", "layers", "norm")  # what the pipeline engine's stages hold
+
+
+def model_refusal(cell: CellSpec, model: dict[str, Any] | None) -> str | None:
+    """What the model's own facts (`steps.trainer.facts`) rule out; None without facts."""
+    if not model or "error" in model:
+        return None
+    split, ways, kind = cell.layout.model_split, cell.layout.mp_size, model["model_type"]
+    if split == "tensor" and not model["tensor_plan"]:
+        return (f"tensor parallelism needs the model's own tensor-parallel plan and transformers has "
+                f"none for {kind}; use fsdp or zero3 to shard it, or pipeline")
+    if split == "pipeline" and model["tied_embeddings"]:
+        return (f"pipeline with tied input and output embeddings ({kind} ties them): the first and "
+                f"last stages would both need the one matrix; use fsdp or zero3, or a model with "
+                f"tie_word_embeddings: false")
+    if split == "pipeline" and not set(PIPELINE_LAYOUT) <= set(model.get("pipeline_plan", [])):
+        plan = ", ".join(model.get("pipeline_plan", [])) or "none"
+        return (f"the pipeline split runs decoders laid out as transformers' pipeline plan "
+                f"{' -> '.join(PIPELINE_LAYOUT)}; {kind}'s plan is {plan}; use fsdp or zero3")
+    if split == "pipeline" and (model.get("layers") or ways) < ways:
+        return (f"pipeline over {ways} ranks needs at least {ways} layers, {cell.model} has "
+                f"{model['layers']}; use fewer ranks or ddp/fsdp")
+    if split == "tensor":
+        heads, kv = model.get("attention_heads") or ways, model.get("kv_heads") or ways
+        if heads % ways or kv % ways:
+            return (f"tensor parallelism over {ways} ranks needs attention heads ({heads}) and "
+                    f"key/value heads ({kv}) divisible by {ways}; use a divisor of {kv} ranks")
+    return None
 
 
 def refusal(cell: CellSpec) -> str | None:

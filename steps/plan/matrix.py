@@ -348,12 +348,17 @@ def show(planned: list[PlannedCell], out=sys.stdout) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("matrix", help="matrix YAML file")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the checks of models, adapters and data (no model facts read)")
     args = parser.parse_args(argv)
+    from steps.plan import preflight  # it plans with this module
+
     try:
         spec = load_matrix(args.matrix)
+        planned = expand(spec) if args.no_check else preflight.check(spec, expand(spec))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    show(expand(spec))
+    show(planned)
     return 0
 

@@ -7,6 +7,7 @@ and `ConfigError` renders each with its key path, the bad value and what is allo
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Literal, get_args
 
 from pydantic import (
@@ -28,6 +29,7 @@ Strategy = Literal[
     "tensor", "pipeline", "hybrid",
 ]
 Precision = Literal["fp32", "fp16-mixed", "bf16-mixed", "bf16-true"]
+ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer but the output head
 Outcome = Literal["ok", "oom", "error", "timeout", "hang", "skipped"]
 
 PEFT_METHODS: tuple[str, ...] = get_args(Peft)
@@ -53,9 +55,21 @@ class LoraSettings(Strict):
     r: PositiveInt = 8
     alpha: PositiveFloat = 16
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
-    )
+    # PEFT's conventions: unset, PEFT's default for the architecture (all-linear where PEFT has
+    # none); a list of module names (a name matches itself and any module ending in .name);
+    # "all-linear" (every linear layer but the output head); any other string is a regular
+    # expression matched against the full module name.
+    target_modules: list[str] | str | None = Field(None, min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _regex_compiles(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != ALL_LINEAR:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not 'all-linear' and not a regular expression ({exc})") from None
+        return value
 
 
 class QLoraSettings(Strict):
@@ -106,7 +120,8 @@ class TrainSettings(Strict):
     # `pretrained` loads them; `auto` follows the preset (hub ids and directories: pretrained).
     init: Literal["auto", "random", "pretrained"] = "auto"
     trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # auto: what transformers picks for the model (the fastest it supports and is installed).
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     # Time and tokens until the validation loss (train loss when eval_every is 0) first
     # reaches this value: the goodput / statistical-efficiency measure.
@@ -133,10 +148,12 @@ class DataSettings(Strict):
     """Where the examples come from and how they become token sequences."""
 
     # synthetic: majority letter of a string (learnable fast); synthetic-reverse: reverse it;
-    # instructions: JSONL with instruction/context/response (Alpaca, Dolly); classification:
-    # TSV of label and text (SST-2); text: plain text packed in blocks; hub: datasets.load_dataset.
+    # instructions: records with instruction/context/response (Alpaca, Dolly) or prompt/completion;
+    # chat: conversations (OpenAI messages, ShareGPT conversations), loss on assistant turns;
+    # classification: TSV of label and text (SST-2); text: plain text packed in blocks;
+    # hub: datasets.load_dataset. Records come from JSONL, JSON or Parquet files.
     task: Literal[
-        "synthetic", "synthetic-reverse", "instructions", "classification", "text", "hub"
+        "synthetic", "synthetic-reverse", "instructions", "chat", "classification", "text", "hub"
     ] = "synthetic"
     # A file, or a folder holding a train file and a dev/validation file.
     path: str | None = None

@@ -116,10 +116,13 @@ class CellMetrics(_Record):
     data_source: str | None = None
     train_examples: int | None = None
     val_examples: int | None = None
+    train_examples_cut: int | None = None  # training examples longer than seq_len (their ends dropped)
+    train_target_tokens: int | None = None  # tokens the loss is on, one pass over the training split
     steps_per_epoch: int | None = None
     total_steps: int | None = None
     trainable_params: int | None = None
     total_params: int | None = None
+    lora_targets: list[str] | None = None  # the modules adapted (PEFT's default when unset)
     pipeline_schedule: str | None = None
     resumed_from_step: int | None = None
     device: str | None = None

@@ -34,10 +34,11 @@ def train(cell: CellSpec, d: Dist, m: CellMetrics, out: Path, resume: bool, beat
     total_steps = (math.ceil(cell.train.epochs * batches.steps_per_epoch) if cell.train.epochs
                    else cell.train.max_steps)
     m.update(steps_per_epoch=batches.steps_per_epoch, total_steps=total_steps, data_source=splits.source,
-             train_examples=len(splits.train), val_examples=len(splits.val))
+             train_examples=len(splits.train), val_examples=len(splits.val), train_examples_cut=splits.train_cut,
+             train_target_tokens=splits.train_target_tokens)
     engine = build_engine(cell, d, tok.vocab_size, total_steps)
     m.update(trainable_params=engine.facts.trainable, total_params=engine.facts.total,
-             pipeline_schedule=engine.schedule_name)
+             lora_targets=list(engine.facts.adapted) or None, pipeline_schedule=engine.schedule_name)
     # The dataset and model are long-lived: keep them out of the garbage collector's full scans,
     # which otherwise walk every token list of the dataset during training steps.
     gc.collect()

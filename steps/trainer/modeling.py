@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from steps.plan import catalog
-from steps.plan.schema import CellSpec
+from steps.plan.schema import ALL_LINEAR, CellSpec
 from steps.trainer.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -105,6 +105,22 @@ def random_checkpoint(cell: CellSpec, vocab_size: int) -> Path:
     return folder
 
 
+def attn_implementation(cell: CellSpec) -> str | None:
+    """None lets transformers pick the fastest implementation the model supports."""
+    return None if cell.train.attn_implementation == "auto" else cell.train.attn_implementation
+
+
+def lora_targets(cell: CellSpec, model_type: str) -> list[str] | str:
+    """The cell's target_modules, or PEFT's default for the architecture; where PEFT has none
+    (Phi-3's fused qkv_proj, for one), every linear layer but the head."""
+    targets = cell.train.lora.target_modules
+    if targets is not None:
+        return targets
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    return list(DEFAULTS.get(model_type, [])) or ALL_LINEAR
+
+
 def quantization_config(cell: CellSpec):
     from transformers import BitsAndBytesConfig
 
@@ -127,13 +143,12 @@ def load_model(cell: CellSpec, vocab_size: int, device: torch.device, tp_mesh=No
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": weights_dtype(cell), "attn_implementation": cell.train.attn_implementation,
+    kwargs: dict[str, Any] = {"dtype": weights_dtype(cell), "attn_implementation": attn_implementation(cell),
                               "trust_remote_code": cell.train.trust_remote_code}
     if is_random_init(cell) and cell.peft != "qlora":
         torch.manual_seed(cell.train.seed)
         config = model_config(cell, vocab_size)
-        config._attn_implementation = cell.train.attn_implementation
-        model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"]).to(device)
+        model = AutoModelForCausalLM.from_config(config, **kwargs).to(device)
     else:
         # 4-bit quantisation happens while loading, so random weights go through a directory too.
         source = str(random_checkpoint(cell, vocab_size)) if is_random_init(cell) else _source(cell)
@@ -191,7 +206,7 @@ def apply_peft(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:
         model,
         LoraConfig(
             task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules), use_dora=cell.peft == "dora",
+            target_modules=lora_targets(cell, model.config.model_type), use_dora=cell.peft == "dora",
         ),
     )
     _fix_tensor_parallel_lora(model)

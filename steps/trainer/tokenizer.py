@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from steps.plan.data_sources import Chat, fallback_chat_segments
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -15,6 +17,8 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    def chat_segments(self, conversation: Chat) -> list[tuple[str, bool]]: ...
 
 
 class ByteTokenizer:
@@ -30,6 +34,9 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def chat_segments(self, conversation: Chat) -> list[tuple[str, bool]]:
+        return fallback_chat_segments(conversation)
 
 
 class HFTokenizer:
@@ -48,3 +55,25 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
+
+    def chat_segments(self, conversation: Chat) -> list[tuple[str, bool]]:
+        """The model's own chat template, rendered turn by turn: what an assistant turn adds to
+        the rendering is trained on, the rest (system, user turns, the generation prompt) is
+        not. Without a template, the documented fallback (ChatML)."""
+        if not getattr(self.tok, "chat_template", None):
+            return fallback_chat_segments(conversation)
+        messages = conversation.as_dicts()
+        render = lambda turns, prompt: self.tok.apply_chat_template(  # noqa: E731
+            turns, tokenize=False, add_generation_prompt=prompt)
+        out, done = [], ""
+        for i, (role, _) in enumerate(conversation.messages):
+            if role != "assistant":
+                continue
+            before, upto = render(messages[:i], True), render(messages[: i + 1], False)
+            if not (before.startswith(done) and upto.startswith(before)):
+                raise ValueError("the model's chat template renders earlier turns differently once later "
+                                 "ones follow; its assistant turns cannot be found for the loss mask")
+            out += [(before[len(done):], False), (upto[len(before):], True)]
+            done = upto
+        rest = render(messages, False)[len(done):]
+        return out + ([(rest, False)] if rest else [])

@@ -43,11 +43,14 @@ class ModelFacts:
     total: int
     embedding: int  # input-embedding parameters (lookups, not matmuls)
     config: Any  # the model's transformers config
+    adapted: tuple[str, ...] = ()  # the module names PEFT put adapters on (last name part)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelFacts:
         trainable, total = modeling.count_parameters(model)
-        return cls(trainable, total, modeling.embedding_parameters(model), model.config)
+        tuner = getattr(model, "base_model", None)
+        adapted = sorted({n.rsplit(".", 1)[-1] for n in getattr(tuner, "targeted_module_names", [])})
+        return cls(trainable, total, modeling.embedding_parameters(model), model.config, tuple(adapted))
 
 
 def autocast(cell: CellSpec, device: torch.device) -> contextlib.AbstractContextManager:

@@ -1,0 +1,141 @@
+"""What a matrix gets wrong that its schema cannot see, found before any cell starts: models
+that cannot be found, adapter targets that match nothing, sequences longer than the model's
+context, data files that are missing or do not parse, a GPU instance under `compute: local` on
+a machine without that GPU. Each distinct model, adapter setting and dataset is checked once,
+not once per cell, and every problem is reported together (a `ConfigError`, like the schema's).
+
+The model facts come from `python -m steps.trainer.facts` (the model built on the meta device,
+the adapter applied by PEFT) in a subprocess, so that planning imports no torch. Facts also
+turn into refusals (`skipped` cells with the reason), see `compat.model_refusal`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from steps.plan import catalog, compat
+from steps.plan import data_sources as sources
+from steps.plan.matrix import PlannedCell
+from steps.plan.schema import CellSpec, ConfigError, DataSettings, MatrixSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FACTS_TIMEOUT_S = 900
+FILE_TASKS = ("instructions", "chat", "classification", "text")
+
+
+def adapter_key(cell: CellSpec) -> str:
+    """Cells that ask PEFT the same question share its answer (QLoRA's adapter is LoRA's)."""
+    lora = cell.train.lora
+    peft = "lora" if cell.peft == "qlora" else cell.peft
+    return json.dumps([peft, lora.r, lora.target_modules], separators=(",", ":"))
+
+
+def gather_facts(cells: list[CellSpec]) -> dict[str, Any]:
+    """`steps.trainer.facts` on one cell per distinct (model, adapter setting)."""
+    seen: dict[tuple, CellSpec] = {}
+    for cell in cells:
+        seen.setdefault((cell.model, cell.train.init, cell.train.trust_remote_code, adapter_key(cell)), cell)
+    with tempfile.TemporaryDirectory(prefix="finetune-matrix-facts-") as tmp:
+        query, answer = Path(tmp, "cells.json"), Path(tmp, "facts.json")
+        query.write_text(json.dumps([c.model_dump(mode="json") for c in seen.values()]))
+        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+        proc = subprocess.run([sys.executable, "-m", "steps.trainer.facts", str(query), str(answer)],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=FACTS_TIMEOUT_S)
+        if proc.returncode != 0 or not answer.exists():
+            raise RuntimeError(f"reading the models' facts failed (steps.trainer.facts):\n{proc.stderr[-3000:]}")
+        return json.loads(answer.read_text())
+
+
+def model_problems(planned: list[PlannedCell], models: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    for name, entry in models.items():
+        if "error" in entry:
+            problems.append(f"models: {name!r} cannot be loaded: {entry['error']}")
+    said: set[tuple] = set()
+    for p in planned:
+        cell, entry = p.cell, models.get(p.cell.model, {})
+        if "error" in entry or not entry:
+            continue
+        adapter = entry["adapters"].get(adapter_key(cell), {})
+        if "error" in adapter and ("lora", cell.model, adapter_key(cell)) not in said:
+            said.add(("lora", cell.model, adapter_key(cell)))
+            problems.append(
+                f"train.lora.target_modules: {cell.train.lora.target_modules!r} on {cell.model} "
+                f"({entry['model_type']}): {adapter['error']}; its linear layers are "
+                f"{', '.join(entry['linear_names'])} (or use all-linear, or leave it unset for PEFT's default)")
+        context = entry.get("context")
+        if context and cell.seq_len > context and ("seq_len", cell.model, cell.seq_len) not in said:
+            said.add(("seq_len", cell.model, cell.seq_len))
+            problems.append(f"seq_len: {cell.seq_len} is longer than the context of {cell.model} "
+                            f"({context} tokens); use seq_len <= {context}")
+    return problems
+
+
+def data_problems(planned: list[PlannedCell]) -> list[str]:
+    """Each distinct data file read once, by the code the trainer reads it with."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for p in planned:
+        data: DataSettings = p.cell.data
+        key = data.model_dump_json()
+        if key in seen or data.task not in FILE_TASKS:
+            continue
+        seen.add(key)
+        if not data.path:
+            problems.append(f"data.path: task {data.task!r} reads a file or folder, and data.path is not set")
+            continue
+        if not Path(data.path).exists():
+            problems.append(f"data.path: {data.path!r} does not exist (task {data.task!r}); give the file "
+                            f"or folder, absolute or relative to {Path.cwd()}")
+            continue
+        try:
+            if data.task == "text":
+                Path(data.path).read_text(encoding="utf-8")
+            else:
+                sources.load_pairs(data, p.cell.seq_len)
+        except (ValueError, KeyError, OSError, UnicodeDecodeError) as exc:
+            problems.append(f"data.path: {exc}")
+    return problems
+
+
+def machine_problems(spec: MatrixSpec, machine: dict[str, Any]) -> list[str]:
+    """Under `compute: local` the cells run here: a GPU instance type needs its GPUs here."""
+    if spec.compute != "local":
+        return []
+    problems = []
+    gpus = machine.get("gpus", [])
+    for name in spec.instance:
+        instance = catalog.instances().get(name)
+        if instance is None or instance.local or instance.devices_per_node == 0:
+            continue
+        family = instance.accelerator.removeprefix("NVIDIA ").split()[0].split("-")[0].lower()  # "v100"
+        matching = [g for g in gpus if family in g.lower().replace("-", " ").split()]
+        needed = max(spec.gpus)
+        if len(matching) < min(needed, instance.devices_per_node):
+            here = f"{len(gpus)} GPU(s): {', '.join(gpus)}" if gpus else "no GPU"
+            problems.append(
+                f"instance: {name} ({instance.accelerator}) with compute: local would train on this "
+                f"machine, which has {here}; use compute: sagemaker (or kubernetes/batch) to run on "
+                f"{name}, or instance: local-cpu to train here")
+    return problems
+
+
+def check(spec: MatrixSpec, planned: list[PlannedCell], facts: dict[str, Any] | None = None) -> list[PlannedCell]:
+    """The planned cells, with the refusals the models' facts add; a `ConfigError` listing every
+    problem if there is any."""
+    facts = facts if facts is not None else gather_facts([p.cell for p in planned])
+    models = facts["models"]
+    problems = (model_problems(planned, models) + data_problems(planned)
+                + machine_problems(spec, facts.get("machine", {})))
+    if problems:
+        raise ConfigError(problems, spec.name)
+    return [p if p.refused else replace(p, refused=compat.model_refusal(p.cell, models.get(p.cell.model)))
+            for p in planned]
