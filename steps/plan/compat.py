@@ -6,6 +6,7 @@ Each rule returns a reason or None. Keep this list short: refuse only what truly
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -106,7 +107,14 @@ RULES: list[Callable[[CellSpec], str | None]] = [
 ]
 
 
-PIPELINE_LAYOUT = ("embed_tokens", "layers", "norm")  # what the pipeline engine's stages hold
+def adapter_key(cell: CellSpec) -> str:
+    """Cells that ask PEFT the same question share its answer (QLoRA's adapter is LoRA's)."""
+    lora = cell.train.lora
+    peft = "lora" if cell.peft == "qlora" else cell.peft
+    return json.dumps([peft, lora.r, lora.target_modules], separators=(",", ":"))
+
+
+PEFT_TENSOR_STYLES = ("colwise", "rowwise")  # the plan styles PEFT shards adapters along with
 
 
 def model_refusal(cell: CellSpec, model: dict[str, Any] | None) -> str | None:
@@ -114,20 +122,28 @@ def model_refusal(cell: CellSpec, model: dict[str, Any] | None) -> str | None:
     if not model or "error" in model:
         return None
     split, ways, kind = cell.layout.model_split, cell.layout.mp_size, model["model_type"]
+    if cell.peft == "qlora" and model.get("unquantizable"):
+        odd = model["unquantizable"]
+        return (f"QLoRA would train {kind} unquantized: bitsandbytes quantizes torch.nn.Linear layers and "
+                f"{kind}'s {', '.join(sorted(odd))} are {', '.join(sorted(set(odd.values())))}; use lora")
     if split == "tensor" and not model["tensor_plan"]:
         return (f"tensor parallelism needs the model's own tensor-parallel plan and transformers has "
                 f"none for {kind}; use fsdp or zero3 to shard it, or pipeline")
-    if split == "pipeline" and model["tied_embeddings"]:
-        return (f"pipeline with tied input and output embeddings ({kind} ties them): the first and "
-                f"last stages would both need the one matrix; use fsdp or zero3, or a model with "
-                f"tie_word_embeddings: false")
-    if split == "pipeline" and not set(PIPELINE_LAYOUT) <= set(model.get("pipeline_plan", [])):
-        plan = ", ".join(model.get("pipeline_plan", [])) or "none"
-        return (f"the pipeline split runs decoders laid out as transformers' pipeline plan "
-                f"{' -> '.join(PIPELINE_LAYOUT)}; {kind}'s plan is {plan}; use fsdp or zero3")
+    if split == "pipeline" and model.get("pipeline_split"):
+        return f"the pipeline cannot cut {kind} into stages: {model['pipeline_split']}; use fsdp or zero3"
     if split == "pipeline" and (model.get("layers") or ways) < ways:
         return (f"pipeline over {ways} ranks needs at least {ways} layers, {cell.model} has "
                 f"{model['layers']}; use fewer ranks or ddp/fsdp")
+    if split == "tensor" and cell.peft != "full":
+        styles = model.get("tensor_styles", {})
+        targeted = (model.get("adapters", {}).get(adapter_key(cell)) or {}).get("targeted") or []
+        odd = sorted(t for t in targeted if styles.get(t, "colwise") not in PEFT_TENSOR_STYLES)
+        if odd:
+            shown = ", ".join(f"{t} as {styles[t]}" for t in odd)
+            fine = sorted(t for t, style in styles.items() if style in PEFT_TENSOR_STYLES)
+            other = f", or target_modules among {', '.join(fine)}" if fine else ""
+            return (f"PEFT makes LoRA adapters tensor-parallel only on layers split colwise or rowwise, and "
+                    f"{kind}'s plan splits {shown}; use fsdp or zero3{other}")
     if split == "tensor":
         heads, kv = model.get("attention_heads") or ways, model.get("kv_heads") or ways
         if heads % ways or kv % ways:

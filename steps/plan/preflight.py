@@ -22,19 +22,13 @@ from typing import Any
 
 from steps.plan import catalog, compat
 from steps.plan import data_sources as sources
+from steps.plan.compat import adapter_key
 from steps.plan.matrix import PlannedCell
 from steps.plan.schema import CellSpec, ConfigError, DataSettings, MatrixSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FACTS_TIMEOUT_S = 900
 FILE_TASKS = ("instructions", "chat", "classification", "text")
-
-
-def adapter_key(cell: CellSpec) -> str:
-    """Cells that ask PEFT the same question share its answer (QLoRA's adapter is LoRA's)."""
-    lora = cell.train.lora
-    peft = "lora" if cell.peft == "qlora" else cell.peft
-    return json.dumps([peft, lora.r, lora.target_modules], separators=(",", ":"))
 
 
 def gather_facts(cells: list[CellSpec]) -> dict[str, Any]:

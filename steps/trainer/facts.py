@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from steps.plan import catalog
-from steps.plan.preflight import adapter_key
+from steps.plan.compat import adapter_key
 from steps.plan.schema import CellSpec
 from steps.trainer import modeling
 
@@ -29,11 +29,22 @@ OFFLINE_HINT = ("download it once where the Hub is reachable (`hf download {name
 
 
 def _config(cell: CellSpec):
-    """The model's configuration: a preset's, a local folder's, or the Hub's (asked once, with a
-    short timeout, before transformers would retry for minutes)."""
-    if catalog.model_presets().get(cell.model) is None and not os.path.isdir(cell.model):
-        _reach_hub(cell.model)
+    """The model's configuration: a preset's, a local folder's, or the Hub's. Every Hub id the
+    cell will load from (weights, tokenizer) is asked once, with a short timeout, before
+    transformers would retry for minutes."""
+    for name in _hub_ids(cell):
+        _reach_hub(name)
     return modeling.model_config(cell, modeling.load_tokenizer(cell).vocab_size)
+
+
+def _hub_ids(cell: CellSpec) -> list[str]:
+    preset = catalog.model_presets().get(cell.model)
+    if preset is None:
+        wanted = [cell.model]
+    else:
+        wanted = [None if modeling.is_random_init(cell) else preset.source,
+                  None if preset.tokenizer == "byte" else preset.tokenizer]
+    return [name for name in dict.fromkeys(wanted) if name and not os.path.isdir(name)]
 
 
 def _reach_hub(name: str) -> None:
@@ -66,6 +77,31 @@ def _linear_names(model) -> list[str]:
 
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                    if isinstance(m, (torch.nn.Linear, Conv1D))})
+
+
+def _tied(model) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def _pipeline_split(model) -> str | None:
+    """Why the pipeline cannot cut this model into stages; None when it can."""
+    from steps.trainer import split
+
+    try:
+        split.anatomy(model)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _unquantizable(model) -> dict[str, str]:
+    """Linear layers bitsandbytes would leave in full precision: transformers quantizes modules
+    whose type is exactly torch.nn.Linear (or GPT-2's Conv1D), not subclasses (Falcon's
+    FalconLinear), and keeps the output embedding whole."""
+    head = model.get_output_embeddings()
+    return {name.rsplit(".", 1)[-1]: type(m).__name__ for name, m in sorted(model.named_modules())
+            if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear and m is not head}
 
 
 def context_length(config) -> int | None:
@@ -129,6 +165,7 @@ def _one_model(cell: CellSpec) -> dict[str, Any]:
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not cell.train.trust_remote_code:
         return {"error": f"model type {config.model_type!r} is not a causal language model transformers knows"}
     model = _meta_model(config, cell)
+    tp_plan = getattr(config, "base_model_tp_plan", None) or {}
     return {
         "model_type": config.model_type,
         "class": type(model).__name__,
@@ -136,13 +173,16 @@ def _one_model(cell: CellSpec) -> dict[str, Any]:
         "attention_heads": getattr(config, "num_attention_heads", None),
         "kv_heads": getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None),
         "context": context_length(config),
-        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
-        "tensor_plan": bool(getattr(config, "base_model_tp_plan", None)),
-        "pipeline_plan": sorted(getattr(config, "base_model_pp_plan", None) or {}),
+        "tied_embeddings": _tied(model),
+        "tensor_plan": bool(tp_plan),
+        # How the plan shards each layer, by its last name (what adapter targets name).
+        "tensor_styles": {k.rsplit(".", 1)[-1]: v for k, v in tp_plan.items()},
+        "pipeline_split": _pipeline_split(model),
         "attention": [impl for impl, flag in (("sdpa", "_supports_sdpa"), ("flash_attention_2", "_supports_flash_attn"),
                                               ("flex_attention", "_supports_flex_attn")) if getattr(model, flag, False)]
                      + ["eager"],
         "linear_names": _linear_names(model),
+        "unquantizable": _unquantizable(model),
         "adapters": {},
         "_config": config,
     }

@@ -180,12 +180,27 @@ def shard_tensor_parallel(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:
 
     config = DistributedConfig(tp_size=tp_mesh.size(), tp_plan="auto")
     tp_plan, _, _ = model._resolve_parallel_plans(config)
-    apply_tensor_parallelism(model, tp_mesh, tp_plan)
+    apply_tensor_parallelism(model, tp_mesh, _without_tied(model, tp_plan))
     # What peft reads to make its adapters tensor-parallel too.
     model.config.distributed_config = config
     model._device_mesh = tp_mesh
     model._tp_size = tp_mesh.size()
     return model
+
+
+def _without_tied(model: torch.nn.Module, tp_plan: dict[str, str]) -> dict[str, str]:
+    """The plan less the entries of a tied output embedding and the embedding it shares: both
+    stay whole (replicated). transformers would look the head's weight up under the name the
+    embedding owns and fail, and one matrix cannot be sharded two ways."""
+    unique = {n for n, _ in model.named_parameters()}
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - unique
+    if not tied:
+        return tp_plan
+    ids = {id(p): n for n, p in model.named_parameters()}
+    every = dict(model.named_parameters(remove_duplicate=False))
+    shared = tied | {ids[id(every[n])] for n in tied}
+    drop = shared | {n.rpartition(".")[0] for n in shared}
+    return {n: style for n, style in tp_plan.items() if n not in drop}
 
 
 def apply_peft(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:

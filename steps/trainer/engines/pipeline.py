@@ -7,6 +7,8 @@ Every micro-batch is padded to seq_len so that activations sent between stages k
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from steps.plan.schema import CellSpec
+from steps.trainer import split
 from steps.trainer.distributed import Dist, Meshes
 from steps.trainer.engines.base import Batch, ModelFacts, ModelSplitEngine, autocast, eval_counts, token_loss_sum
 
@@ -24,33 +27,86 @@ if TYPE_CHECKING:
 
 
 class Stage(nn.Module):
-    """One pipeline stage of a Llama-style causal LM: [embeddings] + layers[lo:hi] + [norm, head]."""
+    """One pipeline stage of a causal LM, run by the model's own forward with this stage's layers
+    only: the first stage from the token ids, later ones with their input put in at their first
+    layer (what the decoder computes before the layers is then discarded), and only the last
+    with the final norm and the output head (soft-capping and all, as the model defines them).
+
+    The stage owns (trains, checkpoints) its layers, keyed by their global index, and the parts
+    before the layers (first stage) or after them (last stage)."""
 
     def __init__(self, lm: nn.Module, lo: int, hi: int, first: bool, last: bool, cell: CellSpec,
                  device: torch.device):
         super().__init__()
-        core = lm.model
-        if lm.config.tie_word_embeddings and not (first and last):
-            raise ValueError("pipeline stages cannot split tied input/output embeddings")
         self.first, self.last, self.cell, self.device = first, last, cell, device
-        self.embed_tokens = core.embed_tokens if first else None
-        # Keyed by the global layer index, so checkpoint keys are unique across stages.
-        self.layers = nn.ModuleDict({str(i): core.layers[i] for i in range(lo, hi)})
-        self.rotary_emb = core.rotary_emb
-        self.norm = core.norm if last else None
-        self.lm_head = lm.lm_head if last else None
+        parts = split.anatomy(lm)
+        self.parts = nn.ModuleDict(split.stage_parts(lm, parts, lo, hi, first, last))
+        embedding = lm.get_input_embeddings()
+        self.embed_dim, self.embed_dtype = embedding.weight.shape[-1], embedding.weight.dtype
+        local = [parts.layers[i] for i in range(lo, hi)]
+        if not first:
+            local[0] = _TakeStageInput(local[0], self)
+        decoder = parts.decoder
+        config = copy.copy(decoder.config)  # the loop reads per-layer settings by local index
+        config.num_hidden_layers = hi - lo
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[lo:hi]
+        # What the model's forward sees while this stage runs it, swapped in only then: outside
+        # a forward the model keeps its whole structure (the adapter is saved from it).
+        rewiring = [(decoder, parts.layers_name, nn.ModuleList(local)), (decoder, "config", config)]
+        if not last:
+            rewiring += [(decoder, n, nn.Identity()) for n in parts.after if getattr(decoder, n) is not None]
+        object.__setattr__(self, "_rewiring", rewiring)
+        object.__setattr__(self, "_lm", lm)
+        object.__setattr__(self, "_decoder", decoder)
+        self.stage_input: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def _rewired(self):
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in self._rewiring]
+        for obj, name, value in self._rewiring:
+            setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            for obj, name, value in saved:
+                setattr(obj, name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(self.cell, self.device):
-            h = self.embed_tokens(x) if self.first else x
-            pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
-            pe = self.rotary_emb(h, pos)
-            for layer in self.layers.values():
-                # No attention mask: padding is on the right and attention is causal, so real
-                # tokens never see it, and padded positions carry no loss.
-                out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
-                h = out[0] if isinstance(out, tuple) else out
-            return self.lm_head(self.norm(h)) if self.last else h
+            if self.first:
+                inputs = {"input_ids": x}
+            else:
+                self.stage_input = x
+                inputs = {"inputs_embeds": x.new_zeros(*x.shape[:2], self.embed_dim, dtype=self.embed_dtype)}
+            # No attention mask: padding is on the right and attention is causal, so real
+            # tokens never see it, and padded positions carry no loss.
+            try:
+                with self._rewired():
+                    if self.last:
+                        return self._lm(**inputs, use_cache=False).logits
+                    return self._decoder(**inputs, use_cache=False)[0]
+            finally:
+                self.stage_input = None
+
+
+class _TakeStageInput(nn.Module):
+    """A later stage's first layer: it runs on the stage's input, not on what the decoder
+    computed before the layers. Swapped outside the layer, so that gradient checkpointing
+    saves (and recomputes from) the stage input."""
+
+    def __init__(self, layer: nn.Module, stage: Stage):
+        super().__init__()
+        self.layer = layer
+        object.__setattr__(self, "_stage", stage)
+
+    def forward(self, *args, **kwargs):
+        x = self._stage.stage_input
+        if args:
+            args = (x, *args[1:])
+        else:
+            kwargs["hidden_states"] = x
+        return self.layer(*args, **kwargs)
 
 
 def _release(module: nn.Module) -> None:
@@ -73,6 +129,8 @@ class PipelineEngine(ModelSplitEngine):
     stage: PipelineStage  # this rank's `Stage` as torch's pipelining runs it
     schedule: PipelineScheduleSingle  # GPipe or 1F1B over the step's micro-batches
     loss_scale: float  # the loop's scale of the step being run, for the schedule's loss function
+    tied: nn.Parameter | None  # a trained embedding matrix the first and last stages both hold
+    tied_group: ProcessGroup | None  # this model copy's first and last stage, to add its gradients over
 
     def __init__(self, cell: CellSpec, d: Dist, model: nn.Module, facts: ModelFacts, total_steps: int,
                  meshes: Meshes):
@@ -83,17 +141,28 @@ class PipelineEngine(ModelSplitEngine):
         lm = model.get_base_model() if cell.peft != "full" else model
         lo, hi = layout.stage_layers(lm.config.num_hidden_layers, pp)
         first, last = pp == 0, pp == n_stages - 1
+        # Names in the whole model (the adapter's keys) and the parts other stages hold, taken
+        # before the stage rewires the model's forward to its own layers.
+        names = {id(p): n for n, p in model.named_parameters()}
+        parts = split.anatomy(lm)
+        head = lm.get_output_embeddings()
+        tied = head is not None and head.weight is lm.get_input_embeddings().weight and head.weight.requires_grad
+        tied_weight = head.weight if tied and (first or last) else None
+        others = [layer for i, layer in enumerate(parts.layers) if not lo <= i < hi]
+        if not first:
+            others.append(lm.get_input_embeddings())
+        if not last:
+            others += [getattr(parts.decoder, n) for n in parts.after] + [getattr(lm, n) for n in parts.head]
         stage_module = Stage(lm, lo, hi, first, last, cell, d.device)
         super().__init__(cell, d, stage_module, facts, total_steps, meshes)
         self.first, self.last = first, last
-        names = {id(p): n for n, p in model.named_parameters()}
         self.full_names = {n: names[id(p)] for n, p in stage_module.named_parameters()}
-        # Free what other stages hold; keep the (weightless) skeleton to save the adapter with.
-        others = [layer for i, layer in enumerate(lm.model.layers) if not lo <= i < hi]
-        others += [m for m, keep in ((lm.model.embed_tokens, first), (lm.model.norm, last),
-                                     (lm.lm_head, last)) if not keep]
+        # Free what other stages hold. A tied output embedding stays on the last stage (the first
+        # stage's input embedding is the same matrix): each of the two keeps its own copy.
         for module in others:
-            _release(module)
+            if isinstance(module, nn.Module):
+                _release(module)
+        self.tied, self.tied_group = tied_weight, self._end_stages_group(n_stages) if tied else None
         self.peft_model = model if cell.peft != "full" else None
         self.pp_group = meshes.mp.get_group()
         self.stage = PipelineStage(stage_module, pp, n_stages, d.device, group=self.pp_group)
@@ -104,6 +173,24 @@ class PipelineEngine(ModelSplitEngine):
         schedule = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
         self.loss_scale = 1.0
         self.schedule = schedule(self.stage, n_microbatches=cell.grad_accum, loss_fn=self._loss)
+
+    def _end_stages_group(self, n_stages: int) -> ProcessGroup | None:
+        """The first and last stage of this rank's model copy. With full fine-tuning of a model
+        whose output embedding is its input embedding, the first stage trains the matrix as the
+        embedding and the last as the head; their gradients add up before each step (as
+        Megatron does), so both copies take the same updates and stay equal."""
+        group = None
+        for replica in range(self.cell.layout.dp_size):  # every rank creates every group, in order
+            ends = [replica * n_stages, replica * n_stages + n_stages - 1]
+            g = dist.new_group(ends)
+            if self.d.rank in ends:
+                group = g
+        return group
+
+    def sync_gradients(self) -> None:
+        if self.tied is not None and self.tied.grad is not None:
+            dist.all_reduce(self.tied.grad, group=self.tied_group)
+        super().sync_gradients()
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_loss_sum(logits, labels) * self.loss_scale
@@ -130,8 +217,10 @@ class PipelineEngine(ModelSplitEngine):
         return sum(loss.item() for loss in losses) / scale if self.last else 0.0
 
     def grad_norm(self) -> torch.Tensor:
-        """Each stage holds different parameters: the squared norms add up over the pipeline."""
-        sq = sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None)
+        """Each stage holds different parameters: the squared norms add up over the pipeline
+        (a tied embedding counted once, on the first stage)."""
+        counted = [p for p in self.params if p.grad is not None and not (self.last and p is self.tied)]
+        sq = sum((p.grad.float() ** 2).sum() for p in counted)
         sq = torch.as_tensor(sq, dtype=torch.float32, device=self.d.device)
         dist.all_reduce(sq, group=self.pp_group)
         return sq.sqrt()
