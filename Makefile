@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup browser run lint test test-quick clean-venv
+.PHONY: setup browser run lint test test-quick test-gpu bench-gpu clean-venv
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,14 @@ test: setup browser
 # The quick loop: everything but the slow tests (under a minute).
 test-quick: setup browser
 	$(BIN)/python -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+# On a machine with an NVIDIA GPU: the GPU checks (tests/test_gpu.py), and the GPU bench at real
+# shapes (python -m steps.bench --device cuda), whose results go to reports/benchmarks/.
+test-gpu: setup
+	FINETUNE_MATRIX_TEST_THREADS=$$(nproc) $(BIN)/python -m pytest -m gpu --durations=30 $(PYTEST_ARGS)
+
+bench-gpu: setup
+	$(BIN)/python -m steps.bench --device cuda --save
 
 clean-venv:
 	rm -rf $(VENV)

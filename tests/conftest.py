@@ -51,6 +51,14 @@ def make_cell(**overrides) -> CellSpec:
     return CellSpec.model_validate({**settings, "cell_id": cell_id({**settings, "cell_id": ""})})
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment of a launched trainer: one thread per rank, this repo first on the path
+    (packages already on PYTHONPATH, as on a machine with carried wheels, stay)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    # `make test-gpu` gives ranks every core: GPU cells build large models on the CPU first.
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("FINETUNE_MATRIX_TEST_THREADS", "1"), "PYTHONPATH": path}
+
+
 def torchrun_trainer(cell: CellSpec, out: Path, nproc: int | None = None, timeout: float = 300):
     """`torchrun --nproc_per_node N -m steps.train --cell CELL.yaml --out DIR`, for real."""
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +67,7 @@ def torchrun_trainer(cell: CellSpec, out: Path, nproc: int | None = None, timeou
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node", str(nproc or cell.gpus), "-m", "steps.train",
            "--cell", str(cell_file), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     metrics = json.loads((out / "metrics.json").read_text())
     return proc, metrics
@@ -76,7 +84,7 @@ def torchrun_cells(cells: list[CellSpec], outs: list[Path], timeout: float = 600
     (nproc,) = {cell.world_size for cell in cells}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "tests.one_launch", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     found = [out / "metrics.json" for out in outs]
     return proc, [json.loads(f.read_text()) if f.exists() else {"outcome": None, "error": proc.stderr[-3000:]}

@@ -201,7 +201,7 @@ def test_a_gpu_instance_runs_locally_where_this_machine_has_that_gpu():
     assert preflight.machine_problems(spec, two_v100) == [
         "instance: g5.12xlarge (NVIDIA A10G) with compute: local would train on this machine, which has 2 GPU(s): "
         "Tesla V100-SXM2-16GB, Tesla V100-SXM2-16GB; use compute: sagemaker (or kubernetes/batch) to run on "
-        "g5.12xlarge, or instance: local-cpu to train here"]
+        "g5.12xlarge, or instance: local-gpu to train here"]
     assert preflight.machine_problems(spec.model_copy(update={"compute": "sagemaker"}), two_v100) == []
 
 

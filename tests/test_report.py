@@ -272,7 +272,17 @@ def test_memory_budget_by_hand():
     pipe = memory_budget.estimate({**row, "strategy": "pipeline"}, arch)
     assert sum(pipe.values()) == pytest.approx((400_000 + 16_000 + 32_000 + acts) / 2)
     q = memory_budget.estimate({**row, "peft": "qlora", "strategy": "single", "world_size": 1}, arch)
-    assert q["weights"] == 96_000 * 0.5 + 4_000 * 4
+    dense = 259 * 64 * 2  # embedding and untied head: not quantized, fp32 after prepare_model_for_kbit_training
+    assert q["weights"] == (96_000 - dense) * 0.5 + dense * 4 + 4_000 * 4
+    # Mixed precision as PEFT users run it: a frozen base in bf16, adapters and their states in fp32;
+    # full fine-tuning keeps fp32 master weights; bf16-true full stores everything in bf16.
+    single = {**row, "strategy": "single", "world_size": 1}
+    mixed = memory_budget.estimate({**single, "precision": "bf16-mixed"}, arch)
+    assert (mixed["weights"], mixed["grads"], mixed["optim"]) == (96_000 * 2 + 4_000 * 4, 16_000, 32_000)
+    full = {**single, "peft": "full", "trainable_params": 100_000}
+    assert memory_budget.estimate({**full, "precision": "bf16-mixed"}, arch)["weights"] == 400_000
+    true16 = memory_budget.estimate({**full, "precision": "bf16-true"}, arch)
+    assert (true16["weights"], true16["grads"], true16["optim"]) == (200_000, 200_000, 400_000)
     offload = memory_budget.estimate({**row, "strategy": "zero3_offload"}, arch)
     assert (offload["weights"], offload["grads"], offload["optim"]) == (0, 8_000, 0)
 

@@ -12,6 +12,7 @@ must agree with one process's.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -22,6 +23,9 @@ from tests.conftest import make_cell, torchrun_cells, torchrun_trainer
 pytestmark = pytest.mark.slow
 
 STEPS = 4
+# Compiled cells capture their graphs without inductor's code generation (minutes of C++ builds
+# on this CPU); `make test-gpu` compiles with inductor.
+os.environ.setdefault("FINETUNE_MATRIX_COMPILE_BACKEND", "aot_eager")
 # Pinned losses of the debug preset, one process, micro-batch 4, fp32, seed 0: a change here
 # means the model, the data, the loss or the optimizer changed.
 GOLDEN = {
@@ -30,7 +34,16 @@ GOLDEN = {
 }
 
 
-def cell_for(peft: str, strategy: str):
+VARIANTS = {  # what a variant changes in a cell, beside the strategy's shape
+    "fp32": {},
+    "bf16-mixed": {"precision": "bf16-mixed"},
+    "packed": {"data": {"packing": True}},
+    "fused": {"train": {"fused_optimizer": "on"}},
+    "compiled": {"train": {"compile": "layers"}},
+}
+
+
+def cell_for(peft: str, strategy: str, variant: str = "fp32"):
     shapes = {
         "single": dict(gpus=1, micro_batch=4, grad_accum=1),
         "single-accum": dict(gpus=1, micro_batch=2, grad_accum=2),
@@ -41,13 +54,24 @@ def cell_for(peft: str, strategy: str):
                               train={"parallel": {"hybrid_inner": "tensor"}}),
     }
     shape = shapes.get(strategy, dict(gpus=2, micro_batch=2, grad_accum=1))
-    train = {"max_steps": STEPS, "timing_warmup_steps": 1, **shape.pop("train", {})}
+    change = VARIANTS[variant]
+    train = {"max_steps": STEPS, "timing_warmup_steps": 1, **shape.pop("train", {}), **change.get("train", {})}
     return make_cell(peft=peft, strategy=strategy.split("-")[0] if strategy != "single-accum" else "single",
-                     train=train, **shape)
+                     train=train, **shape, **{k: v for k, v in change.items() if k != "train"})
 
 
 CASES = [(p, s) for p in PEFT_METHODS for s in (*STRATEGIES, "hybrid-tensor")
          if compat.refusal(cell_for(p, s)) is None]
+# Mixed precision as GPU users run it: LoRA's frozen base stored in bf16, adapters and their
+# optimizer states in fp32, matmuls in bf16 under autocast (DeepSpeed: its own bf16 casting).
+BF16_STRATEGIES = ["single", "ddp", "fsdp", "zero2", "zero3", "tensor", "pipeline", "hybrid"]
+BF16_CASES = [("lora", s, "bf16-mixed") for s in BF16_STRATEGIES] + [("full", s, "bf16-mixed") for s in
+                                                                     ("single", "ddp", "fsdp", "zero3")]
+# The fast paths that run on CPU, under the strategies they can run with.
+FAST_CASES = ([("lora", s, "packed") for s in ("single", "ddp", "fsdp", "zero3", "tensor", "pipeline")]
+              + [(p, s, "fused") for p in ("lora", "full") for s in ("single", "ddp", "fsdp", "zero2", "tensor")]
+              + [("lora", s, "compiled") for s in ("single", "ddp", "fsdp")])
+VARIANT_CASES = BF16_CASES + FAST_CASES
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +82,15 @@ def runs(tmp_path_factory):
     cache: dict = {}
     root = tmp_path_factory.mktemp("strategies")
 
-    def get(peft: str, strategy: str):
-        if (peft, strategy) not in cache:
+    def get(peft: str, strategy: str, variant: str = "fp32"):
+        if (peft, strategy, variant) not in cache:
             size = cell_for(peft, strategy).world_size
-            every = CASES + [(p, "single-accum") for p in PEFT_METHODS]
-            todo = [(p, s) for p, s in every if cell_for(p, s).world_size == size and (p, s) not in cache]
-            proc, found = torchrun_cells([cell_for(p, s) for p, s in todo], [root / f"{p}-{s}" for p, s in todo])
+            every = ([(p, s, "fp32") for p, s in CASES] + [(p, "single-accum", "fp32") for p in PEFT_METHODS]
+                     + VARIANT_CASES)
+            todo = [c for c in every if cell_for(*c).world_size == size and c not in cache]
+            proc, found = torchrun_cells([cell_for(*c) for c in todo], [root / "-".join(c) for c in todo])
             cache.update({case: (proc, m) for case, m in zip(todo, found, strict=True)})
-        return cache[(peft, strategy)]
+        return cache[(peft, strategy, variant)]
 
     return get
 
@@ -119,3 +144,61 @@ def test_a_refused_combination_run_alone_is_an_error(tmp_path):
     assert proc.returncode == 1
     assert m["outcome"] == "error"
     assert m["error"].startswith("ValueError: this combination cannot run: qlora with tensor parallelism")
+
+
+def test_lora_under_bf16_mixed_stores_the_frozen_base_in_bf16(runs):
+    """What mixed precision holds: the fp32 run's parameter counts, and a peak no higher."""
+    _, m = runs("lora", "single", "bf16-mixed")
+    _, ref = runs("lora", "single")
+    assert m["outcome"] == "ok", m["error"]
+    assert (m["trainable_params"], m["total_params"]) == (ref["trainable_params"], ref["total_params"])
+    assert m["weights_dtype"] == "bf16" and ref["weights_dtype"] == "fp32"
+
+
+@pytest.mark.parametrize("peft,strategy", [(p, s) for p, s, _ in BF16_CASES if s != "single"],
+                         ids=[f"{p}-{s}" for p, s, _ in BF16_CASES if s != "single"])
+def test_strategies_under_bf16_mixed_track_one_process(runs, peft, strategy):
+    """bf16 rounds every matmul output to 8 significant bits (unit roundoff 2**-9 = 2e-3); a
+    strategy changes how partial sums are split and reduced, so single steps differ by a few
+    roundings. Averaged over ~1,000 target tokens per step the loss moves far less: 5e-3 is
+    about two bf16 ulps of the loss, while a real error (a missed gradient average, a wrong
+    shard) moves the second step's loss by 1e-2 or more (the fp32 suite's failure cases)."""
+    _, ref = runs(peft, "single", "bf16-mixed")
+    _, m = runs(peft, strategy, "bf16-mixed")
+    assert m["outcome"] == "ok", m["error"]
+    assert [p["loss"] for p in m["loss_curve"]] == pytest.approx(
+        [p["loss"] for p in ref["loss_curve"]], rel=5e-3)
+    assert m["val_loss"] == pytest.approx(ref["val_loss"], rel=5e-3)
+
+
+@pytest.mark.parametrize("peft,strategy", [(p, s) for p, s, v in FAST_CASES if v == "fused"],
+                         ids=[f"{p}-{s}" for p, s, v in FAST_CASES if v == "fused"])
+def test_the_fused_optimizer_gives_the_losses_of_the_unfused_one(runs, peft, strategy):
+    """One kernel for every parameter's AdamW update instead of one per tensor: the same
+    arithmetic, so fp32 losses agree to rounding (1e-5)."""
+    _, ref = runs(peft, strategy)
+    _, m = runs(peft, strategy, "fused")
+    assert m["outcome"] == "ok", m["error"]
+    assert m["fused_optimizer"] is True and ref["fused_optimizer"] is False  # auto: off on the CPU
+    assert [p["loss"] for p in m["loss_curve"]] == pytest.approx([p["loss"] for p in ref["loss_curve"]], rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", [s for _, s, v in FAST_CASES if v == "packed" and s != "single"])
+def test_packed_rows_give_one_process_s_losses_under_every_strategy(runs, strategy):
+    """Packed rows carry position ids that restart per example; every strategy must hand them
+    to the model (a pipeline to each stage) or attention would cross examples there only."""
+    _, ref = runs("lora", "single", "packed")
+    _, m = runs("lora", strategy, "packed")
+    assert m["outcome"] == "ok", m["error"]
+    assert [p["loss"] for p in m["loss_curve"]] == pytest.approx([p["loss"] for p in ref["loss_curve"]], rel=1e-4)
+    _, unpacked = runs("lora", "single")
+    assert m["loss_curve"][0]["tokens"] > unpacked["loss_curve"][0]["tokens"]  # full rows, no padding
+
+
+@pytest.mark.parametrize("strategy", [s for _, s, v in FAST_CASES if v == "compiled"])
+def test_compiled_layers_give_the_eager_losses(runs, strategy):
+    """torch.compile fuses the layer's element-wise work; fp32 results move by rounding only."""
+    _, ref = runs("lora", strategy)
+    _, m = runs("lora", strategy, "compiled")
+    assert m["outcome"] == "ok", m["error"]
+    assert [p["loss"] for p in m["loss_curve"]] == pytest.approx([p["loss"] for p in ref["loss_curve"]], rel=1e-4)

@@ -1,4 +1,5 @@
-"""This machine's CPU cores as slots, so cells that run at once do not skew each other.
+"""This machine's CPU cores (and, for `local-gpu`, its GPUs) as slots, so cells that run at
+once do not skew each other.
 
 On `local-cpu` a rank is one device and a device is `FINETUNE_MATRIX_CORES_PER_RANK` cores
 (default 1). A cell holds its cores (file locks, shared by every process of this user) while it
@@ -39,18 +40,31 @@ def reserve(ranks: int, per_rank: int | None = None, poll_s: float = 0.25) -> It
     """Hold `ranks * per_rank` cores (default cores_per_rank(); all of them if the machine
     has fewer)."""
     cores = sorted(os.sched_getaffinity(0))
-    want = min(len(cores), ranks * (per_rank or cores_per_rank()))
+    with _hold(cores, min(len(cores), ranks * (per_rank or cores_per_rank())), "core", poll_s) as held:
+        yield held
+
+
+@contextlib.contextmanager
+def reserve_gpus(ranks: int, available: int, poll_s: float = 0.25) -> Iterator[list[int]]:
+    """Hold `ranks` of this machine's `available` GPUs (`local-gpu`): two cells never share a GPU,
+    and a cell waits for enough free ones."""
+    with _hold(list(range(available)), min(ranks, available), "gpu", poll_s) as held:
+        yield held
+
+
+@contextlib.contextmanager
+def _hold(slots: list[int], want: int, kind: str, poll_s: float) -> Iterator[list[int]]:
     lock_dir = _lock_dir()
     while True:
         held = []
-        for core in cores:
-            fh = open(lock_dir / f"core{core}.lock", "w")
+        for slot in slots:
+            fh = open(lock_dir / f"{kind}{slot}.lock", "w")
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 fh.close()
                 continue
-            held.append((core, fh))
+            held.append((slot, fh))
             if len(held) == want:
                 break
         if len(held) == want:
@@ -58,6 +72,6 @@ def reserve(ranks: int, per_rank: int | None = None, poll_s: float = 0.25) -> It
         _release(held)  # all or nothing, so two waiting cells cannot deadlock
         time.sleep(poll_s)
     try:
-        yield [core for core, _ in held]
+        yield [slot for slot, _ in held]
     finally:
         _release(held)

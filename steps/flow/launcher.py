@@ -124,10 +124,11 @@ def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 
     cmd = trainer_command(cell, cell_file, out_dir, port, node_rank, master_addr, resume)
     stopped = None  # "timeout" or "hang"
     queued = time.perf_counter()
-    with _devices(cell) as cores, open(out_dir / "train.log", "w", encoding="utf-8") as log:
-        env = _environment(cell, cores, port)
+    with _devices(cell) as (cores, gpus), open(out_dir / "train.log", "w", encoding="utf-8") as log:
+        env = _environment(cell, cores, port, gpus)
         log.write(f"$ {' '.join(cmd)}\n# node {node_rank}, port {port}, cores {cores}, "
-                  f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}\n")
+                  f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
+                  + (f", CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if gpus else "") + "\n")
         log.flush()
         start, started_at = time.perf_counter(), time.time()
         proc = subprocess.Popen(
@@ -235,18 +236,27 @@ def dump_stacks(out_dir: Path) -> None:
     time.sleep(STACK_DUMP_WAIT_S)
 
 
+@contextlib.contextmanager
 def _devices(cell: CellSpec):
-    """Local CPU cells hold their cores while they run; elsewhere each task owns its machine."""
+    """(cores, GPUs) this cell holds while it runs: local CPU cells their cores, `local-gpu`
+    cells their GPUs; elsewhere each task owns its machine ([], [])."""
     instance = catalog.instances().get(cell.instance)
     if instance is not None and instance.local:
-        return cpu_slots.reserve(cell.gpus, instance.cores_per_device)  # this node's processes
-    return contextlib.nullcontext([])
+        with cpu_slots.reserve(cell.gpus, instance.cores_per_device) as cores:  # this node's processes
+            yield cores, []
+    elif instance is not None and instance.local_gpu:
+        with cpu_slots.reserve_gpus(cell.gpus, instance.devices_per_node) as gpus:
+            yield [], gpus
+    else:
+        yield [], []
 
 
-def _environment(cell: CellSpec, cores: list[int], port: int) -> dict[str, str]:
+def _environment(cell: CellSpec, cores: list[int], port: int, gpus: list[int] | None = None) -> dict[str, str]:
     threads = max(1, len(cores) // cell.gpus) if cores else max(1, (os.cpu_count() or 1) // cell.gpus)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     if cell.world_size == 1:  # what torchrun would set for its one process
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

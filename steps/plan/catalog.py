@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,10 @@ from steps.plan.schema import Strict, validate
 
 MODELS_DIR = CONFIGS_DIR / "models"
 INSTANCES_FILE = CONFIGS_DIR / "instances.yaml"
+LOCAL_GPU = "local-gpu"
+# GPU families by the names drivers report ("NVIDIA H100 80GB HBM3", "Tesla V100-SXM2-16GB"),
+# longest first so that "A10G" is not read as "A10" and "L40S" not as "L4".
+GPU_FAMILIES = ("GH200", "H200", "H100", "A100", "A10G", "L40S", "L4", "V100", "T4")
 
 
 class ModelPreset(Strict):
@@ -58,7 +63,13 @@ class Instance(Strict):
 
     @property
     def local(self) -> bool:
+        """Runs on this machine's CPU (its cores are the devices)."""
         return self.accelerator == "cpu"
+
+    @property
+    def local_gpu(self) -> bool:
+        """This machine's GPUs (`local-gpu`), whatever their model."""
+        return self.name == LOCAL_GPU
 
 
 def _read_yaml(path: Path) -> Any:
@@ -78,10 +89,65 @@ def model_presets() -> dict[str, ModelPreset]:
 @functools.cache
 def instances() -> dict[str, Instance]:
     raw = (_read_yaml(INSTANCES_FILE) or {}).get("instances", {})
-    return {
+    found = {
         name: validate(Instance, {"name": name, **entry}, f"{INSTANCES_FILE}:{name}")
         for name, entry in raw.items()
     }
+    if LOCAL_GPU in found:
+        found[LOCAL_GPU] = local_gpu_instance(found[LOCAL_GPU], found, tuple(local_gpus()))
+    return found
+
+
+@functools.cache
+def local_gpus() -> list[tuple[str, float]]:
+    """This machine's NVIDIA GPUs as (name, memory GB), from `nvidia-smi` (no torch, no CUDA
+    context); [] where there is none or no driver. FINETUNE_MATRIX_GPUS="NAME:GB,..." stands in
+    for nvidia-smi (to plan for a machine from another)."""
+    import subprocess
+
+    stand_in = os.environ.get("FINETUNE_MATRIX_GPUS")
+    if stand_in is not None:
+        return [(n.strip(), float(gb)) for n, _, gb in (x.rpartition(":") for x in stand_in.split(",") if x)]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [(name.strip(), float(mib) * 2**20 / 1e9) for name, mib in
+            (line.rsplit(",", 1) for line in out.splitlines() if "," in line)]
+
+
+def gpu_family(name: str) -> str | None:
+    """"H100" for "NVIDIA H100 80GB HBM3" or "NVIDIA H100-SXM5-80GB"; None if not one we know."""
+    words = name.upper().replace("-", " ").split()
+    return next((f for f in GPU_FAMILIES if f in words), None)
+
+
+def local_gpu_instance(entry: Instance, catalog: dict[str, Instance],
+                       gpus: tuple[tuple[str, float], ...]) -> Instance:
+    """`local-gpu` as the GPUs found here: the peaks and memory of the catalog entry with the
+    same GPU (the nearest memory size within the family: A100 40 vs 80 GB), and as its price a
+    per-GPU share of that entry's (a reference for comparing cells, not a bill). Without a GPU,
+    or with one the catalog does not know, it has no devices or no peak: the checks before
+    launch refuse it, or MFU goes unreported, rather than being computed against a wrong peak."""
+    if not gpus:
+        return entry.model_copy(update={"accelerator": "none found", "devices_per_node": 0})
+    name, memory = gpus[0]
+    family = gpu_family(name)
+    same = [e for e in catalog.values() if not e.local and e.devices_per_node and family
+            and gpu_family(e.accelerator) == family]
+    update: dict[str, Any] = {"accelerator": name, "devices_per_node": len(gpus), "memory_per_device_gb": memory,
+                              "description": f"this machine's {len(gpus)} x {name}"}
+    if same:
+        ref = min(same, key=lambda e: (abs((e.memory_per_device_gb or 0) - memory), e.price_per_hour_usd
+                                       / e.devices_per_node))
+        update.update(peak_tflops_bf16=ref.peak_tflops_bf16, peak_tflops_fp16=ref.peak_tflops_fp16,
+                      peak_tflops_fp32=ref.peak_tflops_fp32, bf16=ref.bf16, interconnect=ref.interconnect,
+                      memory_per_device_gb=ref.memory_per_device_gb,
+                      price_per_hour_usd=ref.price_per_hour_usd / ref.devices_per_node, price_per="device",
+                      price_region=ref.price_region, price_date=ref.price_date,
+                      source=f"{entry.source} Detected {name}; figures of {ref.name} ({ref.accelerator}).")
+    return entry.model_copy(update=update)
 
 
 def model_reference_problem(name: str) -> str | None:

@@ -94,6 +94,9 @@ def devices_fit(cell: CellSpec) -> str | None:
     instance = catalog.instances().get(cell.instance)
     if instance is None or instance.devices_per_node == 0 or cell.gpus <= instance.devices_per_node:
         return None
+    if instance.local_gpu:  # the default matrix still runs its one-GPU cells on a one-GPU machine
+        return (f"needs {cell.gpus} GPUs on this machine, which has {instance.devices_per_node} "
+                f"({instance.accelerator})")
     family = cell.instance.split(".")[0]
     bigger = [n for n, i in catalog.instances().items()
               if n.startswith(family + ".") and i.devices_per_node >= cell.gpus]
@@ -101,9 +104,31 @@ def devices_fit(cell: CellSpec) -> str | None:
     return f"{cell.instance} has {instance.devices_per_node} GPU(s), the cell asks for {cell.gpus} per node{hint}"
 
 
+def fast_paths(cell: CellSpec) -> str | None:
+    """The `train:` fast paths where they cannot run."""
+    t = cell.train
+    if t.fused_optimizer == "on" and t.optimizer == "paged_adamw_8bit":
+        return "train.fused_optimizer: on is PyTorch's fused AdamW/SGD; paged_adamw_8bit is bitsandbytes' own kernel"
+    instance = catalog.instances().get(cell.instance)
+    if t.liger and instance is not None and instance.local:
+        return (f"train.liger: Liger Kernel's kernels are Triton GPU kernels and {cell.instance} is a CPU; "
+                f"use a GPU instance (local-gpu)")
+    if t.compile != "off" and cell.layout.deepspeed:
+        return (f"train.compile: {t.compile} with DeepSpeed ({cell.strategy}): DeepSpeed wraps the module and "
+                f"compiles through its own engine; use fsdp for sharded training with compile")
+    if t.compile != "off" and cell.layout.model_split is not None:
+        return (f"train.compile: {t.compile} with {cell.strategy}: the stages and tensor-parallel layers "
+                f"are not compiled here; use ddp or fsdp with compile")
+    if t.compile == "model" and cell.strategy == "fsdp":
+        return "train.compile: model with fsdp: FSDP2 units are the decoder layers; use compile: layers"
+    if t.compile != "off" and cell.peft == "qlora":
+        return "train.compile: bitsandbytes' 4-bit layers break torch.compile's graphs; use compile: off for qlora"
+    return None
+
+
 RULES: list[Callable[[CellSpec], str | None]] = [
     quantized_tensor_parallel, dora_tensor_parallel, adapter_on_sharded_head, hybrid_shape, model_split_of_one,
-    split_fits_model, precision_supported, devices_fit,
+    split_fits_model, precision_supported, devices_fit, fast_paths,
 ]
 
 

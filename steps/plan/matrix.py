@@ -65,9 +65,34 @@ def _reference_problems(data: dict) -> list[str]:
 
 def _instance_problem(name: str) -> str | None:
     known = catalog.instances()
-    if name in known:
+    if name in known or name == LOCAL:
         return None
-    return f"{name!r} is not in configs/instances.yaml; allowed values: {', '.join(known)}"
+    return f"{name!r} is not in configs/instances.yaml; allowed values: {LOCAL}, {', '.join(known)}"
+
+
+LOCAL = "local"  # this machine, as it is: local-gpu where nvidia-smi finds a GPU, else local-cpu
+
+
+def resolve_local(data: Any) -> Any:
+    """`instance: local` (the embedded default's) as the instance this machine is, so that
+    `make run` trains on the GPU where there is one and on the CPU elsewhere."""
+    if not isinstance(data, dict):
+        return data
+    here = catalog.LOCAL_GPU if catalog.local_gpus() else "local-cpu"
+
+    def swap(where: dict) -> dict:
+        value = where.get("instance")
+        if value == LOCAL:
+            return {**where, "instance": here}
+        if isinstance(value, list) and LOCAL in value:
+            return {**where, "instance": list(dict.fromkeys(here if v == LOCAL else v for v in value))}
+        return where
+
+    out = swap(data)
+    for rule in ("include", "exclude"):
+        if isinstance(out.get(rule), list):
+            out = {**out, rule: [swap(e) if isinstance(e, dict) else e for e in out[rule]]}
+    return out
 
 
 def _shared_sections(data: dict) -> dict[str, Any]:
@@ -189,6 +214,7 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
     """Validate a matrix mapping; every problem is reported at once in one ConfigError."""
     problems: list[str] = []
     spec = None
+    data = resolve_local(data)
     try:
         spec = validate(MatrixSpec, data, source)
     except ConfigError as exc:

@@ -108,6 +108,11 @@ def machine_problems(spec: MatrixSpec, machine: dict[str, Any]) -> list[str]:
     gpus = machine.get("gpus", [])
     for name in spec.instance:
         instance = catalog.instances().get(name)
+        if instance is not None and instance.local_gpu:
+            if not instance.devices_per_node:  # cells needing more GPUs than there are: compat.devices_fit
+                problems.append("instance: local-gpu trains on this machine's NVIDIA GPUs, and nvidia-smi finds "
+                                "none; use instance: local-cpu (or instance: local, which picks) to train on the CPU")
+            continue
         if instance is None or instance.local or instance.devices_per_node == 0:
             continue
         family = instance.accelerator.removeprefix("NVIDIA ").split()[0].split("-")[0].lower()  # "v100"
@@ -118,7 +123,7 @@ def machine_problems(spec: MatrixSpec, machine: dict[str, Any]) -> list[str]:
             problems.append(
                 f"instance: {name} ({instance.accelerator}) with compute: local would train on this "
                 f"machine, which has {here}; use compute: sagemaker (or kubernetes/batch) to run on "
-                f"{name}, or instance: local-cpu to train here")
+                f"{name}, or instance: {'local-gpu' if gpus else 'local-cpu'} to train here")
     return problems
 
 

@@ -120,8 +120,21 @@ class TrainSettings(Strict):
     # `pretrained` loads them; `auto` follows the preset (hub ids and directories: pretrained).
     init: Literal["auto", "random", "pretrained"] = "auto"
     trust_remote_code: bool = False
+    # auto: the model's own tokenizer (its folder's, or the preset's); byte: the built-in byte
+    # tokenizer, for runs at a model's shape with random weights and nothing downloaded (the
+    # vocabulary, and so the embedding and head sizes, stay the model's).
+    tokenizer: Literal["auto", "byte"] = "auto"
     # auto: what transformers picks for the model (the fastest it supports and is installed).
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    # Fast paths. Each gives the losses of the run without it (within the tolerance its test
+    # states) and is refused, with the reason, under a strategy it cannot run with.
+    # The optimizer's fused kernel (one launch for all parameters); auto: on for CUDA devices.
+    fused_optimizer: Literal["auto", "on", "off"] = "auto"
+    # torch.compile: each decoder layer (`layers`, as torchtitan does: one graph reused by every
+    # layer, recompiled for nothing) or the whole model (`model`).
+    compile: Literal["off", "layers", "model"] = "off"
+    # Liger Kernel's Triton kernels (CUDA only): RMSNorm, SwiGLU, rotary embeddings.
+    liger: bool = False
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     # Time and tokens until the validation loss (train loss when eval_every is 0) first
     # reaches this value: the goodput / statistical-efficiency measure.

@@ -123,6 +123,13 @@ class CellMetrics(_Record):
     trainable_params: int | None = None
     total_params: int | None = None
     lora_targets: list[str] | None = None  # the modules adapted (PEFT's default when unset)
+    # How parameters are stored: the frozen base (full fine-tuning: all weights) and the
+    # trainable ones ("fp32", "bf16", "fp16", "4bit"); under mixed precision a LoRA base is bf16.
+    weights_dtype: str | None = None
+    trainable_dtype: str | None = None
+    # What ran: the attention kernel transformers picked, and whether the optimizer was fused.
+    attn_implementation: str | None = None
+    fused_optimizer: bool | None = None
     pipeline_schedule: str | None = None
     resumed_from_step: int | None = None
     device: str | None = None
@@ -140,6 +147,12 @@ class CellMetrics(_Record):
     peak_mem_gb: float | None = None
     peak_mem_gb_per_rank: list[float] | None = None
     peak_reserved_gb_per_rank: list[float] | None = None
+    # GPU only, from NVML during the timed steps: mean utilisation (share of time a kernel ran)
+    # per rank and over ranks, and the most memory in use per rank (CUDA context and NCCL
+    # buffers included, which the allocator's peak above leaves out).
+    gpu_util_pct: float | None = None
+    gpu_util_pct_per_rank: list[float] | None = None
+    gpu_mem_used_gb_per_rank: list[float] | None = None
     failed_rank: int | None = None
     # quality
     val_loss: float | None = None

@@ -31,7 +31,8 @@ AXES = ["model", "peft", "strategy", "instance", "nodes", "gpus", "lr", "micro_b
 # Metrics that are lists or mappings: the curves and per-rank lists travel as JSON text, the
 # warm-up as its tokens/s; library versions are in the run's provenance.
 CURVES = ("loss_curve", "val_curve")
-AS_JSON = ("peak_mem_gb_per_rank", "peak_reserved_gb_per_rank", "cores")
+AS_JSON = ("peak_mem_gb_per_rank", "peak_reserved_gb_per_rank", "gpu_util_pct_per_rank", "gpu_mem_used_gb_per_rank",
+           "cores")
 NOT_IN_TABLE = ("versions", "warmup")
 METRICS = [f for f in CellMetrics.model_fields if f not in (*CURVES, *AS_JSON, *NOT_IN_TABLE)]
 # Measured quantities as float64 (NaN where a cell has none), whatever the first rows hold.

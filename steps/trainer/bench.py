@@ -11,6 +11,7 @@ shared machine a few slow steps or a slow repeat (another process, a page-in) wo
 decide a comparison whose real differences are a few percent.
 
     python -m steps.bench                       # ~30M Llama, LoRA r=8, 4 x 256 tokens, fp32
+    python -m steps.bench --device cuda --save  # the GPU bench at real shapes (gpu_bench.py)
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def _model(cell):
 
     tok = modeling.load_tokenizer(cell)
     return modeling.apply_peft(modeling.load_model(cell, tok.vocab_size, __import__("torch").device("cpu")), cell)
+
+
+def _python_path() -> str:
+    return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
 
 
 def _peak_gb() -> float:
@@ -156,7 +161,7 @@ def run_ours(cell_dict: dict, threads: int) -> dict:
 
 
 def _env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO_ROOT),
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": _python_path(),
             "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -177,7 +182,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the results (device, versions, date) in reports/benchmarks/")
     parser.add_argument("--worker", choices=["minimal", "hf_trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--cell-json", help=argparse.SUPPRESS)
+    gpu = parser.add_argument_group("--device cuda: the GPU bench at real shapes (steps/trainer/gpu_bench.py)")
+    gpu.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    gpu.add_argument("--part", choices=["lora", "qlora", "all"], default="all",
+                     help="lora: 1.1B shape, fast paths vs none vs HF Trainer; qlora: QLoRA vs LoRA at the 7B shape")
+    gpu.add_argument("--micro-batches", default="16,8,4,2,1", help="micro-batches to try, largest first")
+    gpu.add_argument("--qlora-micro-batch", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        from steps.trainer import gpu_bench
+
+        if argv is None and "--steps" not in sys.argv:
+            args.steps, args.warmup = 20, 5
+        return gpu_bench.main(args)
 
     if args.worker:
         from steps.plan.schema import CellSpec

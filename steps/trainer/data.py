@@ -26,6 +26,9 @@ class Example:
     # target[t]: ids[t] is predicted (from ids[:t]) and counts in the loss.
     target: list[bool]
     cut: bool = False  # longer than seq_len + 1 tokens: its end was dropped
+    # Packed rows: each token's position within the example it came from (restarting at 0 where
+    # an example starts), so that attention and rotary embeddings keep the examples apart.
+    positions: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,18 +72,24 @@ def encode(tok: Tokenizer, item, seq_len: int) -> Example:
     return encode_chat(tok, item, seq_len) if isinstance(item, Chat) else encode_pair(tok, *item, seq_len)
 
 
-def blocks(ids: list[int], target: list[bool], seq_len: int) -> list[Example]:
+def blocks(ids: list[int], target: list[bool], seq_len: int, positions: list[int] | None = None) -> list[Example]:
     """Cut a token stream into rows of seq_len inputs (+1 for the last target), no padding."""
     return [
-        Example(ids=ids[i : i + seq_len + 1], target=target[i : i + seq_len + 1])
+        Example(ids=ids[i : i + seq_len + 1], target=target[i : i + seq_len + 1],
+                positions=positions[i : i + seq_len + 1] if positions is not None else None)
         for i in range(0, len(ids) - seq_len, seq_len)
     ]
 
 
 def pack(examples: list[Example], seq_len: int) -> list[Example]:
+    """Examples end to end in full rows (no padding), each keeping its own positions: the model
+    sees where one ends and the next starts (transformers builds a block-diagonal causal mask
+    from position ids that restart, and FlashAttention-2 runs them as separate sequences), so
+    no example attends to another. The first token of an example is never a target."""
     ids = [t for e in examples for t in e.ids]
     target = [m for e in examples for m in e.target]
-    return blocks(ids, target, seq_len)
+    positions = [i for e in examples for i in range(len(e.ids))]
+    return blocks(ids, target, seq_len, positions)
 
 
 def build_splits(data: DataSettings, tok: Tokenizer, seq_len: int) -> Splits:
@@ -123,7 +132,12 @@ def collate(examples: list[Example], pad_id: int, width: int | None = None) -> d
         labels[row, :n] = torch.tensor([t if m else IGNORE for t, m in zip(e.ids[1:], e.target[1:])])
         mask[row, :n] = 1
     padded = any(len(e.ids) - 1 < width for e in examples)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask if padded else None}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask if padded else None}
+    if any(e.positions is not None for e in examples):
+        if padded:
+            raise ValueError("packed rows are never padded")
+        batch["position_ids"] = torch.tensor([e.positions[:-1] for e in examples], dtype=torch.long)
+    return batch
 
 
 def to_device(batch: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, torch.Tensor | None]:

@@ -32,14 +32,25 @@ class Dist:
         return self.rank == 0
 
 
-def init(timeout_s: float = 1800) -> Dist:
+def init(timeout_s: float = 1800, gpu: bool = True) -> Dist:
+    """This process in the group. gpu: the cell's instance is a GPU type, so each rank takes its
+    local GPU where there is one; a CPU instance runs on the CPU even on a machine with GPUs
+    (the CPU twin of a study). A GPU cell on a machine without one (the SageMaker emulator of
+    the tests) trains on the CPU and says so; its MFU is then not reported."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if gpu and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU: this process sees "
+                               f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES="
+                               f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
+        if gpu and rank == 0:
+            print("the cell's instance is a GPU type but no CUDA GPU is visible: training on the CPU",
+                  file=sys.stderr, flush=True)
         device = torch.device("cpu")
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group(

@@ -43,7 +43,7 @@ def _hub_ids(cell: CellSpec) -> list[str]:
         wanted = [cell.model]
     else:
         wanted = [None if modeling.is_random_init(cell) else preset.source,
-                  None if preset.tokenizer == "byte" else preset.tokenizer]
+                  None if "byte" in (preset.tokenizer, cell.train.tokenizer) else preset.tokenizer]
     return [name for name in dict.fromkeys(wanted) if name and not os.path.isdir(name)]
 
 

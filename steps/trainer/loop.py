@@ -19,6 +19,7 @@ from steps.trainer import checkpoint, data, distributed, measure, modeling
 from steps.trainer.distributed import Dist
 from steps.trainer.engines import build_engine
 from steps.trainer.engines.base import Engine, ModelFacts
+from steps.trainer.engines.optim import fused
 from steps.trainer.limits import inject_fault
 from steps.trainer.liveness import Heartbeat
 from steps.trainer.progress import Progress
@@ -38,7 +39,10 @@ def train(cell: CellSpec, d: Dist, m: CellMetrics, out: Path, resume: bool, beat
              train_target_tokens=splits.train_target_tokens)
     engine = build_engine(cell, d, tok.vocab_size, total_steps)
     m.update(trainable_params=engine.facts.trainable, total_params=engine.facts.total,
-             lora_targets=list(engine.facts.adapted) or None, pipeline_schedule=engine.schedule_name)
+             lora_targets=list(engine.facts.adapted) or None, pipeline_schedule=engine.schedule_name,
+             weights_dtype=engine.facts.weights_dtype, trainable_dtype=engine.facts.trainable_dtype,
+             attn_implementation=getattr(engine.facts.config, "_attn_implementation", None),
+             fused_optimizer=fused(cell, engine.params))
     # The dataset and model are long-lived: keep them out of the garbage collector's full scans,
     # which otherwise walk every token list of the dataset during training steps.
     gc.collect()
@@ -52,6 +56,7 @@ def train(cell: CellSpec, d: Dist, m: CellMetrics, out: Path, resume: bool, beat
         loop.run(start)
         loop.finish()
         summarize(cell, d, m, progress, engine.facts)
+        record_gpu_samples(m, d, loop.gpu)
     except BaseException:
         m.update(loss_curve=progress.loss_curve, val_curve=progress.val_curve)  # the curves so far
         raise
@@ -84,6 +89,7 @@ class Loop:
         self.m, self.out, self.beat, self.progress = m, out, beat, progress
         self.width = engine.eval_shape()[0]  # pipelines pad every batch to one width
         self.log_every = max(1, total_steps // 20)
+        self.gpu = measure.GpuSampler(self.d.device)  # NVML, during the timed steps only
 
     def run(self, start: int) -> None:
         """Steps start+1 .. total_steps (numbered from 1), evaluating, checking the target and
@@ -94,7 +100,12 @@ class Loop:
         clock = TrainClock(progress.train_s)
         for n in range(start + 1, self.total_steps + 1):
             inject_fault(self.cell, n, self.d.rank)
+            if n > train.timing_warmup_steps:
+                self.gpu.start()
             self.step(n, clock, log=n % self.log_every == 0 or n == start + 1)
+            if (train.eval_every and n % train.eval_every == 0) or (
+                    train.checkpoint_every and n % train.checkpoint_every == 0):
+                self.gpu.stop()
             if train.eval_every and n % train.eval_every == 0:
                 t_eval = time.perf_counter()
                 progress.val_curve.append(self.evaluate(n, clock.now()))
@@ -106,6 +117,7 @@ class Loop:
                 checkpoint.save(self.engine, n, progress, self.out, self.d)
                 self.m.checkpoint_s = (self.m.checkpoint_s or 0.0) + clock.exclude_since(t_save)
             self.beat.beat(progress)
+        self.gpu.stop()
         progress.train_s = clock.now()
 
     def step(self, n: int, clock: TrainClock, log: bool) -> None:
@@ -124,6 +136,7 @@ class Loop:
         lr = engine.lr()
         engine.optimizer_step()
         loss_sum, tokens = distributed.all_reduce_sum([loss_local, real if place.reports else 0], d.device)
+        measure.synchronize(d.device)
         dt = time.perf_counter() - t0
         loss = loss_sum / n_targets
         point = LossPoint(step=n, loss=loss, lr=lr, tokens=tokens, time_s=clock.now())
@@ -184,7 +197,9 @@ def summarize(cell: CellSpec, d: Dist, m: CellMetrics, progress: Progress, facts
         tokens_per_s = progress.tokens_per_s
         flops = measure.flops_per_token(facts.config, facts.trainable, facts.total - facts.trainable,
                                         facts.embedding, progress.mean_seq_tokens, full=cell.peft == "full")
-        peak = catalog.peak_tflops(cell.instance, cell.precision)
+        # The catalog's peak is the instance's GPU's: a GPU cell that ran on a CPU has no MFU.
+        on_gpu = d.device.type == "cuda"
+        peak = catalog.peak_tflops(cell.instance, cell.precision) if on_gpu else None
         achieved = tokens_per_s * flops / 1e12
         m.update(tokens_per_s=tokens_per_s, tokens_per_s_per_device=tokens_per_s / d.world, step_s=progress.step_s,
                  epoch_s=progress.step_s * m.steps_per_epoch, flops_per_token=flops, achieved_tflops=achieved,
@@ -193,3 +208,20 @@ def summarize(cell: CellSpec, d: Dist, m: CellMetrics, progress: Progress, facts
     m.update(epochs=len(curve) / m.steps_per_epoch if curve else 0.0, target_loss=cell.train.target_loss,
              time_to_target_s=target.time_s if target else None, tokens_to_target=target.tokens if target else None,
              steps_to_target=target.step if target else None)
+
+
+def record_gpu_samples(m: CellMetrics, d: Dist, gpu: measure.GpuSampler) -> None:
+    """Every rank's NVML utilisation and memory in use over the timed steps (a collective on GPU
+    ranks; nothing on CPU)."""
+    if d.device.type != "cuda":
+        return
+    util = distributed.all_gather_float(_or_nan(gpu.mean_util_pct), d.device)
+    used = distributed.all_gather_float(_or_nan(gpu.max_used_gb), d.device)
+    if all(math.isfinite(u) for u in util):
+        m.update(gpu_util_pct_per_rank=util, gpu_util_pct=sum(util) / len(util))
+    if all(math.isfinite(u) for u in used):
+        m.gpu_mem_used_gb_per_rank = used
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value

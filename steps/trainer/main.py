@@ -22,7 +22,7 @@ import psutil
 import torch
 import yaml
 
-from steps.plan import compat
+from steps.plan import catalog, compat
 from steps.plan.schema import CellSpec, validate
 from steps.results import metrics
 from steps.results.metrics import EXIT_ERROR, EXIT_OK, EXIT_OOM, CellMetrics
@@ -86,9 +86,13 @@ def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
                  global_batch=cell.global_batch)
         if reason := compat.refusal(cell):
             raise ValueError(f"this combination cannot run: {reason}")
-        d = distributed.init(timeout_s=cell.train.timeout_s)
+        instance = catalog.instances().get(cell.instance)
+        d = distributed.init(timeout_s=cell.train.timeout_s, gpu=instance is None or not instance.local)
         if d.world != cell.world_size:
             raise ValueError(f"launched with {d.world} processes, cell expects {cell.world_size}")
+        if d.device.type == "cuda":  # this cell's peaks (a process may train several cells)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(d.device)
         limits.apply_memory_cap(cell, d.device)
         m.update(versions=metrics.versions(), device=measure.device_name(d.device))
         loop.train(cell, d, m, out, args.resume, beat)

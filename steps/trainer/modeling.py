@@ -24,7 +24,9 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 def load_tokenizer(cell: CellSpec) -> Tokenizer:
     """The model directory's tokenizer when it has one, otherwise the built-in byte tokenizer."""
     preset = catalog.model_presets().get(cell.model)
-    if preset:
+    if cell.train.tokenizer == "byte":
+        source = None
+    elif preset:
         source = None if preset.tokenizer == "byte" else preset.tokenizer
     else:
         source = cell.model
@@ -38,8 +40,16 @@ def load_tokenizer(cell: CellSpec) -> Tokenizer:
 
 
 def weights_dtype(cell: CellSpec) -> torch.dtype:
-    """bf16-true keeps weights (and so optimizer states) in bf16; mixed precision keeps fp32."""
-    return torch.bfloat16 if cell.precision == "bf16-true" else torch.float32
+    """The dtype the base model is loaded in, as PEFT, torchtune and Axolotl lay memory out:
+    bf16-true keeps every weight (and so the optimizer states) in bf16; under mixed precision a
+    frozen base (LoRA, DoRA) is stored in the compute dtype, since it only ever feeds bf16/fp16
+    matmuls, while the adapters PEFT adds stay fp32 (`autocast_adapter_dtype`); full fine-tuning
+    keeps fp32 master weights, which autocast casts per matmul."""
+    if cell.precision == "bf16-true":
+        return torch.bfloat16
+    if cell.precision in ("bf16-mixed", "fp16-mixed") and cell.peft != "full":
+        return compute_dtype(cell)
+    return torch.float32
 
 
 def compute_dtype(cell: CellSpec) -> torch.dtype:
@@ -148,7 +158,10 @@ def load_model(cell: CellSpec, vocab_size: int, device: torch.device, tp_mesh=No
     if is_random_init(cell) and cell.peft != "qlora":
         torch.manual_seed(cell.train.seed)
         config = model_config(cell, vocab_size)
-        model = AutoModelForCausalLM.from_config(config, **kwargs).to(device)
+        # Drawn in fp32 whatever the precision, then stored in its dtype: every precision trains
+        # the same weights (rounded), and drawing in bf16 gives other numbers on some torch builds.
+        model = AutoModelForCausalLM.from_config(config, **{**kwargs, "dtype": torch.float32})
+        model = model.to(device=device, dtype=kwargs["dtype"])
     else:
         # 4-bit quantisation happens while loading, so random weights go through a directory too.
         source = str(random_checkpoint(cell, vocab_size)) if is_random_init(cell) else _source(cell)
@@ -276,6 +289,48 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def storage_dtype(params: list[torch.nn.Parameter]) -> str:
+    """The dtype most of these parameters' elements are stored in ("4bit" for bitsandbytes'
+    packed weights); "" for none."""
+    counts: dict[str, int] = {}
+    for p in params:
+        name = "4bit" if type(p).__name__ == "Params4bit" else DTYPE_NAMES.get(p.dtype, str(p.dtype))
+        counts[name] = counts.get(name, 0) + (p.shape.numel() if hasattr(p, "full_tensor") else p.numel())
+    return max(counts, key=counts.get) if counts else ""
+
+
 def embedding_parameters(model: torch.nn.Module) -> int:
     emb = model.get_input_embeddings()
     return emb.weight.shape.numel() if emb is not None else 0
+
+
+def apply_fast_paths(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:
+    """The cell's `train.liger` and `train.compile`, in place (module names, and so checkpoints
+    and adapters, stay as they were); before a strategy wraps or shards the model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if cell.train.liger:
+        from liger_kernel.transformers.monkey_patch import (
+            MODEL_TYPE_TO_APPLY_LIGER_FN,
+            _apply_liger_kernel_to_instance,
+        )
+
+        if base.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            raise ValueError(f"train.liger: Liger Kernel has no kernels for {base.config.model_type!r} models; "
+                             f"it has them for {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}")
+        # The loss stays this trainer's (a sum over target tokens from the logits).
+        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    # Inductor generates kernels; FINETUNE_MATRIX_COMPILE_BACKEND=aot_eager captures the same
+    # graphs without generating code (the CPU tests: inductor's C++ build takes minutes there).
+    backend = os.environ.get("FINETUNE_MATRIX_COMPILE_BACKEND", "inductor")
+    if cell.train.compile == "layers":
+        from steps.trainer.split import anatomy
+
+        for layer in anatomy(base).layers:
+            layer.compile(backend=backend)
+    elif cell.train.compile == "model":
+        model.compile(backend=backend)
+    return model

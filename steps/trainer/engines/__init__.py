@@ -32,4 +32,5 @@ def build_engine(cell: CellSpec, d: Dist, vocab_size: int, total_steps: int) -> 
 
 
 def _load(cell: CellSpec, d: Dist, vocab_size: int, tp_mesh=None) -> torch.nn.Module:
-    return modeling.apply_peft(modeling.load_model(cell, vocab_size, d.device, tp_mesh=tp_mesh), cell)
+    model = modeling.apply_peft(modeling.load_model(cell, vocab_size, d.device, tp_mesh=tp_mesh), cell)
+    return modeling.apply_fast_paths(model, cell)

@@ -44,13 +44,18 @@ class ModelFacts:
     embedding: int  # input-embedding parameters (lookups, not matmuls)
     config: Any  # the model's transformers config
     adapted: tuple[str, ...] = ()  # the module names PEFT put adapters on (last name part)
+    weights_dtype: str = ""  # how the frozen base (full fine-tuning: the weights) is stored
+    trainable_dtype: str = ""  # how the trainable parameters are stored
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelFacts:
         trainable, total = modeling.count_parameters(model)
         tuner = getattr(model, "base_model", None)
         adapted = sorted({n.rsplit(".", 1)[-1] for n in getattr(tuner, "targeted_module_names", [])})
-        return cls(trainable, total, modeling.embedding_parameters(model), model.config, tuple(adapted))
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        return cls(trainable, total, modeling.embedding_parameters(model), model.config, tuple(adapted),
+                   weights_dtype=modeling.storage_dtype(frozen or list(model.parameters())),
+                   trainable_dtype=modeling.storage_dtype([p for p in model.parameters() if p.requires_grad]))
 
 
 def autocast(cell: CellSpec, device: torch.device) -> contextlib.AbstractContextManager:
@@ -130,7 +135,10 @@ class Engine:
 
     def forward(self, batch: Batch) -> torch.Tensor:
         with self.autocast():
-            return self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # No KV cache: training never reads one, and with one transformers ignores the
+            # position ids that keep packed examples apart.
+            return self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch.get("position_ids"), use_cache=False).logits
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Around each micro-batch of an accumulation: strategies that synchronise gradients

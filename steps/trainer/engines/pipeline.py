@@ -60,6 +60,8 @@ class Stage(nn.Module):
         object.__setattr__(self, "_lm", lm)
         object.__setattr__(self, "_decoder", decoder)
         self.stage_input: torch.Tensor | None = None
+        # Packed rows: their position ids travel with the activations from stage to stage.
+        self.packed = cell.data.packing
 
     @contextlib.contextmanager
     def _rewired(self):
@@ -72,20 +74,23 @@ class Stage(nn.Module):
             for obj, name, value in saved:
                 setattr(obj, name, value)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None):
         with autocast(self.cell, self.device):
             if self.first:
                 inputs = {"input_ids": x}
             else:
                 self.stage_input = x
                 inputs = {"inputs_embeds": x.new_zeros(*x.shape[:2], self.embed_dim, dtype=self.embed_dtype)}
+            if positions is not None:
+                inputs["position_ids"] = positions
             # No attention mask: padding is on the right and attention is causal, so real
             # tokens never see it, and padded positions carry no loss.
             try:
                 with self._rewired():
                     if self.last:
                         return self._lm(**inputs, use_cache=False).logits
-                    return self._decoder(**inputs, use_cache=False)[0]
+                    hidden = self._decoder(**inputs, use_cache=False)[0]
+                    return (hidden, positions) if self.packed else hidden
             finally:
                 self.stage_input = None
 
@@ -107,6 +112,12 @@ class _TakeStageInput(nn.Module):
         else:
             kwargs["hidden_states"] = x
         return self.layer(*args, **kwargs)
+
+
+def _positions(micro: list[Batch], ids: torch.Tensor) -> torch.Tensor:
+    return torch.cat([b["position_ids"] if b.get("position_ids") is not None else
+                      torch.arange(b["input_ids"].shape[1], device=ids.device).expand_as(b["input_ids"])
+                      for b in micro])
 
 
 def _release(module: nn.Module) -> None:
@@ -204,7 +215,10 @@ class PipelineEngine(ModelSplitEngine):
         losses: list[torch.Tensor] = []
         run = self.schedule.step if train else self.schedule.eval
         if self.first:
-            out = run(ids, target=labels if self.last else None, losses=losses)
+            # Packed cells hand every stage the rows' position ids (evaluation rows, not packed:
+            # 0, 1, 2, ... as the model would use).
+            inputs = (ids, _positions(micro, ids)) if self.model.packed else (ids,)
+            out = run(*inputs, target=labels if self.last else None, losses=losses)
         elif self.last:
             out = run(target=labels, losses=losses)
         else:

@@ -1,0 +1,267 @@
+"""The GPU bench: `python -m steps.bench --device cuda` (random weights at real shapes, nothing
+downloaded; one GPU).
+
+  lora   the TinyLlama-1.1B shape, LoRA r=16 on every linear layer, bf16-mixed, sequence 2048,
+         packed rows, the largest micro-batch that fits (tried from the top): this trainer with
+         its fast paths (fused AdamW, compiled layers, Liger kernels), without them, and Hugging
+         Face `Trainer` + PEFT on the same model, rows and batch.
+  qlora  the Llama-2-7B shape: QLoRA against LoRA at one micro-batch (fused AdamW and Liger for
+         both; compile does not take bitsandbytes' layers).
+
+Each run is its own process. Prints tokens/s, MFU (4N + 6N_trainable), peak memory and the
+ratios, and the memory budget's estimate against the measured peak allocated; `--save` keeps
+it all under reports/benchmarks/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from steps import REPO_ROOT
+
+SEQ = 2048
+
+
+def bench_cell(model: str, peft: str, micro_batch: int, fast: bool, steps: int, warmup: int,
+               compile_layers: bool = True) -> dict:
+    from steps.plan.matrix import cell_id
+
+    rows = micro_batch * steps + 8
+    settings = {
+        "model": model, "peft": peft, "strategy": "single", "instance": "local-gpu", "lr": 1e-4,
+        "micro_batch": micro_batch, "seq_len": SEQ, "precision": "bf16-mixed",
+        "train": {"init": "random", "tokenizer": "byte", "max_steps": steps, "timing_warmup_steps": warmup,
+                  "lr_schedule": "constant", "save_adapter": False, "attn_implementation": "sdpa",
+                  "fused_optimizer": "auto" if fast else "off",
+                  "compile": "layers" if fast and compile_layers else "off", "liger": fast,
+                  "timeout_s": 1200, "hang_after_s": 600,
+                  "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}},
+        # synthetic-reverse examples are ~40 bytes: enough of them to fill `rows` packed rows
+        "data": {"task": "synthetic-reverse", "packing": True, "train_samples": rows * SEQ // 30,
+                 "val_samples": 4},
+    }
+    return {**settings, "cell_id": cell_id(settings)}
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0))),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_trainer(cell: dict, label: str) -> dict:
+    """This trainer on one GPU, as the flow launches it; its metrics (an `oom` too)."""
+    from steps.results.metrics import CellMetrics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "cell.json").write_text(json.dumps(cell))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               "-m", "steps.train", "--cell", str(Path(tmp) / "cell.json"), "--out", tmp]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
+        m = CellMetrics.read(Path(tmp) / "metrics.json")
+    if m is None:
+        raise RuntimeError(f"{label}: no metrics\n{proc.stderr[-3000:]}")
+    out = {"label": label, "outcome": m.outcome, "error": m.error, "wall_s": time.perf_counter() - t0,
+           "micro_batch": cell["micro_batch"], "tokens_per_s": m.tokens_per_s, "mfu": m.mfu,
+           "peak_mem_gb": m.peak_mem_gb, "peak_reserved_gb": (m.peak_reserved_gb_per_rank or [None])[0],
+           "gpu_util_pct": m.gpu_util_pct, "step_s": m.step_s, "trainable_params": m.trainable_params,
+           "total_params": m.total_params, "flops_per_token": m.flops_per_token,
+           "losses": [p.loss for p in m.loss_curve], "weights_dtype": m.weights_dtype}
+    if m.outcome == "ok":
+        out["estimate"] = memory_estimate(cell, m)
+    print(f"  {label}: {m.outcome} mb={cell['micro_batch']} tok/s={m.tokens_per_s or 0:,.0f} "
+          f"mfu={m.mfu or 0:.3f} peak={m.peak_mem_gb or 0:.1f} GB ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return out
+
+
+def memory_estimate(cell: dict, m) -> dict:
+    """The report's memory budget for this cell, by part, in GB, against the measured peak."""
+    from steps.plan import catalog, memory
+
+    row = {"peft": cell["peft"], "precision": cell["precision"], "seq_len": cell["seq_len"],
+           "micro_batch": cell["micro_batch"], "total_params": m.total_params,
+           "trainable_params": m.trainable_params, "strategy": "single", "world_size": 1,
+           "instance": cell["instance"], "attn_implementation": m.attn_implementation,
+           "train.optimizer": "adamw", "train.gradient_checkpointing": False}
+    parts = memory.estimate(row, catalog.model_presets()[cell["model"]].config)
+    total = sum(parts.values()) / 1e9
+    return {**{k: v / 1e9 for k, v in parts.items()}, "total_gb": total,
+            "error": total / m.peak_mem_gb - 1 if m.peak_mem_gb else None}
+
+
+def largest_fitting(model: str, peft: str, fast: bool, candidates: list[int], steps: int, warmup: int,
+                    label: str) -> tuple[dict, list[dict]]:
+    """The run at the first micro-batch (largest first) that does not run out of memory, and the
+    runs that did."""
+    tried = []
+    for mb in candidates:
+        r = run_trainer(bench_cell(model, peft, mb, fast, steps, warmup), f"{label} mb={mb}")
+        if r["outcome"] == "ok":
+            return r, tried
+        tried.append(r)
+    raise RuntimeError(f"{label}: no micro-batch of {candidates} fits: {tried[-1]['error']}")
+
+
+def worker_hf_trainer(cell_dict: dict) -> dict:
+    """Hugging Face Trainer + PEFT on the same model (bf16 base, fp32 adapters, autocast bf16),
+    rows (packed, with their position ids), batch and optimizer (fused AdamW), timed with CUDA
+    synchronised at each step's ends."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from steps.plan.schema import CellSpec
+    from steps.trainer import data, modeling
+
+    cell = CellSpec.model_validate(cell_dict)
+    tok = modeling.load_tokenizer(cell)
+    splits = data.build_splits(cell.data, tok, cell.seq_len)
+    rows = []
+    for e in splits.train[: cell.micro_batch * cell.train.max_steps]:
+        b = data.collate([e], tok.pad_id)
+        rows.append({"input_ids": b["input_ids"][0], "labels": b["input_ids"][0].clone(),
+                     "position_ids": b["position_ids"][0]})
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.t0)
+
+    device = torch.device("cuda", 0)
+    model = modeling.apply_peft(modeling.load_model(cell, tok.vocab_size, device), cell)
+    torch.cuda.reset_peak_memory_stats()
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cell.micro_batch, max_steps=cell.train.max_steps,
+            learning_rate=cell.lr, lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
+            report_to=[], bf16=True, optim="adamw_torch_fused", dataloader_num_workers=0, disable_tqdm=True,
+            seed=cell.train.seed, data_seed=cell.train.seed, max_grad_norm=1.0)
+        trainer = Trainer(model=model, args=targs, train_dataset=Rows(), callbacks=[clock])
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
+        trainer.train()
+    timed = clock.times[cell.train.timing_warmup_steps:]
+    tokens = cell.micro_batch * cell.seq_len
+    return {"label": "HF Trainer + PEFT", "outcome": "ok", "micro_batch": cell.micro_batch,
+            "tokens_per_s": tokens / statistics.mean(timed), "step_s": statistics.mean(timed),
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
+
+
+def run_hf(cell: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "steps.bench", "--device", "cuda", "--worker", "hf_trainer",
+                           "--cell-json", json.dumps(cell)], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
+    if proc.returncode:
+        return {"label": "HF Trainer + PEFT", "outcome": "error", "error": proc.stderr[-3000:]}
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r["mfu"] = None
+    print(f"  HF Trainer + PEFT: tok/s={r['tokens_per_s']:,.0f} peak={r['peak_mem_gb']:.1f} GB", flush=True)
+    return r
+
+
+def part_lora(steps: int, warmup: int, candidates: list[int]) -> dict:
+    """The largest micro-batch with the fast paths; without them the largest that fits then
+    (fused kernels and compiled layers keep less in memory); HF Trainer and the fast paths again
+    at that micro-batch, so that every ratio compares equal settings."""
+    model = "tinyllama-1.1b"
+    fast, tried = largest_fitting(model, "lora", True, candidates, steps, warmup, "trainer, fast paths")
+    plain, more = largest_fitting(model, "lora", False, [c for c in candidates if c <= fast["micro_batch"]],
+                                  steps, warmup, "trainer, no fast paths")
+    runs = [fast, plain]
+    same = fast
+    if plain["micro_batch"] != fast["micro_batch"]:
+        same = run_trainer(bench_cell(model, "lora", plain["micro_batch"], True, steps, warmup),
+                           f"trainer, fast paths mb={plain['micro_batch']}")
+        runs.append(same)
+    hf = run_hf(bench_cell(model, "lora", plain["micro_batch"], False, steps, warmup))
+    if same.get("mfu") and hf.get("tokens_per_s"):
+        hf["mfu"] = same["mfu"] * hf["tokens_per_s"] / same["tokens_per_s"]  # the same FLOPs per token
+    runs.append(hf)
+    return {"micro_batch": fast["micro_batch"], "runs": runs, "out_of_memory": tried + more,
+            "ratios": {"fast_vs_hf": _ratio(same, hf), "fast_vs_plain": _ratio(same, plain),
+                       "plain_vs_hf": _ratio(plain, hf), "best_fast_vs_hf": _ratio(fast, hf)}}
+
+
+def part_qlora(steps: int, warmup: int, micro_batch: int) -> dict:
+    runs = [run_trainer(bench_cell("llama-2-7b", peft, micro_batch, True, steps, warmup, compile_layers=False),
+                        f"7B {peft}") for peft in ("lora", "qlora")]
+    lora, qlora = runs
+    ok = lora["outcome"] == qlora["outcome"] == "ok"
+    return {"micro_batch": micro_batch, "runs": runs,
+            "ratios": {"qlora_peak_vs_lora": qlora["peak_mem_gb"] / lora["peak_mem_gb"] if ok else None,
+                       "qlora_tokens_vs_lora": _ratio(qlora, lora)}}
+
+
+def _ratio(a: dict, b: dict) -> float | None:
+    return a["tokens_per_s"] / b["tokens_per_s"] if a.get("tokens_per_s") and b.get("tokens_per_s") else None
+
+
+def print_tables(record: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=170)
+    for part, result in record["parts"].items():
+        table = Table(title=f"{part}: sequence {SEQ}, bf16-mixed, {record['device']}")
+        for col in ("run", "outcome", "micro-batch", "tokens/s", "MFU", "peak alloc GB", "reserved GB", "GPU util %",
+                    "estimate GB", "estimate error"):
+            table.add_column(col, justify="left" if col in ("run", "outcome") else "right")
+        for r in result["runs"]:
+            est = r.get("estimate") or {}
+            table.add_row(r["label"], r["outcome"], str(r.get("micro_batch", "-")),
+                          f"{r.get('tokens_per_s') or 0:,.0f}",
+                          f"{r['mfu']:.3f}" if r.get("mfu") else "-", f"{r.get('peak_mem_gb') or 0:.2f}",
+                          f"{r.get('peak_reserved_gb') or 0:.2f}",
+                          f"{r['gpu_util_pct']:.0f}" if r.get("gpu_util_pct") is not None else "-",
+                          f"{est['total_gb']:.2f}" if est else "-",
+                          f"{est['error']:+.1%}" if est.get("error") is not None else "-")
+        console.print(table)
+        console.print("  " + ", ".join(f"{k} = {v:.3f}" for k, v in result["ratios"].items() if v is not None))
+
+
+def main(args) -> int:
+    if args.worker == "hf_trainer":
+        print(json.dumps(worker_hf_trainer(json.loads(args.cell_json))))
+        return 0
+    from steps.trainer.bench import environment
+
+    record = {"bench": "gpu", **environment(), "parts": {}}
+    if args.part in ("lora", "all"):
+        print("LoRA, TinyLlama-1.1B shape", flush=True)
+        sizes = [int(x) for x in args.micro_batches.split(",")]
+        record["parts"]["lora-1.1b"] = part_lora(args.steps, args.warmup, sizes)
+    if args.part in ("qlora", "all"):
+        print("QLoRA vs LoRA, Llama-2-7B shape", flush=True)
+        record["parts"]["qlora-7b"] = part_qlora(args.steps, args.warmup, args.qlora_micro_batch)
+    print_tables(record)
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+    if args.save:
+        folder = REPO_ROOT / "reports" / "benchmarks"
+        folder.mkdir(parents=True, exist_ok=True)
+        gpu = record["device"].replace("NVIDIA ", "").split()[0].lower()
+        path = folder / f"{record['date'][:10]}-bench-gpu-{args.part}-{gpu}.json"
+        path.write_text(json.dumps(record, indent=2, default=str))
+        print(f"saved {path}")
+    return 0
