@@ -141,7 +141,13 @@ def test_memory_budget_reads_the_cells_layout_and_optimizer():
     assert sgd["optim"] == 0 and four["optim"] == 800_000 / 4
     checkpointed = memory_budget.estimate({**row, "strategy": "single", "world_size": 1,
                                            "train.gradient_checkpointing": True}, arch)
-    assert checkpointed["activations"] == 2 * (2 * 32 * 4 * 64) * 2 + 32 * 4 * 259 * 4 * 2
+    # Full fine-tuning in fp32, checkpointed: each layer's input (4h), one layer rebuilt (norms
+    # 8h each, q/k/v and gate/up inputs, down's, q, out, k, v and the output again, 3 MLP
+    # tensors of 4h, with 1/rms and log-sum-exp), the loss, the mask, the final norm and head input.
+    tokens = 32 * 4
+    layer = (2 * 8 * 64 + 8) + 2 * 4 * 64 + 4 * 256 + (5 * 4 * 64 + 4 * 4) + 3 * 4 * 256
+    outside = 12 * 259 + 32 + 8 * 64 + 4 * 64
+    assert checkpointed["activations"] == (2 * 4 * 64 + layer + outside) * tokens == 1_453_568
     # A table from before these columns existed: the schema's defaults (AdamW, model_parallel 2).
     assert memory_budget.estimate({**row, "train.optimizer": math.nan}, arch) == two
 

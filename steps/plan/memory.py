@@ -10,9 +10,11 @@ Conventions (stated in the report):
   layers and 4 for its embeddings (and untied head), which stay unquantized; adapters 4.
 - gradients: trainable parameters x their width; AdamW keeps two states per trainable
   parameter at the same width (paged 8-bit AdamW: 1 byte each; SGD: none).
-- activations (Korthikanti et al. 2022, no recomputation): per layer s*b*h*(34 + 5*a*s/h)
-  bytes at 16 bits, twice that in fp32; with gradient checkpointing 2*s*b*h per layer; plus
-  the logits and their gradient, s*b*V*4*2.
+- activations, as autograd keeps them (`steps/plan/activations.py`, each term checked against
+  the real model's saved tensors): per layer and token by method, precision, attention kernel
+  (a mask, as packing and padding give, repeats grouped k/v), LoRA targets, fused kernels
+  (`train.liger`), compiled layers and gradient checkpointing; the loss at its peak (12 bytes
+  per vocabulary entry per token); autocast's 16-bit weight copies under full fine-tuning.
 - sharding, from the cell's layout (`steps/plan/layout.py`): FSDP and ZeRO-3 divide weights,
   gradients and states by the data-parallel size; ZeRO-2 gradients and states; ZeRO-1 states;
   ZeRO-3 offload keeps weights and states on the CPU; tensor, pipeline and hybrid divide
@@ -26,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from steps.plan import catalog
+from steps.plan import activations, catalog
 from steps.plan.layout import ParallelLayout
 from steps.plan.schema import ParallelSettings, TrainSettings
 
@@ -70,20 +72,34 @@ def estimate(r: Any, arch: dict[str, Any]) -> dict[str, float]:
     state = STATE_BYTES[str(_setting(r, "train.optimizer", defaults.optimizer))](width)
     parts = {"weights": weights + trainable * width, "grads": trainable * width, "optim": trainable * state}
 
-    s, b = float(r["seq_len"]), float(r["micro_batch"])
-    h, layers = float(arch["hidden_size"]), float(arch["num_hidden_layers"])
-    heads, vocab = float(arch["num_attention_heads"]), float(arch["vocab_size"])
-    checkpointed = bool(_setting(r, "train.gradient_checkpointing", defaults.gradient_checkpointing))
-    # Fused attention (SDPA's flash / memory-efficient kernels on a GPU, FlashAttention-2) keeps
-    # no s x s score matrix: Korthikanti's 5as/h term is gone.
-    entry = catalog.instances().get(str(r.get("instance", "")))
-    fused_attention = (entry is not None and not entry.local
-                       and _setting(r, "attn_implementation", "") in ("sdpa", "flash_attention_2"))
-    scores = 0 if fused_attention else 5 * heads * s / h
-    per_layer = 2 * s * b * h if checkpointed else s * b * h * (34 + scores)
-    if r["precision"] == "fp32":
-        per_layer *= 2
-    parts["activations"] = per_layer * layers + s * b * vocab * 4 * 2
+    parts["activations"] = activations.activation_bytes(
+        activations.DecoderShape.of(arch), kernels_of(r, arch), int(r["seq_len"]), int(r["micro_batch"]))
 
     layout = layout_of(r)
     return {part: layout.per_rank(part, size) for part, size in parts.items()}
+
+
+def kernels_of(r: Any, arch: dict[str, Any]) -> activations.Kernels:
+    """What of a row decides its activations: the metrics where the cell ran (the attention
+    implementation transformers chose, the adapted modules), the settings otherwise."""
+    defaults = TrainSettings()
+    attention = r.get("attn_implementation") if hasattr(r, "get") else None
+    if not isinstance(attention, str) or not attention:
+        attention = str(_setting(r, "train.attn_implementation", "sdpa"))
+    attention = "sdpa" if attention == "auto" else attention
+    targets = r.get("lora_targets") if hasattr(r, "get") else None
+    if not isinstance(targets, (list, tuple, str)) or not len(targets):
+        targets = _setting(r, "train.lora.target_modules", None)
+    shape = activations.DecoderShape.of(arch)
+    entry = catalog.instances().get(str(r.get("instance", "")))
+    return activations.Kernels(
+        method=str(r["peft"]), precision=str(r["precision"]), attention=attention,
+        masked=attention in ("sdpa", "eager"),
+        liger=bool(_setting(r, "train.liger", defaults.liger)),
+        compiled=str(_setting(r, "train.compile", defaults.compile)) != "off",
+        checkpointed=bool(_setting(r, "train.gradient_checkpointing", defaults.gradient_checkpointing)),
+        targets=activations.adapted(targets, list(shape.linears()), shape.model_type) if r["peft"] != "full"
+        else frozenset(),
+        lora_r=int(_setting(r, "train.lora.r", defaults.lora.r)),
+        lora_dropout=float(_setting(r, "train.lora.dropout", defaults.lora.dropout)),
+        cuda=entry is not None and entry.accelerator != "cpu")

@@ -90,7 +90,9 @@ def memory_estimate(cell: dict, m) -> dict:
            "micro_batch": cell["micro_batch"], "total_params": m.total_params,
            "trainable_params": m.trainable_params, "strategy": "single", "world_size": 1,
            "instance": cell["instance"], "attn_implementation": m.attn_implementation,
-           "train.optimizer": "adamw", "train.gradient_checkpointing": False}
+           "lora_targets": m.lora_targets, "train.optimizer": "adamw", "train.gradient_checkpointing": False,
+           "train.liger": cell["train"]["liger"], "train.compile": cell["train"]["compile"],
+           "train.lora.r": cell["train"]["lora"]["r"], "train.lora.dropout": cell["train"]["lora"]["dropout"]}
     parts = memory.estimate(row, catalog.model_presets()[cell["model"]].config)
     total = sum(parts.values()) / 1e9
     return {**{k: v / 1e9 for k, v in parts.items()}, "total_gb": total,
