@@ -130,3 +130,16 @@ def test_estimate_is_within_10_percent_of_the_h100_peak(label, run, part):
            "train.lora.target_modules": "all-linear"}
     estimate = sum(memory.estimate(row, catalog.model_presets()["tinyllama-1.1b"].config).values()) / 1e9
     assert estimate == pytest.approx(run["peak_mem_gb"], rel=0.10), (estimate, run["peak_mem_gb"])
+
+
+def test_the_chunked_loss_trades_the_logits_for_the_hidden_states_and_one_chunk():
+    """TinyLlama's shape, LoRA under bf16-mixed, micro-batch 8 x 2048: the logits path holds 12
+    bytes per vocabulary entry per token at its peak (6.3 GB); chunked, the bf16 hidden states
+    (4 KB per token) and one chunk of 1024 tokens' logits (0.39 GB)."""
+    shape = activations.DecoderShape.of(catalog.model_presets()["tinyllama-1.1b"].config)
+    k = activations.Kernels(method="lora", precision="bf16-mixed", targets=frozenset({"q_proj", "v_proj"}))
+    chunked = activations.Kernels(**{**vars(k), "loss_chunk": 1024})
+    tokens = 8 * 2048
+    saved = activations.activation_bytes(shape, k, 2048, 8) - activations.activation_bytes(shape, chunked, 2048, 8)
+    assert saved == 12 * 32000 * tokens - 2 * 2048 * tokens - 12 * 32000 * 1024
+    assert round(saved / 1e9, 2) == 5.83

@@ -43,6 +43,8 @@ CELLS = {
     "lora-zero3": gpu_cell("lora", "bf16-mixed", strategy="zero3"),
     "lora-compiled": gpu_cell("lora", "bf16-mixed", train={"compile": "layers"}),
     "lora-liger": gpu_cell("lora", "bf16-mixed", train={"liger": True}),
+    "lora-chunked": gpu_cell("lora", "bf16-mixed", train={"loss": "chunked", "loss_chunk": 64}),
+    "full-chunked-liger": gpu_cell("full", "bf16-mixed", train={"liger": True, "loss": "chunked"}),
     "lora-packed": gpu_cell("lora", "bf16-mixed", data={"packing": True}),
     "lora-unfused": gpu_cell("lora", "bf16-mixed", train={"fused_optimizer": "off"}),
     # last: the cap stays on the process
@@ -104,14 +106,14 @@ def test_sharding_strategies_run_on_one_gpu(runs, name):
     assert losses(m) == pytest.approx(losses(ref), rel=5e-3)
 
 
-@pytest.mark.parametrize("name", ["lora-compiled", "lora-liger", "lora-unfused"])
+@pytest.mark.parametrize("name", ["lora-compiled", "lora-liger", "lora-unfused", "lora-chunked", "full-chunked-liger"])
 def test_fast_paths_give_the_losses_without_them(runs, name):
     """Inductor's fused kernels and Liger's Triton kernels round differently in bf16: within the
     bf16 tolerance of the strategies' test (5e-3). The fused optimizer rounds its fp32 update
     differently from the per-tensor one (measured on an H100: rel 3.5e-5 at step 3), which the
     bf16 forward of the next steps carries: 1e-4."""
     _, found = runs
-    m, ref = found[name], found["lora-bf16-mixed"]
+    m, ref = found[name], found[f"{name.split('-')[0]}-bf16-mixed"]  # Liger's fused linear cross-entropy too
     assert m["outcome"] == "ok", m["error"]
     assert losses(m) == pytest.approx(losses(ref), rel=1e-4 if name == "lora-unfused" else 5e-3)
     assert m["fused_optimizer"] is (name != "lora-unfused")

@@ -40,6 +40,7 @@ VARIANTS = {  # what a variant changes in a cell, beside the strategy's shape
     "packed": {"data": {"packing": True}},
     "fused": {"train": {"fused_optimizer": "on"}},
     "compiled": {"train": {"compile": "layers"}},
+    "chunked": {"train": {"loss": "chunked", "loss_chunk": 48}},  # rank micro-batches of 64 or 128 tokens
 }
 
 
@@ -70,7 +71,8 @@ BF16_CASES = [("lora", s, "bf16-mixed") for s in BF16_STRATEGIES] + [("full", s,
 # The fast paths that run on CPU, under the strategies they can run with.
 FAST_CASES = ([("lora", s, "packed") for s in ("single", "ddp", "fsdp", "zero3", "tensor", "pipeline")]
               + [(p, s, "fused") for p in ("lora", "full") for s in ("single", "ddp", "fsdp", "zero2", "tensor")]
-              + [("lora", s, "compiled") for s in ("single", "ddp", "fsdp")])
+              + [("lora", s, "compiled") for s in ("single", "ddp", "fsdp")]
+              + [(p, s, "chunked") for p in ("lora", "full") for s in ("single", "ddp", "zero2")])
 VARIANT_CASES = BF16_CASES + FAST_CASES
 
 
@@ -202,3 +204,16 @@ def test_compiled_layers_give_the_eager_losses(runs, strategy):
     _, m = runs("lora", strategy, "compiled")
     assert m["outcome"] == "ok", m["error"]
     assert [p["loss"] for p in m["loss_curve"]] == pytest.approx([p["loss"] for p in ref["loss_curve"]], rel=1e-4)
+
+
+@pytest.mark.parametrize("peft,strategy", [(p, s) for p, s, v in FAST_CASES if v == "chunked"],
+                         ids=[f"{p}-{s}" for p, s, v in FAST_CASES if v == "chunked"])
+def test_the_chunked_loss_gives_the_losses_of_the_logits(runs, peft, strategy):
+    """The loss summed chunk by chunk, each chunk's logits rebuilt in backward: the same sums in
+    another order, through DDP's and DeepSpeed's wrappers (their gradient hooks see the head's
+    gradient, taken outside the forward pass): fp32 losses agree to rounding (1e-5)."""
+    _, ref = runs(peft, strategy)
+    _, m = runs(peft, strategy, "chunked")
+    assert m["outcome"] == "ok", m["error"]
+    assert [p["loss"] for p in m["loss_curve"]] == pytest.approx([p["loss"] for p in ref["loss_curve"]], rel=1e-5)
+    assert m["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)

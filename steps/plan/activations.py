@@ -30,7 +30,8 @@ under PEFT keeps something else. Each term below is one tensor autograd saves, c
 - gradient checkpointing keeps each layer's input (and nothing of its weights' copies), and
   rebuilds one layer at a time.
 - the loss, at its peak (the start of backward): the fp32 log-softmax, its incoming and
-  outgoing gradients, 12 bytes per vocabulary entry per token.
+  outgoing gradients, 12 bytes per vocabulary entry per token; with `train.loss: chunked`, the
+  final hidden states and one chunk's worth.
 - full fine-tuning under mixed precision: autocast's 16-bit copy of every weight, kept for
   backward (2 bytes per parameter); DoRA: what its norm's identity pass keeps (measured, not
   derived: DoRA is checked within 5%, the rest within 2%).
@@ -99,6 +100,7 @@ class Kernels:
     lora_r: int = 8
     lora_dropout: float = 0.0
     cuda: bool = True  # bitsandbytes' CUDA kernels (QLoRA) rather than its CPU fallback
+    loss_chunk: int = 0  # train.loss: chunked, tokens per chunk; 0: the loss from whole logits
 
     @property
     def full(self) -> bool:
@@ -214,14 +216,21 @@ def outside_per_token(shape: DecoderShape, k: Kernels, seq_len: int) -> float:
     incoming and outgoing gradients; the rotary cos and sin (fp32, per position id; inside the
     checkpoints under checkpointing); the attention mask (one byte per key); under full
     fine-tuning the final norm and the head's input."""
-    total = 12 * shape.vocab + (seq_len if k.masked else 0)
+    # the logits' 12 bytes per vocabulary entry; chunked, the final hidden states instead
+    # (`activation_bytes` adds one chunk's logits)
+    if k.loss_chunk:
+        total = 0 if k.full else k.residual * shape.hidden
+    else:
+        total = 12 * shape.vocab
+    total += seq_len if k.masked else 0
     if not k.checkpointed:
         total += 8 * (shape.hidden // shape.heads)
     elif not k.full:
         # the final norm's fp32 input, no longer offset by the first layer's (in its checkpoint)
         total += 4 * shape.hidden
-    if k.full:
-        total += (k.residual + 4) * shape.hidden + (2 if k.mixed else k.residual) * shape.hidden
+    if k.full:  # the final norm (kept by its weight) and, unchunked, the head's input
+        head_input = 0 if k.loss_chunk else (2 if k.mixed else k.residual)
+        total += (k.residual + 4 + head_input) * shape.hidden
     return total
 
 
@@ -235,4 +244,5 @@ def activation_bytes(shape: DecoderShape, k: Kernels, seq_len: int, micro_batch:
     else:
         kept = shape.layers * layer
     head = 2.0 * shape.vocab * shape.hidden if k.full and k.mixed else 0.0  # autocast's copy of the head
-    return kept + outside_per_token(shape, k, seq_len) * tokens + head
+    chunk = 12.0 * shape.vocab * min(k.loss_chunk, tokens) if k.loss_chunk else 0.0  # one chunk's logits
+    return kept + outside_per_token(shape, k, seq_len) * tokens + head + chunk

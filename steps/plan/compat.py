@@ -121,6 +121,11 @@ def fast_paths(cell: CellSpec) -> str | None:
                 f"are not compiled here; use ddp or fsdp with compile")
     if t.compile == "model" and cell.strategy == "fsdp":
         return "train.compile: model with fsdp: FSDP2 units are the decoder layers; use compile: layers"
+    if t.loss == "chunked" and (cell.layout.model_split or "weights" in cell.layout.sharded | cell.layout.offloaded):
+        return (f"train.loss: chunked reads the output head's weight after the forward pass; under "
+                f"{cell.strategy} it is split or sharded then; use single, ddp, zero1 or zero2, or loss: logits")
+    if t.loss == "chunked" and t.compile == "model":
+        return "train.loss: chunked taps the output head, which a compiled model has traced; use compile: layers"
     if t.compile != "off" and cell.peft == "qlora":
         return "train.compile: bitsandbytes' 4-bit layers break torch.compile's graphs; use compile: off for qlora"
     return None

@@ -102,4 +102,6 @@ def kernels_of(r: Any, arch: dict[str, Any]) -> activations.Kernels:
         else frozenset(),
         lora_r=int(_setting(r, "train.lora.r", defaults.lora.r)),
         lora_dropout=float(_setting(r, "train.lora.dropout", defaults.lora.dropout)),
-        cuda=entry is not None and entry.accelerator != "cpu")
+        cuda=entry is not None and entry.accelerator != "cpu",
+        loss_chunk=int(_setting(r, "train.loss_chunk", defaults.loss_chunk))
+        if _setting(r, "train.loss", defaults.loss) == "chunked" else 0)

@@ -133,8 +133,14 @@ class TrainSettings(Strict):
     # torch.compile: each decoder layer (`layers`, as torchtitan does: one graph reused by every
     # layer, recompiled for nothing) or the whole model (`model`).
     compile: Literal["off", "layers", "model"] = "off"
-    # Liger Kernel's Triton kernels (CUDA only): RMSNorm, SwiGLU, rotary embeddings.
+    # Liger Kernel's Triton kernels (CUDA only): RMSNorm, SwiGLU, rotary embeddings (and, with
+    # loss: chunked, its fused linear cross-entropy).
     liger: bool = False
+    # logits: the loss from the model's logits; chunked: from the final hidden states,
+    # `loss_chunk` tokens at a time, each chunk's logits rebuilt in backward, so that the whole
+    # b x s x V logits and their gradients never exist at once (Liger's kernel with `liger`).
+    loss: Literal["logits", "chunked"] = "logits"
+    loss_chunk: PositiveInt = 1024
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     # Time and tokens until the validation loss (train loss when eval_every is 0) first
     # reaches this value: the goodput / statistical-efficiency measure.

@@ -3,8 +3,9 @@ downloaded; one GPU).
 
   lora   the TinyLlama-1.1B shape, LoRA r=16 on every linear layer, bf16-mixed, sequence 2048,
          packed rows, the largest micro-batch that fits (tried from the top): this trainer with
-         its fast paths (fused AdamW, compiled layers, Liger kernels), without them, and Hugging
-         Face `Trainer` + PEFT on the same model, rows and batch.
+         its fast paths (fused AdamW, compiled layers, Liger kernels with its fused linear
+         cross-entropy), without them, and Hugging Face `Trainer` + PEFT on the same model,
+         rows and batch.
   qlora  the Llama-2-7B shape: QLoRA against LoRA at one micro-batch (fused AdamW and Liger for
          both; compile does not take bitsandbytes' layers).
 
@@ -41,6 +42,7 @@ def bench_cell(model: str, peft: str, micro_batch: int, fast: bool, steps: int, 
                   "lr_schedule": "constant", "save_adapter": False, "attn_implementation": "sdpa",
                   "fused_optimizer": "auto" if fast else "off",
                   "compile": "layers" if fast and compile_layers else "off", "liger": fast,
+                  "loss": "chunked" if fast else "logits",
                   "timeout_s": 1200, "hang_after_s": 600,
                   "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}},
         # synthetic-reverse examples are ~40 bytes: enough of them to fill `rows` packed rows
@@ -92,7 +94,8 @@ def memory_estimate(cell: dict, m) -> dict:
            "instance": cell["instance"], "attn_implementation": m.attn_implementation,
            "lora_targets": m.lora_targets, "train.optimizer": "adamw", "train.gradient_checkpointing": False,
            "train.liger": cell["train"]["liger"], "train.compile": cell["train"]["compile"],
-           "train.lora.r": cell["train"]["lora"]["r"], "train.lora.dropout": cell["train"]["lora"]["dropout"]}
+           "train.lora.r": cell["train"]["lora"]["r"], "train.lora.dropout": cell["train"]["lora"]["dropout"],
+           "train.loss": cell["train"]["loss"]}
     parts = memory.estimate(row, catalog.model_presets()[cell["model"]].config)
     total = sum(parts.values()) / 1e9
     return {**{k: v / 1e9 for k, v in parts.items()}, "total_gb": total,

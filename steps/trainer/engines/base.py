@@ -26,6 +26,7 @@ from steps.plan.schema import CellSpec
 from steps.trainer import modeling
 from steps.trainer.data import IGNORE
 from steps.trainer.distributed import Dist, Meshes
+from steps.trainer.engines import chunked_loss
 from steps.trainer.engines.optim import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
@@ -140,6 +141,18 @@ class Engine:
             return self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch.get("position_ids"), use_cache=False).logits
 
+    def train_loss(self, batch: Batch) -> torch.Tensor:
+        """The summed loss of one micro-batch: from its logits, or (`train.loss: chunked`) from
+        the final hidden states a chunk of tokens at a time."""
+        if self.cell.train.loss == "logits":
+            return token_loss_sum(self.forward(batch), batch["labels"])
+        head = self.model.get_output_embeddings()
+        with chunked_loss.tapped_head(head) as hidden:
+            self.forward(batch)
+        with self.autocast():
+            return chunked_loss.chunked_loss_sum(hidden[0], head, batch["labels"], self.cell.train.loss_chunk,
+                                                 liger=self.cell.train.liger and self.d.device.type == "cuda")
+
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Around each micro-batch of an accumulation: strategies that synchronise gradients
         during backward skip it before the `last` one."""
@@ -152,7 +165,7 @@ class Engine:
         total = 0.0
         for k, batch in enumerate(micro):
             with self.gradient_sync(last=k == len(micro) - 1):
-                loss = token_loss_sum(self.forward(batch), batch["labels"])
+                loss = self.train_loss(batch)
                 self.backward(loss * scale)
             total += loss.item()
         return total if self.place.reports else 0.0
