@@ -72,6 +72,10 @@ def test_matrix_runs_end_to_end_and_reads_back_through_the_client(tmp_path):
     train_tasks = list(run["train"])
     assert sorted(t["metrics"].data["cell_id"] for t in train_tasks) == sorted(df["cell_id"])
     assert run["start"].task["cells"].data[0]["cell"]["matrix"] == "small"
+    # The plan, in start's log: every cell's memory, verdict, time and cost, then the totals.
+    start_log = run["start"].task.stdout
+    assert "4 cells: 4 run, 0 refused; 0 predicted out of memory" in start_log
+    assert "Cells predicted to fit: 4, one after another" in start_log
     cards = get_cards(run["end"].task)
     assert len(cards) == 1
     card_data = card_payload(cards[0].get())

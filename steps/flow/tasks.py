@@ -17,8 +17,9 @@ import pandas as pd
 
 from steps import REPO_ROOT
 from steps.flow import compute, launcher
-from steps.plan import catalog, preflight
-from steps.plan.matrix import expand, parse_matrix, plain
+from steps.plan import catalog, planner
+from steps.plan import cli as plan_cli
+from steps.plan.matrix import parse_matrix, plain
 from steps.plan.schema import CellSpec
 from steps.results import table as results
 from steps.results.metrics import CellMetrics, versions
@@ -37,10 +38,13 @@ def run_dir(run_id: str) -> Path:
 
 def plan(matrix: dict[str, Any]) -> list[dict[str, Any]]:
     """Every cell of the matrix (refused ones included: they become `skipped` rows), after the
-    checks that need the models and data (`preflight`): a problem fails `start`, before any
-    cell runs."""
+    checks that need the models and data (`preflight`) and the planner's (`plan:` budgets,
+    predicted out-of-memory cells skipped when asked): a problem fails `start`, before any
+    cell runs. The plan's table goes to the step's log."""
     spec = parse_matrix(plain(matrix))
-    return [p.to_dict() for p in preflight.check(spec, expand(spec))]
+    planned, matrix_plan = plan_cli.plan_spec(spec, check="always")
+    planner.show(planned, matrix_plan)
+    return [p.to_dict() for p in planned]
 
 
 class CellFailed(RuntimeError):

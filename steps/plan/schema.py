@@ -250,6 +250,16 @@ class IncludeRule(CellPattern):
     _sweep_lists = field_validator("sweep", mode="before")(lambda cls, v: _sweep_lists(v))
 
 
+class PlanSettings(Strict):
+    """What the planner (`python -m steps.plan`) does before a run: cells it predicts will not
+    fit become `skipped` rows with the estimate as the reason; a matrix whose cells are
+    predicted to cost or take more than a budget is refused before anything runs."""
+
+    skip_predicted_oom: bool = False
+    max_cost_usd: PositiveFloat | None = None
+    max_hours: PositiveFloat | None = None
+
+
 class RemoteSettings(Strict):
     """What remote compute needs beyond the instance catalog's facts: Metaflow's @kubernetes /
     @batch, or SageMaker training jobs (`compute: sagemaker`, one job per cell)."""
@@ -331,6 +341,7 @@ class MatrixSpec(Strict):
     # or becomes a row with outcome `error` (`on_error: record`).
     retries: int = Field(1, ge=0, le=4)
     on_error: Literal["fail", "record"] = "fail"
+    plan: PlanSettings = Field(default_factory=PlanSettings)
 
     _axis_lists = field_validator(*AXES, mode="before")(lambda cls, v: _as_list(v))
     _sweep_lists = field_validator("sweep", mode="before")(lambda cls, v: _sweep_lists(v))

@@ -155,6 +155,10 @@ def model_facts(cells: list[CellSpec]) -> dict[str, Any]:
     return out
 
 
+ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+
+
 def _one_model(cell: CellSpec) -> dict[str, Any]:
     try:
         config = _config(cell)
@@ -183,6 +187,9 @@ def _one_model(cell: CellSpec) -> dict[str, Any]:
                      + ["eager"],
         "linear_names": _linear_names(model),
         "unquantizable": _unquantizable(model),
+        # What the planner predicts memory and time from (steps.plan.planner).
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "arch": {key: getattr(config, key, None) for key in ARCH_KEYS},
         "adapters": {},
         "_config": config,
     }

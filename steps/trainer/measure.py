@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from steps.plan import params
+
 
 def peak_memory_gb(device: torch.device) -> float:
     """GPU: max allocated by the caching allocator; CPU: the process's peak resident set."""
@@ -29,21 +31,12 @@ def device_name(device: torch.device) -> str:
 
 def flops_per_token(model_config: Any, trainable: int, frozen: int, embedding: int,
                     seq_len: float, full: bool) -> float:
-    """Training FLOPs per token (PaLM appendix B convention).
-
-    Weights: 6N when every weight gets a gradient; with a frozen base, 4N_frozen (forward and
-    input gradients, no weight gradients) + 6N_trainable. Input embeddings are lookups, not
-    matmuls, and are left out. Attention score and value matmuls have no weights, so their
-    12*L*H*Q*T (forward + backward) is the same in both cases.
-    """
+    """Training FLOPs per token of a loaded model (`steps.plan.params.flops_per_token`)."""
     layers = getattr(model_config, "num_hidden_layers", 0)
     heads = getattr(model_config, "num_attention_heads", 0)
     hidden = getattr(model_config, "hidden_size", 0)
     head_dim = getattr(model_config, "head_dim", None) or (hidden // heads if heads else 0)
-    attention = 12 * layers * heads * head_dim * seq_len
-    if full:
-        return 6 * (trainable - embedding) + attention
-    return 4 * (frozen - embedding) + 6 * trainable + attention
+    return params.flops_per_token(layers, heads, head_dim, trainable, frozen, embedding, seq_len, full)
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,0 +1,187 @@
+"""The planner (`python -m steps.plan`): parameter counts equal to PEFT's own, verdicts and the
+cheapest fix, the matrix's `plan:` settings, the reference studies' outcomes at full scale, and
+a 100-cell matrix planned in under 5 s without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from steps.plan import catalog, cli, params, planner
+from steps.plan.matrix import expand, load_matrix, parse_matrix
+from steps.plan.schema import ConfigError
+from tests.conftest import REPO, make_cell, subprocess_env
+
+
+@pytest.mark.parametrize("model", ["llama-debug", "llama-30m", "tinyllama-1.1b"])
+@pytest.mark.parametrize("peft,targets", [("full", None), ("lora", None), ("lora", "all-linear"),
+                                          ("dora", ["q_proj", "k_proj", "o_proj"]), ("qlora", r".*mlp\..*_proj")])
+def test_counts_are_peft_s_own(model, peft, targets):
+    """The model on the meta device with PEFT's adapter (steps.trainer.facts) against the count
+    from the shape alone."""
+    from steps.trainer import facts
+
+    lora = {"r": 16, **({"target_modules": targets} if targets else {})}
+    cell = make_cell(model=model, peft=peft, train={"init": "random", "tokenizer": "byte", "lora": lora})
+    entry = facts.model_facts([cell])[model]
+    adapter = next(iter(entry["adapters"].values()))
+    counted = params.counts(catalog.model_presets()[model].config, peft, 16, targets)
+    assert counted.trainable == adapter["trainable_params"]
+    assert counted.total == entry["total_params"] + (0 if peft == "full" else adapter["trainable_params"])
+
+
+def test_a_cell_that_will_not_fit_gets_the_cheapest_change_that_fits():
+    """TinyLlama, full fine-tuning, bf16-mixed, micro-batch 16 x 2048 on one A100 40 GB: the
+    model state is 17.6 GB (fp32 weights and gradients, two AdamW states), the activations
+    101 GB. Accumulating over smaller micro-batches costs no time (checkpointing would recompute
+    the forward): 4 x 4 still needs 45 GB, 2 x 8 fits in 32.7 GB."""
+    cell = make_cell(model="tinyllama-1.1b", peft="full", instance="p4d.24xlarge", precision="bf16-mixed",
+                     micro_batch=16, seq_len=2048, train={"max_steps": 100})
+    plan = planner.predict(cell)
+    assert plan.verdict == "will not fit" and plan.device_gb == 40.0
+    m = plan.memory_gb
+    assert (round(m["weights"], 2), round(m["grads"], 2), round(m["optim"], 2)) == (4.4, 4.4, 8.8)
+    assert round(m["activations"], 1) == 101.1
+    assert plan.fix == "micro_batch 2 x grad_accum 8"
+    smaller = [planner.predict(cell.model_copy(update={"micro_batch": mb, "grad_accum": 16 // mb})) for mb in (4, 2)]
+    assert [(p.verdict, round(p.total_gb, 1)) for p in smaller] == [("will not fit", 45.0), ("fits", 32.7)]
+    assert plan.reason().startswith("predicted out of memory: 119.3 GB per rank > 40.0 GB (weights 4.4, ")
+    assert plan.reason().endswith("; fits with micro_batch 2 x grad_accum 8")
+    # Time: FLOPs per token over the A100's bf16 peak at the single-GPU efficiency.
+    shape_fpt = 6 * (1_100_048_384 - 65_536_000) + 12 * 22 * 32 * 64 * 2048
+    assert plan.step_s == pytest.approx(shape_fpt * 16 * 2048 / (312e12 * 0.35), rel=1e-9)
+    assert plan.wall_s == pytest.approx(100 * plan.step_s + 60)
+    assert plan.cost_usd == pytest.approx(plan.wall_s / 3600 * catalog.instances()["p4d.24xlarge"].price_per_hour_usd)
+
+
+def test_a_lora_cell_fits_and_a_cap_makes_it_tight_then_not():
+    cell = make_cell(model="tinyllama-1.1b", peft="lora", instance="p4d.24xlarge", precision="bf16-mixed",
+                     micro_batch=4, seq_len=512)
+    plan = planner.predict(cell)
+    assert plan.verdict == "fits" and plan.fix is None
+    total = plan.total_gb
+    capped = [planner.predict(cell.model_copy(update={"train": cell.train.model_copy(update={"memory_cap_gb": cap})}))
+              for cap in (total / 0.95, total * 0.9)]
+    assert [c.verdict for c in capped] == ["tight", "will not fit"]
+
+
+MATRIX = textwrap.dedent("""
+    name: planned
+    models: [tinyllama-1.1b, llama-2-7b]
+    peft: [full, lora]
+    strategy: single
+    instance: p4d.24xlarge
+    lr: 1.0e-4
+    micro_batch: 8
+    precision: bf16-mixed
+    seq_len: 1024
+    train: {max_steps: 500}
+""")
+
+
+def _spec(extra: str = ""):
+    import yaml
+
+    return parse_matrix(yaml.safe_load(MATRIX + extra))
+
+
+def test_predicted_out_of_memory_cells_become_skipped_rows_when_asked():
+    planned, matrix_plan = cli.plan_spec(_spec(), check="never")
+    assert not any(p.refused for p in planned)
+    # A100 40 GB, micro-batch 8 x 1024: full fine-tuning of both, and LoRA on the 7B
+    assert [cid.rsplit("-", 1)[0] for cid in matrix_plan.predicted_oom] == [
+        "tinyllama-1.1b-full-single-1x1", "llama-2-7b-full-single-1x1", "llama-2-7b-lora-single-1x1"]
+    planned, _ = cli.plan_spec(_spec("plan: {skip_predicted_oom: true}\n"), check="never")
+    skipped = {p.cell.cell_id: p.refused for p in planned if p.refused}
+    assert list(skipped) == matrix_plan.predicted_oom
+    assert all(reason.startswith("predicted out of memory: ") for reason in skipped.values())
+
+
+def test_a_matrix_over_its_budget_is_refused_before_it_runs():
+    _, matrix_plan = cli.plan_spec(_spec(), check="never")
+    fitting = [p for p in matrix_plan.plans.values() if p.verdict != "will not fit"]
+    cost = sum(p.cost_usd for p in matrix_plan.plans.values())
+    assert matrix_plan.cost_usd == pytest.approx(sum(p.cost_usd for p in fitting))
+    with pytest.raises(ConfigError) as err:
+        cli.plan_spec(_spec("plan: {max_cost_usd: 1.0, max_hours: 0.01}\n"), check="never")
+    assert err.value.problems == [
+        f"plan.max_cost_usd: the cells that would run are predicted to cost ${cost:,.2f}, over the budget of $1.00 "
+        "(`python -m steps.plan` shows each cell)",
+        f"plan.max_hours: the cells that would run are predicted to take "
+        f"{sum(p.wall_s for p in matrix_plan.plans.values()) / 3600:,.2f} h, over the budget of 0.01 h "
+        "(`python -m steps.plan` shows each cell)"]
+    # Skipped cells do not count against the budget.
+    cli.plan_spec(_spec(f"plan: {{skip_predicted_oom: true, max_cost_usd: {sum(p.cost_usd for p in fitting) + 0.01}}}\n"),
+                  check="never")
+
+
+def _verdicts(path: str) -> dict[tuple, str]:
+    spec = load_matrix(REPO / "configs" / "matrix" / path)
+    planned = expand(spec)
+    matrix_plan = planner.plan_matrix(planned, None, spec.compute)
+    return {(c.model, c.peft, c.strategy, c.gpus, c.micro_batch, c.precision, c.train.optimizer):
+            matrix_plan.plans[c.cell_id].verdict for c in (p.cell for p in planned if not p.refused)}
+
+
+def test_study4_at_full_scale_the_13b_with_adamw_does_not_fit_one_a100_80gb_and_every_lora_cell_does():
+    verdicts = _verdicts("study4-litgpt-memory.yaml")
+    assert verdicts[("llama-2-13b", "full", "single", 1, 8, "bf16-mixed", "adamw")] == "will not fit"
+    assert all(v in ("fits", "tight") for k, v in verdicts.items() if k[1] in ("lora", "qlora"))
+
+
+def test_study2_at_full_scale_full_fine_tuning_does_not_fit_zero3_on_2_and_4_a100_40gb():
+    verdicts = _verdicts("study2-p4d-tensor-zero3.yaml")
+    assert [verdicts[("llama-2-7b", "full", "zero3", g, 8, "bf16-mixed", "adamw")] for g in (2, 4)] == \
+        ["will not fit"] * 2
+    assert all(v in ("fits", "tight") for k, v in verdicts.items() if k[1] in ("lora", "qlora"))
+
+
+HUNDRED = textwrap.dedent("""
+    name: hundred
+    models: [tinyllama-1.1b, open-llama-3b, llama-2-7b, open-llama-7b, llama-2-13b]
+    peft: [full, lora]
+    strategy: [single, ddp, fsdp, zero2, zero3]
+    instance: [p4d.24xlarge, g5.12xlarge]
+    gpus: 4
+    lr: 1.0e-4
+    precision: bf16-mixed
+    seq_len: 1024
+""")
+
+
+def test_a_100_cell_plan_prints_in_under_5_s_without_torch(tmp_path):
+    path = tmp_path / "hundred.yaml"
+    path.write_text(HUNDRED)
+    code = ("import runpy, sys; sys.argv = ['plan', sys.argv[1]]\n"
+            "try:\n    runpy.run_module('steps.plan', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "100 cells: 100 run, 0 refused" in proc.stdout
+    assert proc.stdout.rstrip().endswith("torch imported: False")
+    assert elapsed < 5.0, elapsed
+
+
+@pytest.mark.slow
+def test_the_flow_s_start_skips_predicted_oom_cells_and_prints_the_plan(capsys):
+    """`start` (steps.flow.tasks.plan) with the models' facts read, as the flow runs it: the cell
+    whose memory cap is below its estimate becomes a `skipped` row with the estimate as reason."""
+    from steps.flow import tasks
+
+    matrix = {"name": "capped", "models": "llama-debug", "peft": "lora", "strategy": "single", "lr": 1e-3,
+              "micro_batch": [4, 512], "seq_len": 256, "train": {"max_steps": 2, "memory_cap_gb": 1.2},
+              "plan": {"skip_predicted_oom": True}}
+    cells = tasks.plan(matrix)
+    refused = {c["cell"]["micro_batch"]: c["refused"] for c in cells}
+    assert refused[4] is None
+    assert refused[512].startswith("predicted out of memory: ") and "> 1.2 GB" in refused[512]
+    out = capsys.readouterr().out
+    assert "2 cells: 2 run, 0 refused; 1 predicted out of memory" in out and "Cells predicted to fit: 1" in out
