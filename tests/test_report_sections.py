@@ -28,7 +28,8 @@ EXTRA = [
     {**cell("R64", "lora", "ddp", "p4d.24xlarge", 2, **ok(900, 12.0, 1.2, 32, 22)), "train.lora.r": 64},
 ]
 TABLED = [s for s in SECTIONS if s.table is not None]
-TITLES = ["Scaling", "Methods: memory and throughput", "Precision", "Settings", "Memory budget", "Instance types: time and cost",
+TITLES = ["Scaling", "Methods: memory and throughput", "Precision", "Settings", "Memory budget", "Planned vs measured",
+          "Instance types: time and cost",
           "Learning rate", "Batch size", "Goodput and time to target", "Loss curves",
           "Cost, time and loss: the Pareto set"]
 

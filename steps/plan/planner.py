@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,7 +33,9 @@ DEFAULT_EFFICIENCY = {"single": 0.35, "ddp": 0.33, "zero1": 0.32, "zero2": 0.32,
                       "zero3_offload": 0.08, "tensor": 0.25, "pipeline": 0.33, "hybrid": 0.27}
 QLORA_SPEED = 0.6  # bitsandbytes dequantizes every 4-bit weight each pass
 CPU_CORE_TFLOPS = 0.05  # a nominal CPU core (no datasheet peak): calibration sets the scale
-RUNTIME_GB = {"gpu": 0.6, "cpu": 1.0}  # CUDA context + cuBLAS workspace; a CPU process's libraries
+# CUDA context + cuBLAS workspace; a CPU process's libraries (the trainer measures its own:
+# metrics' runtime_baseline_gb)
+RUNTIME_GB = {"gpu": 0.6, "cpu": 0.5}
 STARTUP_S = {"gpu": 60.0, "cpu": 10.0}  # process start, model load, rendezvous
 TIGHT = 0.9  # above this share of the device's memory a cell is "tight"
 # Collective bandwidth a ring reaches of the link's stated figure.
@@ -191,8 +194,10 @@ def comm_bytes(cell: CellSpec, shape: DecoderShape, counts: params.ParamCounts) 
 
 
 def step_seconds(cell: CellSpec, shape: DecoderShape, counts: params.ParamCounts,
-                 efficiency: dict[str, float] | None = None) -> tuple[float | None, str | None]:
-    """Predicted seconds per optimizer step, or None and why."""
+                 efficiency: dict[str, float] | None = None,
+                 overhead_s: float = 0.0) -> tuple[float | None, str | None]:
+    """Predicted seconds per optimizer step, or None and why. `overhead_s`: what a step costs
+    beside its FLOPs (launches, the optimizer, Python), 0 until calibrated."""
     peak = peak_tflops(cell)
     if not peak:
         return None, f"no peak TFLOP/s for {cell.precision} on {cell.instance} in the catalog"
@@ -211,8 +216,8 @@ def step_seconds(cell: CellSpec, shape: DecoderShape, counts: params.ParamCounts
         p, m = cell.layout.mp_size, cell.grad_accum
         compute *= (m + p - 1) / m  # the bubble
     if cell.layout.model_split:
-        return compute + comm, None  # activations' collectives sit on the critical path
-    return max(compute, comm), None  # gradient and weight traffic overlaps backward
+        return overhead_s + compute + comm, None  # activations' collectives sit on the critical path
+    return overhead_s + max(compute, comm), None  # gradient and weight traffic overlaps backward
 
 
 def steps_of(cell: CellSpec) -> int | None:
@@ -235,7 +240,7 @@ def hourly_usd(cell: CellSpec, compute: str = "local") -> float | None:
 
 
 def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: str = "local",
-            efficiency: dict[str, float] | None = None, fixes: bool = True) -> CellPlan:
+            efficiency: dict[str, float] | None = None, fixes: bool = True, overhead_s: float = 0.0) -> CellPlan:
     """The planner's answer for one cell."""
     arch = arch_of(cell, facts)
     if arch is None:
@@ -245,7 +250,7 @@ def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: str = 
     parts = memory_parts(cell, arch, counts)
     device = device_memory_gb(cell)
     plan = CellPlan(cell.cell_id, parts, device, verdict(sum(parts.values()), device))
-    step, why = step_seconds(cell, shape, counts, efficiency)
+    step, why = step_seconds(cell, shape, counts, efficiency, overhead_s)
     if step is not None:
         n = steps_of(cell)
         kind = _device_kind(cell)
@@ -344,9 +349,11 @@ class MatrixPlan:
 
 
 def plan_matrix(planned: list, facts: dict[str, Any] | None = None, compute: str = "local",
-                efficiency: dict[str, float] | None = None) -> MatrixPlan:
-    """`planned`: PlannedCells (`steps.plan.matrix.expand`, after `preflight.check`)."""
-    plans = {p.cell.cell_id: predict(p.cell, facts, compute, efficiency) for p in planned if not p.refused}
+                predict_cell: Callable[[CellSpec], CellPlan] | None = None) -> MatrixPlan:
+    """`planned`: PlannedCells (`steps.plan.matrix.expand`, after `preflight.check`);
+    `predict_cell`: the planner with a calibration (`steps.plan.calibrate`), else its defaults."""
+    predict_cell = predict_cell or (lambda cell: predict(cell, facts, compute))
+    plans = {p.cell.cell_id: predict_cell(p.cell) for p in planned if not p.refused}
     running = list(plans.values())
     oom = [p.cell_id for p in running if p.verdict == "will not fit"]
     fitting = [p for p in running if p.verdict != "will not fit"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from steps.report import analysis, findings, memory_budget
+from steps.report import analysis, findings, memory_budget, planned
 from steps.report.render import Block, card_components, fmt, to_html, to_markdown
 from steps.report.sections import DEFINITIONS, FAILED_COLS, RESULTS_COLS, SECTIONS, Section
 
@@ -35,6 +35,7 @@ def sections(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             "lr_sweep": sweep, "lr_scaling": analysis.lr_scaling(sweep), "batch_fit": analysis.batch_fit(df),
             "equal_tokens": analysis.equal_tokens(df), "goodput": analysis.goodput(df),
             "pareto": analysis.pareto(df), "memory_budget": memory_budget.budget(df),
+            "planned": (plan_table := planned.planned(df)), "planned_errors": planned.errors(plan_table),
             "settings": analysis.settings(df)}
 
 

@@ -118,6 +118,23 @@ SECTIONS: list[Section] = [
               "checkpointing (`steps/plan/activations.py`); sharding by the cell's parallel layout). On CPU the "
               "measured peak also holds the runtime (about 1 GB of libraries)."),
     Section(
+        "Planned vs measured", "planned", SETTINGS_COLS + [
+            ("precision", "precision", "text"), ("micro_batch", "micro-batch", "int"),
+            ("planned_mem_gb", "planned GB", "num"), ("measured_mem_gb", "measured GB", "num"),
+            ("mem_gb_error", "memory error", "pct"), ("planned_tokens_per_s", "planned tokens/s", "num"),
+            ("measured_tokens_per_s", "measured tokens/s", "num"), ("tokens_per_s_error", "tokens/s error", "pct"),
+            ("planned_wall_s", "planned wall s", "s"), ("measured_wall_s", "measured wall s", "s"),
+            ("wall_s_error", "wall error", "pct"), ("cost_usd_error", "cost error", "pct")],
+        needs="cells of preset models that trained to the end",
+        intro="What `python -m steps.plan` predicted before the run, with its default efficiencies (no "
+              "calibration; `--calibrate` fits them from runs like this one), beside what each cell measured; "
+              "error: planned / measured - 1. The planned memory includes the runtime; tokens/s counts the "
+              "step's token slots, padding included.",
+        follow_ups=(FollowUp("planned_errors", [
+            ("quantity", "quantity", "text"), ("cells", "cells", "int"),
+            ("median_abs_error", "median |error|", "pct"), ("max_abs_error", "largest |error|", "pct")],
+            lead="The planner's error over this run:"),)),
+    Section(
         "Instance types: time and cost", "instances", SETTINGS_COLS + [
             ("outcome", "outcome", "text"), ("price_per_hour_usd", "$ per hour", "usd"),
             ("train_s", "train s", "s"), ("wall_s", "wall s", "s"), ("tokens_per_s", "tokens/s", "num"),

@@ -145,6 +145,9 @@ class CellMetrics(_Record):
     warmup: Warmup | None = None
     # memory
     peak_mem_gb: float | None = None
+    # What a rank held before the model (CPU: its resident libraries; GPU: allocated bytes):
+    # the planner's estimate is compared on top of it.
+    runtime_baseline_gb: float | None = None
     peak_mem_gb_per_rank: list[float] | None = None
     peak_reserved_gb_per_rank: list[float] | None = None
     # GPU only, from NVML during the timed steps: mean utilisation (share of time a kernel ran)

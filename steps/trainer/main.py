@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
             torch.cuda.reset_peak_memory_stats(d.device)
         limits.apply_memory_cap(cell, d.device)
         m.update(versions=metrics.versions(), device=measure.device_name(d.device))
+        baseline = measure.runtime_gb(d.device)
         loop.train(cell, d, m, out, args.resume, beat)
-        record_peak_memory(m, d)
+        record_peak_memory(m, d, baseline)
         m.outcome = "ok"
     except BaseException as exc:  # noqa: BLE001 - every failure must become a result
         code = record_failure(m, exc, d)
@@ -113,10 +114,12 @@ def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
     return code
 
 
-def record_peak_memory(m: CellMetrics, d: Dist) -> None:
-    """Every rank's peak (a collective: every rank must reach it)."""
+def record_peak_memory(m: CellMetrics, d: Dist, baseline_gb: float) -> None:
+    """Every rank's peak, and the largest runtime baseline (collectives: every rank must reach
+    them)."""
     peaks = distributed.all_gather_float(measure.peak_memory_gb(d.device), d.device)
-    m.update(peak_mem_gb_per_rank=peaks, peak_mem_gb=max(peaks))
+    baselines = distributed.all_gather_float(baseline_gb, d.device)
+    m.update(peak_mem_gb_per_rank=peaks, peak_mem_gb=max(peaks), runtime_baseline_gb=max(baselines))
     if d.device.type == "cuda":
         m.peak_reserved_gb_per_rank = distributed.all_gather_float(measure.peak_reserved_gb(d.device), d.device)
 

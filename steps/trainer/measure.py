@@ -19,6 +19,17 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
 
 
+def runtime_gb(device: torch.device) -> float:
+    """What the process holds before any model: GPU, CUDA's allocated bytes (the context is not
+    in them, as it is not in the peak); CPU, the resident set (interpreter, libraries, the
+    process group): the baseline the memory model's estimate is compared on top of."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 1e9
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e9
+
+
 def peak_reserved_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None
 
