@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
             torch.cuda.reset_peak_memory_stats(d.device)
         limits.apply_memory_cap(cell, d.device)
         m.update(versions=metrics.versions(), device=measure.device_name(d.device))
-        baseline = measure.runtime_gb(d.device)
+        libraries = ("transformers", "peft", *(("deepspeed",) if cell.layout.deepspeed else ()))
+        baseline = measure.runtime_gb(d.device, libraries)
         loop.train(cell, d, m, out, args.resume, beat)
         record_peak_memory(m, d, baseline)
         m.outcome = "ok"

@@ -19,14 +19,19 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
 
 
-def runtime_gb(device: torch.device) -> float:
+def runtime_gb(device: torch.device, libraries: tuple[str, ...] = ("transformers", "peft")) -> float:
     """What the process holds before any model: GPU, CUDA's allocated bytes (the context is not
-    in them, as it is not in the peak); CPU, the resident set (interpreter, libraries, the
-    process group): the baseline the memory model's estimate is compared on top of."""
+    in them, as it is not in the peak); CPU, the resident set once the cell's libraries are
+    imported (interpreter, torch, the process group, `libraries`): the baseline the memory
+    model's estimate is compared on top of."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 1e9
+    import importlib
+
     import psutil
 
+    for name in libraries:
+        importlib.import_module(name)
     return psutil.Process().memory_info().rss / 1e9
 
 
