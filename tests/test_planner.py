@@ -237,3 +237,21 @@ def test_calibrate_prints_the_fit_saves_it_and_plans_with_it(tmp_path, capsys):
     assert first.splitlines()[-1] == again.splitlines()[-1]  # the same totals from the saved fit
     assert cli.main([str(matrix), "--check", "never"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] != again.splitlines()[-1]  # defaults differ
+
+
+def test_a_cell_whose_shards_fit_can_still_run_out_of_memory_while_loading():
+    """Llama-2-13B, full fine-tuning, bf16-mixed, ZeRO-3 over 8 A100 40 GB: each rank's shard of
+    the training state (16 B per parameter / 8) and a checkpointed micro-batch fit, but the
+    trainer puts the whole model (fp32 master weights, 52 GB) on every GPU before DeepSpeed
+    partitions it."""
+    cell = make_cell(model="llama-2-13b", peft="full", strategy="zero3", gpus=8, instance="p4d.24xlarge",
+                     precision="bf16-mixed", micro_batch=1, seq_len=256, train={"gradient_checkpointing": True})
+    plan = planner.predict(cell)
+    assert plan.total_gb < 40.0 < plan.load_gb
+    assert round(plan.load_gb - plan.memory_gb["runtime"], 1) == 52.1  # 13,015,864,320 parameters x 4 B
+    assert plan.verdict == "will not fit"
+    assert plan.reason().startswith("predicted out of memory while loading: 52.7 GB per rank > 40.0 GB (the whole "
+                                    "model on every rank before it is sharded; training would need ")
+    # Tensor parallelism loads each rank's shard only.
+    tensor = planner.predict(cell.model_copy(update={"strategy": "tensor", "peft": "lora"}))
+    assert tensor.load_gb == pytest.approx(0.6 + 13_015_864_320 * 2 / 8 / 1e9, rel=1e-3)

@@ -77,6 +77,14 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(fh)
 
 
+def random_init(cell: Any) -> bool:
+    """Whether a cell's model gets random weights: `train.init`, or its preset's default."""
+    if cell.train.init != "auto":
+        return cell.train.init == "random"
+    preset = model_presets().get(cell.model)
+    return preset is not None and preset.init == "random"
+
+
 @functools.cache
 def model_presets() -> dict[str, ModelPreset]:
     presets = {}

@@ -58,14 +58,27 @@ class CellPlan:
     wall_s: float | None = None
     cost_usd: float | None = None
     note: str | None = None  # why a prediction is missing
+    load_gb: float | None = None  # per rank while the model loads, before any sharding
 
     @property
     def total_gb(self) -> float | None:
+        """Per rank while training."""
         return sum(self.memory_gb.values()) if self.memory_gb else None
+
+    @property
+    def peak_gb(self) -> float | None:
+        """Per rank at the larger of loading and training."""
+        if self.total_gb is None:
+            return None
+        return max(self.total_gb, self.load_gb or 0.0)
 
     def reason(self) -> str:
         """The sentence a predicted out-of-memory `skipped` row carries."""
         fix = f"; fits with {self.fix}" if self.fix else ""
+        if self.load_gb and self.load_gb > self.total_gb:
+            return (f"predicted out of memory while loading: {self.load_gb:.1f} GB per rank > {self.device_gb:.1f} GB "
+                    f"(the whole model on every rank before it is sharded; training would need "
+                    f"{self.total_gb:.1f} GB){fix}")
         return (f"predicted out of memory: {self.total_gb:.1f} GB per rank > {self.device_gb:.1f} GB"
                 f" ({', '.join(f'{k} {v:.1f}' for k, v in self.memory_gb.items())}){fix}")
 
@@ -136,6 +149,20 @@ def memory_parts(cell: CellSpec, arch: dict[str, Any], counts: params.ParamCount
     out["buffers"] = buffers_bytes(cell, shape, counts) / GB
     out["runtime"] = RUNTIME_GB[_device_kind(cell)]
     return out
+
+
+def load_gb(cell: CellSpec, arch: dict[str, Any], counts: params.ParamCounts) -> float:
+    """Per rank while the model loads: every strategy but tensor parallelism (which loads its
+    shard) first puts the whole model on each rank's device, in its stored dtype, then shards or
+    splits it; random weights are drawn in fp32 on the CPU first, which a CPU rank's resident
+    set keeps as its high-water mark."""
+    whole = memory.estimate({**_row(cell, counts), "strategy": "single", "world_size": 1}, arch)["weights"]
+    if cell.layout.model_split == "tensor":
+        whole /= cell.layout.mp_size
+    kind = _device_kind(cell)
+    if kind == "cpu" and cell.peft != "qlora" and catalog.random_init(cell):
+        whole = max(whole, 4.0 * counts.total)
+    return RUNTIME_GB[kind] + whole / GB
 
 
 def verdict(total: float, device: float | None) -> str:
@@ -249,7 +276,9 @@ def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: str = 
     counts = counts_of(cell, arch, facts)
     parts = memory_parts(cell, arch, counts)
     device = device_memory_gb(cell)
-    plan = CellPlan(cell.cell_id, parts, device, verdict(sum(parts.values()), device))
+    loading = load_gb(cell, arch, counts)
+    plan = CellPlan(cell.cell_id, parts, device, verdict(max(sum(parts.values()), loading), device),
+                    load_gb=loading)
     step, why = step_seconds(cell, shape, counts, efficiency, overhead_s)
     if step is not None:
         n = steps_of(cell)
@@ -414,10 +443,11 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None) -> None:
     title = (f"{matrix_plan.cells} cells: {matrix_plan.runs} run, {matrix_plan.cells - matrix_plan.runs} refused; "
              f"{len(matrix_plan.predicted_oom)} predicted out of memory")
     table = Table(title=title, show_lines=False)
+    right = ("GB/rank", "load GB", "step", "tokens/s", "wall", "cost $")
     for col in ("cell", "model", "peft", "strategy", "n x gpus", "instance", "mb x ga", "precision", "seq",
-                "weights", "grads", "optim", "acts", "buffers", "runtime", "GB/rank", "device GB", "verdict",
-                "cheapest fix", "step", "tokens/s", "wall", "cost $"):
-        table.add_column(col, justify="right" if col in ("step", "tokens/s", "wall", "cost $", "GB/rank") else "left",
+                "weights", "grads", "optim", "acts", "buffers", "runtime", "GB/rank", "load GB", "device GB",
+                "verdict", "cheapest fix", "step", "tokens/s", "wall", "cost $"):
+        table.add_column(col, justify="right" if col in right else "left",
                          no_wrap=col in ("cell", "cheapest fix", "verdict"))
     for p in planned:
         c = p.cell
@@ -426,12 +456,13 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None) -> None:
         plan = matrix_plan.plans.get(c.cell_id)
         if plan is None or not plan.memory_gb:
             why = f"refused: {p.refused}" if p.refused else (plan.note if plan else "")
-            table.add_row(*head, *[""] * 8, why, *[""] * 5)
+            table.add_row(*head, *[""] * 9, why, *[""] * 5)
             continue
         m = plan.memory_gb
         style = {"fits": "green", "tight": "yellow", "will not fit": "red"}.get(plan.verdict, "")
-        table.add_row(*head, *(_gb(m[k]) for k in ("weights", "grads", "optim", "activations", "buffers", "runtime")),
-                      _gb(plan.total_gb), _gb(plan.device_gb), f"[{style}]{plan.verdict}[/]" if style else plan.verdict,
+        memory_cells = [_gb(m[k]) for k in ("weights", "grads", "optim", "activations", "buffers", "runtime")]
+        table.add_row(*head, *memory_cells, _gb(plan.total_gb), _gb(plan.load_gb), _gb(plan.device_gb),
+                      f"[{style}]{plan.verdict}[/]" if style else plan.verdict,
                       plan.fix or ("none found" if plan.verdict == "will not fit" else ""),
                       "?" if plan.step_s is None else f"{plan.step_s:.3g} s",
                       "?" if plan.tokens_per_s is None else f"{plan.tokens_per_s:,.0f}", _duration(plan.wall_s),

@@ -58,10 +58,7 @@ def compute_dtype(cell: CellSpec) -> torch.dtype:
 
 
 def is_random_init(cell: CellSpec) -> bool:
-    preset = catalog.model_presets().get(cell.model)
-    if cell.train.init != "auto":
-        return cell.train.init == "random"
-    return preset is not None and preset.init == "random"
+    return catalog.random_init(cell)
 
 
 def model_config(cell: CellSpec, vocab_size: int):
