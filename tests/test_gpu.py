@@ -9,6 +9,8 @@ TinyLlama-1.1B shape (random weights, nothing downloaded) with full, LoRA and QL
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -46,6 +48,8 @@ CELLS = {
     "lora-chunked": gpu_cell("lora", "bf16-mixed", train={"loss": "chunked", "loss_chunk": 64}),
     "full-chunked-liger": gpu_cell("full", "bf16-mixed", train={"liger": True, "loss": "chunked"}),
     "lora-packed": gpu_cell("lora", "bf16-mixed", data={"packing": True}),
+    "lora-drawn-on-gpu": gpu_cell("lora", "bf16-mixed", train={"init_device": "device"}),
+    "qlora-drawn-on-gpu": gpu_cell("qlora", "bf16-mixed", train={"init_device": "device"}),
     "lora-unfused": gpu_cell("lora", "bf16-mixed", train={"fused_optimizer": "off"}),
     # last: the cap stays on the process
     "oom": gpu_cell("full", "fp32", model="llama-30m", micro_batch=64, seq_len=1024,
@@ -117,6 +121,17 @@ def test_fast_paths_give_the_losses_without_them(runs, name):
     assert m["outcome"] == "ok", m["error"]
     assert losses(m) == pytest.approx(losses(ref), rel=1e-4 if name == "lora-unfused" else 5e-3)
     assert m["fused_optimizer"] is (name != "lora-unfused")
+
+
+@pytest.mark.parametrize("peft", ["lora", "qlora"])
+def test_random_weights_drawn_on_the_gpu_train(runs, peft):
+    """train.init_device: device draws the weights on the GPU (QLoRA: its random checkpoint
+    too): other numbers than the CPU's draw, so another first loss, and finite ones throughout."""
+    _, found = runs
+    m, ref = found[f"{peft}-drawn-on-gpu"], found[f"{peft}-bf16-mixed"]
+    assert m["outcome"] == "ok", m["error"]
+    assert losses(m)[0] != pytest.approx(losses(ref)[0], rel=1e-6)
+    assert all(math.isfinite(x) for x in losses(m))
 
 
 def test_packing_trains_full_rows(runs):

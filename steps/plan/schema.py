@@ -119,6 +119,10 @@ class TrainSettings(Strict):
     # Model weights: `random` builds the architecture with random weights (no download),
     # `pretrained` loads them; `auto` follows the preset (hub ids and directories: pretrained).
     init: Literal["auto", "random", "pretrained"] = "auto"
+    # Where random weights are drawn: `cpu`, the same numbers on every machine (minutes for a
+    # multi-billion-parameter shape); `device`, the rank's GPU (seconds; other numbers than the
+    # CPU's draw). On a CPU instance both are the CPU.
+    init_device: Literal["cpu", "device"] = "cpu"
     trust_remote_code: bool = False
     # auto: the model's own tokenizer (its folder's, or the preset's); byte: the built-in byte
     # tokenizer, for runs at a model's shape with random weights and nothing downloaded (the

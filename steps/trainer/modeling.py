@@ -87,11 +87,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("FINETUNE_MATRIX_CACHE", Path.home() / ".cache" / "finetune-matrix"))
 
 
-def random_checkpoint(cell: CellSpec, vocab_size: int) -> Path:
-    """Random weights saved once per (architecture, seed) on this machine, so that loaders that
-    only take a directory (4-bit quantisation, tensor-parallel plans) can build them too."""
+def draw_device(cell: CellSpec, device: torch.device) -> torch.device:
+    """Where a cell's random weights are drawn (`train.init_device`)."""
+    return device if cell.train.init_device == "device" and device.type == "cuda" else torch.device("cpu")
+
+
+def random_checkpoint(cell: CellSpec, vocab_size: int, device: torch.device | None = None) -> Path:
+    """Random weights saved once per (architecture, seed, where they are drawn) on this machine,
+    so that loaders that only take a directory (4-bit quantisation, tensor-parallel plans) can
+    build them too."""
     config = model_config(cell, vocab_size)
-    key = json.dumps({"config": config.to_dict(), "seed": cell.train.seed}, sort_keys=True, default=str)
+    draw = draw_device(cell, device or torch.device("cpu"))
+    key_data = {"config": config.to_dict(), "seed": cell.train.seed}
+    if draw.type != "cpu":
+        key_data["draw"] = draw.type
+    key = json.dumps(key_data, sort_keys=True, default=str)
     folder = cache_root() / "random-init" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (folder / "complete").exists():
         return folder
@@ -103,7 +113,9 @@ def random_checkpoint(cell: CellSpec, vocab_size: int) -> Path:
             from transformers import AutoModelForCausalLM
 
             torch.manual_seed(cell.train.seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            with draw:
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = model.to("cpu")
             # Not model.save_pretrained: under torch.distributed it writes on global rank 0
             # only, and the writer here is whichever rank of this machine took the lock.
             config.save_pretrained(folder)
@@ -157,11 +169,12 @@ def load_model(cell: CellSpec, vocab_size: int, device: torch.device, tp_mesh=No
         config = model_config(cell, vocab_size)
         # Drawn in fp32 whatever the precision, then stored in its dtype: every precision trains
         # the same weights (rounded), and drawing in bf16 gives other numbers on some torch builds.
-        model = AutoModelForCausalLM.from_config(config, **{**kwargs, "dtype": torch.float32})
+        with draw_device(cell, device):
+            model = AutoModelForCausalLM.from_config(config, **{**kwargs, "dtype": torch.float32})
         model = model.to(device=device, dtype=kwargs["dtype"])
     else:
         # 4-bit quantisation happens while loading, so random weights go through a directory too.
-        source = str(random_checkpoint(cell, vocab_size)) if is_random_init(cell) else _source(cell)
+        source = str(random_checkpoint(cell, vocab_size, device)) if is_random_init(cell) else _source(cell)
         if cell.peft == "qlora":
             kwargs.update(quantization_config=quantization_config(cell), device_map={"": device})
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
