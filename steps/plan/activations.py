@@ -35,6 +35,9 @@ under PEFT keeps something else. Each term below is one tensor autograd saves, c
 - full fine-tuning under mixed precision: autocast's 16-bit copy of every weight, kept for
   backward (2 bytes per parameter); DoRA: what its norm's identity pass keeps (measured, not
   derived: DoRA is checked within 5%, the rest within 2%).
+
+Other architectures are counted as if they were Llama-shaped with their own hidden, MLP,
+head and vocabulary sizes (an approximation, not checked).
 """
 
 from __future__ import annotations
