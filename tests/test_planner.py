@@ -4,6 +4,7 @@ a 100-cell matrix planned in under 5 s without torch."""
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 import textwrap
@@ -154,20 +155,26 @@ HUNDRED = textwrap.dedent("""
 
 
 def test_a_100_cell_plan_prints_in_under_5_s_without_torch(tmp_path):
+    """The whole command, interpreter start included, in its own process. Its CPU time (user +
+    system) is what is bounded: a busy test machine stretches wall time, not work (about 1 s
+    here, idle)."""
     path = tmp_path / "hundred.yaml"
     path.write_text(HUNDRED)
     code = ("import runpy, sys; sys.argv = ['plan', sys.argv[1]]\n"
             "try:\n    runpy.run_module('steps.plan', run_name='__main__')\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "print('torch imported:', 'torch' in sys.modules)")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "100 cells: 100 run, 0 refused" in proc.stdout
     assert proc.stdout.rstrip().endswith("torch imported: False")
-    assert elapsed < 5.0, elapsed
+    assert cpu < 5.0, (cpu, wall)
 
 
 @pytest.mark.slow
