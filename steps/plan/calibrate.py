@@ -29,7 +29,7 @@ from steps.plan.settings import leaf_paths, put
 
 TOP = ("model", "peft", "strategy", "instance", "nodes", "gpus", "lr", "micro_batch", "grad_accum", "precision",
        "seq_len", "cell_id")
-Calibration = dict[str, Any]  # {"efficiency": {key: value}, "fill": {key: value}}
+Calibration = dict[str, Any]  # {"efficiency": {key: value}, "overhead_s": {key: value}, "fill": {key: value}}
 
 
 def _missing(value: Any) -> bool:
