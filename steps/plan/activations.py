@@ -167,7 +167,7 @@ def per_layer_token(shape: DecoderShape, k: Kernels, seq_len: int) -> float:
     # Linear inputs.
     total += _input_copies(k, ATTN_IN, h) + _input_copies(k, MLP_IN, h)
     total += _input_copies(k, ATTN_OUT, h, sdpa_output=k.attention != "eager")
-    total += _input_copies(k, MLP_OUT, i) if (k.full or MLP_OUT[0] in k.targets) else 0
+    total += _input_copies(k, MLP_OUT, i)
     # Attention.
     repeated = k.masked and k.attention in ("sdpa", "eager")
     kv_width = h if repeated or k.attention == "eager" else kv

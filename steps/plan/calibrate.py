@@ -6,9 +6,8 @@ A results table holds every setting of a cell as a column, so each row is turned
 cell that ran and planned again. Per (device, strategy, precision, method), falling back to
 (device, strategy, precision), (device, strategy), then the device, a robust line through the
 measured step times against the ideal ones (FLOPs over peak) gives a per-step overhead and an
-efficiency. Tokens/s counts real tokens
-(no padding): the fit also keeps, per data setup, the share of each step's token slots that
-real tokens fill.
+efficiency. Tokens/s counts real tokens (no padding): the fit also keeps, per data setup, the
+share of each step's token slots that real tokens fill.
 """
 
 from __future__ import annotations
@@ -88,16 +87,11 @@ def _ideal_and_comm(cell: CellSpec) -> tuple[float, float] | None:
         return None
     shape = DecoderShape.of(arch)
     counts = planner.counts_of(cell, arch, None)
-    ones = dict.fromkeys(planner.DEFAULT_EFFICIENCY, 1.0)
-    link = planner.link_bytes_s(cell)
-    comm = planner.comm_bytes(cell, shape, counts) / link if link and cell.layout.model_split else 0.0
-    total, _ = planner.step_seconds(cell, shape, counts, ones)
+    total, _ = planner.step_seconds(cell, shape, counts, dict.fromkeys(planner.DEFAULT_EFFICIENCY, 1.0))
     if total is None:
         return None
-    if not cell.layout.model_split:
-        link_s = planner.comm_bytes(cell, shape, counts) / link if link else 0.0
-        if link_s >= total:  # communication-bound at full efficiency: compute is what is left
-            total = link_s
+    link = planner.link_bytes_s(cell)
+    comm = planner.comm_bytes(cell, shape, counts) / link if link and cell.layout.model_split else 0.0
     return total - comm, comm
 
 
@@ -181,8 +175,8 @@ def planned_vs_measured(rows: pd.DataFrame, calibration: Calibration | None = No
     for cell, r in measured(rows):
         plan = predict(cell, calibration)
         entry = {"cell_id": r["cell_id"], "model": cell.model, "peft": cell.peft, "strategy": cell.strategy,
-                 "instance": cell.instance,
-                 "world_size": cell.world_size, "precision": cell.precision, "micro_batch": cell.micro_batch}
+                 "instance": cell.instance, "world_size": cell.world_size, "precision": cell.precision,
+                 "micro_batch": cell.micro_batch}
         for what, planned, actual in (("mem_gb", _comparable_memory(cell, plan, r), r.get("peak_mem_gb")),
                                       ("tokens_per_s", plan.tokens_per_s, r.get("tokens_per_s")),
                                       ("wall_s", plan.wall_s, r.get("wall_s")),

@@ -276,9 +276,8 @@ def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: str = 
     counts = counts_of(cell, arch, facts)
     parts = memory_parts(cell, arch, counts)
     device = device_memory_gb(cell)
-    loading = load_gb(cell, arch, counts)
-    plan = CellPlan(cell.cell_id, parts, device, verdict(max(sum(parts.values()), loading), device),
-                    load_gb=loading)
+    plan = CellPlan(cell.cell_id, parts, device, load_gb=load_gb(cell, arch, counts))
+    plan = replace(plan, verdict=verdict(plan.peak_gb, device))
     step, why = step_seconds(cell, shape, counts, efficiency, overhead_s)
     if step is not None:
         n = steps_of(cell)
@@ -314,16 +313,16 @@ def candidates(cell: CellSpec) -> list[tuple[str, CellSpec]]:
         return cell.model_copy(update=kw)
 
     out: list[tuple[str, CellSpec]] = []
+    checkpointed = cell.train.model_copy(update={"gradient_checkpointing": True})
     mb, ga = cell.micro_batch, cell.grad_accum
     while mb > 1:
         mb, ga = max(1, mb // 2), ga * 2
         out.append((f"micro_batch {mb} x grad_accum {ga}", changed(micro_batch=mb, grad_accum=ga)))
     if not cell.train.gradient_checkpointing:
-        train = cell.train.model_copy(update={"gradient_checkpointing": True})
-        out.append(("gradient_checkpointing", changed(train=train)))
+        out.append(("gradient_checkpointing", changed(train=checkpointed)))
         if cell.micro_batch > 1:
             out.append((f"gradient_checkpointing, micro_batch 1 x grad_accum {cell.micro_batch * cell.grad_accum}",
-                        changed(train=train, micro_batch=1, grad_accum=cell.micro_batch * cell.grad_accum)))
+                        changed(train=checkpointed, micro_batch=1, grad_accum=cell.micro_batch * cell.grad_accum)))
     if cell.peft in ("lora", "dora"):
         out.append(("peft qlora", changed(peft="qlora")))
     entry = catalog.instances().get(cell.instance)
@@ -338,8 +337,7 @@ def candidates(cell: CellSpec) -> list[tuple[str, CellSpec]]:
         out.append((f"strategy {strategy} on {gpus} GPUs", changed(strategy=strategy, gpus=gpus)))
         gpus *= 2
     if not cell.train.gradient_checkpointing:  # sharding and checkpointing together
-        train = cell.train.model_copy(update={"gradient_checkpointing": True})
-        out += [(f"{label}, gradient_checkpointing", c.model_copy(update={"train": train}))
+        out += [(f"{label}, gradient_checkpointing", c.model_copy(update={"train": checkpointed}))
                 for label, c in list(out) if label.startswith("strategy")]
     return out
 

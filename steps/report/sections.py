@@ -128,8 +128,9 @@ SECTIONS: list[Section] = [
         needs="cells of preset models that trained to the end",
         intro="What `python -m steps.plan` predicted before the run, with its default efficiencies (no "
               "calibration; `--calibrate` fits them from runs like this one), beside what each cell measured; "
-              "error: planned / measured - 1. The planned memory includes the runtime; tokens/s counts the "
-              "step's token slots, padding included.",
+              "error: planned / measured - 1. The planned memory is counted as the measured peak is: on a CPU "
+              "with the runtime (the cell's measured `runtime_baseline_gb` where the table has it), on a GPU "
+              "without the CUDA context; tokens/s counts the step's token slots, padding included.",
         follow_ups=(FollowUp("planned_errors", [
             ("quantity", "quantity", "text"), ("cells", "cells", "int"),
             ("median_abs_error", "median |error|", "pct"), ("max_abs_error", "largest |error|", "pct")],
