@@ -128,10 +128,43 @@ def _verdicts(path: str) -> dict[tuple, str]:
             matrix_plan.plans[c.cell_id].verdict for c in (p.cell for p in planned if not p.refused)}
 
 
-def test_study4_at_full_scale_the_13b_with_adamw_does_not_fit_one_a100_80gb_and_every_lora_cell_does():
-    verdicts = _verdicts("study4-litgpt-memory.yaml")
-    assert verdicts[("llama-2-13b", "full", "single", 1, 8, "bf16-mixed", "adamw")] == "will not fit"
-    assert all(v in ("fits", "tight") for k, v in verdicts.items() if k[1] in ("lora", "qlora"))
+# Reference study 4 (the LitGPT lab's recipes: Alpaca-2k, up to 512 tokens, AdamW unless stated)
+# on one A100 80 GB: what it reported for each cell of study4-litgpt-memory.yaml, keyed like
+# `_verdicts`: peak allocated GB, or None where it ran out of memory. The 13B SGD cell ran (no
+# number given); LitGPT's own model keeps less for backward than transformers + PEFT (its LoRA
+# computes the head and the loss in chunks), so LoRA cells are planned 19-40% above LitGPT's.
+STUDY4_REPORTED = {
+    ("tinyllama-1.1b", "full", "single", 1, 32, "fp32", "adamw"): None,
+    ("tinyllama-1.1b", "full", "single", 1, 8, "fp32", "adamw"): 30.4,
+    ("tinyllama-1.1b", "full", "single", 1, 8, "bf16-true", "adamw"): 20.1,
+    ("tinyllama-1.1b", "full", "single", 1, 8, "bf16-mixed", "adamw"): 31.3,
+    ("open-llama-3b", "full", "single", 1, 8, "bf16-true", "adamw"): 46.9,
+    ("open-llama-7b", "full", "single", 1, 4, "bf16-true", "adamw"): 69.7,
+    ("open-llama-13b", "full", "single", 1, 1, "bf16-true", "adamw"): None,
+    ("open-llama-7b", "full", "ddp", 4, 4, "bf16-true", "adamw"): 74.0,  # 68-74 per GPU
+}
+
+
+def test_study4_at_full_scale_the_plan_reproduces_what_fit_one_a100_80gb():
+    """TinyLlama full fine-tuning at micro-batch 32 and the 13B with AdamW do not fit; the 13B
+    with SGD, every LoRA and QLoRA cell and 7B DDP do; full fine-tuning's memory is planned
+    within 20% of what the study measured."""
+    spec = load_matrix(REPO / "configs" / "matrix" / "study4-litgpt-memory.yaml")
+    cells = [p.cell for p in expand(spec) if not p.refused]
+    matrix_plan = planner.plan_matrix(expand(spec), None, spec.compute)
+    plans = {(c.model, c.peft, c.strategy, c.gpus, c.micro_batch, c.precision, c.train.optimizer):
+             matrix_plan.plans[c.cell_id] for c in cells}
+    verdicts = {k: p.verdict for k, p in plans.items()}
+    assert verdicts[("tinyllama-1.1b", "full", "single", 1, 32, "fp32", "adamw")] == "will not fit"
+    assert verdicts[("open-llama-13b", "full", "single", 1, 1, "bf16-true", "adamw")] == "will not fit"
+    assert verdicts[("open-llama-13b", "full", "single", 1, 1, "bf16-true", "sgd")] == "fits"
+    assert sorted(k for k, v in verdicts.items() if v == "will not fit") == sorted(
+        k for k, v in STUDY4_REPORTED.items() if v is None)
+    assert all(v == "fits" for k, v in verdicts.items() if k[1] in ("lora", "qlora"))
+    for key, reported in STUDY4_REPORTED.items():
+        if reported is not None:  # CUDA's peak allocated holds no context
+            planned = plans[key].peak_gb - plans[key].memory_gb["runtime"]
+            assert planned == pytest.approx(reported, rel=0.2), key
 
 
 def test_study2_at_full_scale_full_fine_tuning_does_not_fit_zero3_on_2_and_4_a100_40gb():

@@ -292,6 +292,12 @@ def test_memory_budget_by_hand():
     assert (true16["weights"], true16["grads"], true16["optim"]) == (200_000, 200_000, 400_000)
     offload = memory_budget.estimate({**row, "strategy": "zero3_offload"}, arch)
     assert (offload["weights"], offload["grads"], offload["optim"]) == (0, 8_000, 0)
+    # DeepSpeed casts the module (adapters too) to bf16 under any 16-bit precision; its optimizer
+    # keeps fp32 master weights and fp32 states, sharded from ZeRO-1 on.
+    zero2 = memory_budget.estimate({**full, "strategy": "zero2", "world_size": 2, "precision": "bf16-mixed"}, arch)
+    assert (zero2["weights"], zero2["grads"], zero2["optim"]) == (200_000, 100_000, 600_000)
+    zero3 = memory_budget.estimate({**row, "strategy": "zero3", "precision": "bf16-true"}, arch)
+    assert (zero3["weights"], zero3["grads"], zero3["optim"]) == (100_000, 4_000, 24_000)
 
 
 def test_scaling_against_single_at_equal_global_batch():

@@ -36,6 +36,12 @@ from steps.results.metrics import (
 )
 
 KILL_GRACE_S = 5.0
+# glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), so the
+# whole model a rank loads before sharding, and every step's activations, come back from the
+# heap and stay in the resident set after they are freed: an FSDP rank's peak looked twice its
+# live memory. A fixed threshold keeps large blocks in mmap, returned to the system when freed,
+# so a CPU cell's peak resident set (and its `memory_cap_gb`) is the memory it needs.
+CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 STACK_DUMP_WAIT_S = 2.0
 POLL_S = 0.25
 
@@ -257,6 +263,9 @@ def _environment(cell: CellSpec, cores: list[int], port: int, gpus: list[int] | 
            "TOKENIZERS_PARALLELISM": "false"}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    instance = catalog.instances().get(cell.instance)
+    if instance is not None and instance.accelerator == "cpu":
+        env = {**CPU_MALLOC_ENV, **env}  # the user's own setting wins
     if cell.world_size == 1:  # what torchrun would set for its one process
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -66,6 +66,7 @@ class DecoderShape:
     kv_heads: int
     vocab: int
     model_type: str = "llama"
+    tied: bool = False  # the head shares the embeddings' weights
 
     @classmethod
     def of(cls, arch: dict[str, Any]) -> DecoderShape:
@@ -74,7 +75,8 @@ class DecoderShape:
         return cls(hidden=h, intermediate=int(arch.get("intermediate_size") or 4 * h),
                    layers=int(arch["num_hidden_layers"]), heads=heads,
                    kv_heads=int(arch.get("num_key_value_heads") or heads), vocab=int(arch["vocab_size"]),
-                   model_type=str(arch.get("model_type", "llama")))
+                   model_type=str(arch.get("model_type", "llama")),
+                   tied=bool(arch.get("tie_word_embeddings", False)))
 
     @property
     def kv_hidden(self) -> int:
@@ -104,6 +106,9 @@ class Kernels:
     lora_dropout: float = 0.0
     cuda: bool = True  # bitsandbytes' CUDA kernels (QLoRA) rather than its CPU fallback
     loss_chunk: int = 0  # train.loss: chunked, tokens per chunk; 0: the loss from whole logits
+    # DeepSpeed casts the whole module, adapters included, to its 16-bit dtype (and autocast is
+    # off): PEFT's cast of a layer's input to the adapter's dtype copies nothing.
+    adapters16: bool = False
 
     @property
     def full(self) -> bool:
@@ -151,8 +156,8 @@ def _input_copies(k: Kernels, group: tuple[str, ...], width_in: int, sdpa_output
     hit = [n for n in group if n in k.targets]
     if not hit:
         return 0
-    if k.precision == "fp32":
-        return 0 if sdpa_output else 4 * width_in  # the input itself, shared
+    if k.precision == "fp32" or k.adapters16:
+        return 0 if sdpa_output else k.act * width_in  # the input itself, shared
     copy = 4 if k.precision == "bf16-true" else 2  # PEFT's fp32 cast; under autocast its 16-bit cast
     return (1 if k.compiled else len(hit)) * copy * width_in
 
@@ -183,12 +188,12 @@ def per_layer_token(shape: DecoderShape, k: Kernels, seq_len: int) -> float:
     # Adapters.
     if not k.full:
         linears = shape.linears()
-        adapter = 4 if k.precision in ("fp32", "bf16-true") else 2
+        adapter = 2 if k.adapters16 else 4 if k.precision in ("fp32", "bf16-true") else 2
         for name in k.targets:
             fan_in, fan_out = linears[name]
             total += adapter * k.lora_r
-            if k.lora_dropout > 0:
-                total += fan_in * (5 if k.precision == "fp32" else 1)  # the mask (and a new fp32 input)
+            if k.lora_dropout > 0:  # the mask (and, where the input was not cast, a new input)
+                total += fan_in * (1 + (k.act if k.precision == "fp32" or k.adapters16 else 0))
             if k.method == "dora":
                 total += 2 * a * fan_out
         if k.method == "qlora" and k.precision != "fp32":

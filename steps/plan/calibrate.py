@@ -157,15 +157,16 @@ def predict(cell: CellSpec, calibration: Calibration | None, compute: str = "loc
 
 def _comparable_memory(cell: CellSpec, plan: planner.CellPlan, row: Any) -> float | None:
     """The plan's memory as the cell's measured peak counts it: on a GPU CUDA's peak allocated
-    holds no context; on a CPU the resident set holds the runtime, the cell's own measured
-    baseline where the table has one."""
+    holds no context; on a CPU the resident set's high-water mark holds the runtime (the cell's
+    own measured baseline where the table has one) and the model's load."""
     if plan.total_gb is None:
         return None
     runtime = plan.memory_gb.get("runtime", 0.0)
     baseline = row.get("runtime_baseline_gb")
     if _device(cell) != "cpu":
         return plan.total_gb - runtime
-    return plan.total_gb - runtime + (runtime if _missing(baseline) else float(baseline))
+    # The resident set's high-water mark: loading counts too.
+    return plan.peak_gb - runtime + (runtime if _missing(baseline) else float(baseline))
 
 
 def planned_vs_measured(rows: pd.DataFrame, calibration: Calibration | None = None) -> pd.DataFrame:

@@ -10,6 +10,9 @@ Conventions (stated in the report):
   layers and 4 for its embeddings (and untied head), which stay unquantized; adapters 4.
 - gradients: trainable parameters x their width; AdamW keeps two states per trainable
   parameter at the same width (paged 8-bit AdamW: 1 byte each; SGD: none).
+- DeepSpeed (ZeRO-1/2/3) casts the whole module, adapters included, to 16 bits under any 16-bit
+  precision (no autocast), and its optimizer keeps an fp32 copy of the trained weights (a clone
+  even in fp32) beside fp32 states.
 - activations, as autograd keeps them (`steps/plan/activations.py`, each term checked against
   the real model's saved tensors): per layer and token by method, precision, attention kernel
   (a mask, as packing and padding give, repeats grouped k/v), LoRA targets, fused kernels
@@ -57,10 +60,19 @@ def estimate(r: Any, arch: dict[str, Any]) -> dict[str, float]:
     frozen = total - trainable
     true16 = r["precision"] == "bf16-true"
     full = r["peft"] == "full"
+    layout = layout_of(r)
     # Trainable parameters: bf16 only when full fine-tuning in bf16-true; PEFT keeps adapters in
     # fp32 otherwise. A frozen base is stored in 16 bits under any 16-bit precision.
     width = 2 if true16 and full else 4
     base = 2 if true16 or r["precision"] in ("bf16-mixed", "fp16-mixed") else 4
+    optimizer = STATE_BYTES[str(_setting(r, "train.optimizer", defaults.optimizer))]
+    state = optimizer(width)
+    if layout.deepspeed:
+        # DeepSpeed casts the whole module (adapters too) to its 16-bit dtype under any 16-bit
+        # precision, and its optimizer keeps an fp32 copy of the trained weights (a clone even
+        # in fp32) and fp32 states.
+        width = base = 4 if r["precision"] == "fp32" else 2
+        state = 4 + optimizer(4)
     if r["peft"] == "qlora":
         # 4-bit linear layers; the embeddings (and an untied head) stay unquantized, in fp32 as
         # PEFT's prepare_model_for_kbit_training leaves them.
@@ -69,13 +81,11 @@ def estimate(r: Any, arch: dict[str, Any]) -> dict[str, float]:
         weights = (frozen - dense) * 0.5 + dense * 4
     else:
         weights = frozen * base
-    state = STATE_BYTES[str(_setting(r, "train.optimizer", defaults.optimizer))](width)
     parts = {"weights": weights + trainable * width, "grads": trainable * width, "optim": trainable * state}
 
     parts["activations"] = activations.activation_bytes(
         activations.DecoderShape.of(arch), kernels_of(r, arch), int(r["seq_len"]), int(r["micro_batch"]))
 
-    layout = layout_of(r)
     return {part: layout.per_rank(part, size) for part, size in parts.items()}
 
 
@@ -92,8 +102,9 @@ def kernels_of(r: Any, arch: dict[str, Any]) -> activations.Kernels:
         targets = _setting(r, "train.lora.target_modules", None)
     shape = activations.DecoderShape.of(arch)
     entry = catalog.instances().get(str(r.get("instance", "")))
+    deepspeed16 = layout_of(r).deepspeed and r["precision"] != "fp32"
     return activations.Kernels(
-        method=str(r["peft"]), precision=str(r["precision"]), attention=attention,
+        method=str(r["peft"]), precision="bf16-true" if deepspeed16 else str(r["precision"]), attention=attention,
         masked=attention in ("sdpa", "eager"),
         liger=bool(_setting(r, "train.liger", defaults.liger)),
         compiled=str(_setting(r, "train.compile", defaults.compile)) != "off",
@@ -104,4 +115,5 @@ def kernels_of(r: Any, arch: dict[str, Any]) -> activations.Kernels:
         lora_dropout=float(_setting(r, "train.lora.dropout", defaults.lora.dropout)),
         cuda=entry is not None and entry.accelerator != "cpu",
         loss_chunk=int(_setting(r, "train.loss_chunk", defaults.loss_chunk))
-        if _setting(r, "train.loss", defaults.loss) == "chunked" else 0)
+        if _setting(r, "train.loss", defaults.loss) == "chunked" else 0,
+        adapters16=deepspeed16)

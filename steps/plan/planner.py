@@ -41,6 +41,8 @@ TIGHT = 0.9  # above this share of the device's memory a cell is "tight"
 # Collective bandwidth a ring reaches of the link's stated figure.
 LINK_EFFICIENCY = 0.4
 CPU_LINK_BYTES_S = 2e9  # gloo over shared memory
+DDP_BROADCAST_BUCKET = 250 * 2**20  # bytes: torch's DDP syncs the weights at start in buckets this size
+ZERO3_REUSE_DISTANCE = 1e9  # DeepSpeed's stage3_max_reuse_distance, which the trainer keeps
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class CellPlan:
     cost_usd: float | None = None
     note: str | None = None  # why a prediction is missing
     load_gb: float | None = None  # per rank while the model loads, before any sharding
+    step_gb: float | None = None  # per rank at DeepSpeed's optimizer step, where it exceeds training
 
     @property
     def total_gb(self) -> float | None:
@@ -67,14 +70,18 @@ class CellPlan:
 
     @property
     def peak_gb(self) -> float | None:
-        """Per rank at the larger of loading and training."""
+        """Per rank at the largest of loading, training and the optimizer step."""
         if self.total_gb is None:
             return None
-        return max(self.total_gb, self.load_gb or 0.0)
+        return max(self.total_gb, self.load_gb or 0.0, self.step_gb or 0.0)
 
     def reason(self) -> str:
         """The sentence a predicted out-of-memory `skipped` row carries."""
         fix = f"; fits with {self.fix}" if self.fix else ""
+        if self.step_gb and self.step_gb == self.peak_gb > self.total_gb:
+            return (f"predicted out of memory at the optimizer step: {self.step_gb:.1f} GB per rank > "
+                    f"{self.device_gb:.1f} GB (the training state, DeepSpeed's fp32 copy of the gradients "
+                    f"and the optimizer's temporaries over its flat partition){fix}")
         if self.load_gb and self.load_gb > self.total_gb:
             return (f"predicted out of memory while loading: {self.load_gb:.1f} GB per rank > {self.device_gb:.1f} GB "
                     f"(the whole model on every rank before it is sharded; training would need "
@@ -118,20 +125,33 @@ def _row(cell: CellSpec, counts: params.ParamCounts) -> dict[str, Any]:
             "trainable_params": counts.trainable}
 
 
-def buffers_bytes(cell: CellSpec, shape: DecoderShape, counts: params.ParamCounts) -> float:
+def buffers_bytes(cell: CellSpec, shape: DecoderShape, counts: params.ParamCounts, whole_weights: float) -> float:
     """What a strategy's framework holds beside the training state, per rank: DeepSpeed's
     reduce bucket (the model's h^2 fp32 elements, as the trainer sizes it) and, under ZeRO-1/2,
     the all-gather of updated parameters; FSDP's and ZeRO-3's gathered layers (the current one
-    and the prefetched next, in the compute width) and a layer's reduce-scattered gradients."""
+    and the prefetched next, in the compute width) and a layer's reduce-scattered gradients;
+    FSDP's root unit gathered. ZeRO-3 also keeps gathered every parameter used again within `stage3_max_reuse_distance`
+    elements: from the end of the forward pass into the backward pass (which reuses the last
+    layers first), the last layers up to half that distance (`whole_weights`: the unsharded
+    weights' bytes, for QLoRA's 4-bit width)."""
     layout = cell.layout
     width = 4 if cell.precision == "fp32" else 2
     layer = sum(a * b for a, b in shape.linears().values()) + 2 * shape.hidden
     trainable_layer = counts.trainable / max(shape.layers, 1)
     if layout.zero_stage in (1, 2):
         return 4 * shape.hidden ** 2 + min(5e8, counts.trainable) * width
-    if layout.zero_stage == 3 or cell.strategy == "fsdp":
-        reduce = 4 * shape.hidden ** 2 if layout.zero_stage else 4 * trainable_layer
-        return 2 * layer * width + reduce
+    if layout.zero_stage == 3:
+        # in DeepSpeed's 16-bit cast; QLoRA's 4-bit layers as stored
+        per_param = whole_weights / counts.total if cell.peft == "qlora" and counts.total else width
+        kept = min(counts.total, ZERO3_REUSE_DISTANCE / 2) * per_param
+        return 2 * layer * width + 4 * shape.hidden ** 2 + kept
+    if cell.strategy == "fsdp":
+        # The root unit (embeddings, final norm, untied head) is not resharded after the
+        # forward pass: gathered from the forward pass through the backward pass.
+        root = shape.vocab * shape.hidden * (1 if shape.tied else 2) + shape.hidden
+        root_width = 4 if cell.precision == "fp32" or cell.peft == "qlora" or (
+            cell.peft == "full" and cell.precision != "bf16-true") else 2
+        return 2 * layer * width + 4 * trainable_layer + root * root_width * (1 - 1 / layout.dp_size)
     return 0.0
 
 
@@ -146,23 +166,46 @@ def memory_parts(cell: CellSpec, arch: dict[str, Any], counts: params.ParamCount
         gpipe = cell.train.parallel.pipeline_schedule == "gpipe" or m < p
         parts["activations"] *= m if gpipe else min(p, m)
     out = {k: v / GB for k, v in parts.items()}
-    out["buffers"] = buffers_bytes(cell, shape, counts) / GB
+    out["buffers"] = buffers_bytes(cell, shape, counts, _whole_weights(cell, arch, counts)) / GB
     out["runtime"] = RUNTIME_GB[_device_kind(cell)]
     return out
+
+
+def _whole_weights(cell: CellSpec, arch: dict[str, Any], counts: params.ParamCounts) -> float:
+    """Bytes of the model's weights unsharded, as the cell stores them."""
+    return memory.estimate({**_row(cell, counts), "strategy": "single", "world_size": 1}, arch)["weights"]
 
 
 def load_gb(cell: CellSpec, arch: dict[str, Any], counts: params.ParamCounts) -> float:
     """Per rank while the model loads: every strategy but tensor parallelism (which loads its
     shard) first puts the whole model on each rank's device, in its stored dtype, then shards or
     splits it; random weights are drawn in fp32 on the CPU first, which a CPU rank's resident
-    set keeps as its high-water mark."""
-    whole = memory.estimate({**_row(cell, counts), "strategy": "single", "world_size": 1}, arch)["weights"]
+    set keeps as its high-water mark. DDP then broadcasts the weights from the first rank in
+    buckets, two in flight beside the weights."""
+    stored = _whole_weights(cell, arch, counts)
     if cell.layout.model_split == "tensor":
-        whole /= cell.layout.mp_size
+        stored /= cell.layout.mp_size
+    whole = stored
     kind = _device_kind(cell)
     if kind == "cpu" and cell.peft != "qlora" and catalog.random_init(cell):
         whole = max(whole, 4.0 * counts.total)
+    if cell.strategy == "ddp":
+        whole = max(whole, stored + min(stored, 2 * DDP_BROADCAST_BUCKET))
     return RUNTIME_GB[kind] + whole / GB
+
+
+def step_gb(cell: CellSpec, parts: dict[str, float], counts: params.ParamCounts) -> float | None:
+    """Per rank at a DeepSpeed optimizer step: beside the weights, gradients and states, an fp32
+    copy of the rank's flattened gradients, and (AdamW) the two temporaries PyTorch's AdamW
+    makes of its states while it updates, each the size of the rank's whole flat fp32 partition
+    (other engines step parameter by parameter, or fused). None where there is no such step."""
+    layout = cell.layout
+    if not layout.deepspeed or "optim" in layout.offloaded:
+        return None
+    trained = counts.trainable / layout.dp_size / GB
+    temporaries = 2 * 4 if cell.train.optimizer == "adamw" else 0
+    state = sum(parts[k] for k in ("weights", "grads", "optim", "runtime"))
+    return state + trained * (4 + temporaries)
 
 
 def verdict(total: float, device: float | None) -> str:
@@ -276,7 +319,8 @@ def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: str = 
     counts = counts_of(cell, arch, facts)
     parts = memory_parts(cell, arch, counts)
     device = device_memory_gb(cell)
-    plan = CellPlan(cell.cell_id, parts, device, load_gb=load_gb(cell, arch, counts))
+    plan = CellPlan(cell.cell_id, parts, device, load_gb=load_gb(cell, arch, counts),
+                    step_gb=step_gb(cell, parts, counts))
     plan = replace(plan, verdict=verdict(plan.peak_gb, device))
     step, why = step_seconds(cell, shape, counts, efficiency, overhead_s)
     if step is not None:
@@ -443,7 +487,7 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None) -> None:
     table = Table(title=title, show_lines=False)
     right = ("GB/rank", "load GB", "step", "tokens/s", "wall", "cost $")
     for col in ("cell", "model", "peft", "strategy", "n x gpus", "instance", "mb x ga", "precision", "seq",
-                "weights", "grads", "optim", "acts", "buffers", "runtime", "GB/rank", "load GB", "device GB",
+                "weights", "grads", "optim", "acts", "buffers", "runtime", "GB/rank", "load GB", "step GB", "device GB",
                 "verdict", "cheapest fix", "step", "tokens/s", "wall", "cost $"):
         table.add_column(col, justify="right" if col in right else "left",
                          no_wrap=col in ("cell", "cheapest fix", "verdict"))
@@ -454,12 +498,13 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None) -> None:
         plan = matrix_plan.plans.get(c.cell_id)
         if plan is None or not plan.memory_gb:
             why = f"refused: {p.refused}" if p.refused else (plan.note if plan else "")
-            table.add_row(*head, *[""] * 9, why, *[""] * 5)
+            table.add_row(*head, *[""] * 10, why, *[""] * 5)
             continue
         m = plan.memory_gb
         style = {"fits": "green", "tight": "yellow", "will not fit": "red"}.get(plan.verdict, "")
         memory_cells = [_gb(m[k]) for k in ("weights", "grads", "optim", "activations", "buffers", "runtime")]
-        table.add_row(*head, *memory_cells, _gb(plan.total_gb), _gb(plan.load_gb), _gb(plan.device_gb),
+        table.add_row(*head, *memory_cells, _gb(plan.total_gb), _gb(plan.load_gb), _gb(plan.step_gb),
+                      _gb(plan.device_gb),
                       f"[{style}]{plan.verdict}[/]" if style else plan.verdict,
                       plan.fix or ("none found" if plan.verdict == "will not fit" else ""),
                       "?" if plan.step_s is None else f"{plan.step_s:.3g} s",
