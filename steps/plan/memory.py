@@ -20,8 +20,9 @@ Conventions (stated in the report):
   per vocabulary entry per token); autocast's 16-bit weight copies under full fine-tuning.
 - sharding, from the cell's layout (`steps/plan/layout.py`): FSDP and ZeRO-3 divide weights,
   gradients and states by the data-parallel size; ZeRO-2 gradients and states; ZeRO-1 states;
-  ZeRO-3 offload keeps weights and states on the CPU; tensor, pipeline and hybrid divide
-  everything by the model-parallel size (hybrid: `train.parallel.model_parallel`).
+  ZeRO-3 offload keeps weights and states on the CPU (a CPU rank's own memory all the same);
+  tensor, pipeline and hybrid divide everything by the model-parallel size (hybrid:
+  `train.parallel.model_parallel`).
 - the optimizer (`train.optimizer`) and gradient checkpointing (`train.gradient_checkpointing`)
   are the cell's.
 """
@@ -86,7 +87,11 @@ def estimate(r: Any, arch: dict[str, Any]) -> dict[str, float]:
     parts["activations"] = activations.activation_bytes(
         activations.DecoderShape.of(arch), kernels_of(r, arch), int(r["seq_len"]), int(r["micro_batch"]))
 
-    return {part: layout.per_rank(part, size) for part, size in parts.items()}
+    # Offloading to the CPU moves nothing off a CPU rank: its own process holds the parts.
+    entry = catalog.instances().get(str(r.get("instance", "")))
+    held = layout.offloaded if entry is not None and entry.accelerator == "cpu" else frozenset()
+    return {part: size / layout.dp_size if part in held else layout.per_rank(part, size)
+            for part, size in parts.items()}
 
 
 def kernels_of(r: Any, arch: dict[str, Any]) -> activations.Kernels:

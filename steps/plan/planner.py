@@ -130,10 +130,10 @@ def buffers_bytes(cell: CellSpec, shape: DecoderShape, counts: params.ParamCount
     reduce bucket (the model's h^2 fp32 elements, as the trainer sizes it) and, under ZeRO-1/2,
     the all-gather of updated parameters; FSDP's and ZeRO-3's gathered layers (the current one
     and the prefetched next, in the compute width) and a layer's reduce-scattered gradients;
-    FSDP's root unit gathered. ZeRO-3 also keeps gathered every parameter used again within `stage3_max_reuse_distance`
-    elements: from the end of the forward pass into the backward pass (which reuses the last
-    layers first), the last layers up to half that distance (`whole_weights`: the unsharded
-    weights' bytes, for QLoRA's 4-bit width)."""
+    FSDP's root unit, gathered. ZeRO-3 also keeps gathered every parameter used again within
+    `stage3_max_reuse_distance` elements: from the end of the forward pass into the backward
+    pass (which reuses the last layers first), the last layers up to half that distance
+    (`whole_weights`: the unsharded weights' bytes, for QLoRA's 4-bit width)."""
     layout = cell.layout
     width = 4 if cell.precision == "fp32" else 2
     layer = sum(a * b for a, b in shape.linears().values()) + 2 * shape.hidden
@@ -198,9 +198,10 @@ def step_gb(cell: CellSpec, parts: dict[str, float], counts: params.ParamCounts)
     """Per rank at a DeepSpeed optimizer step: beside the weights, gradients and states, an fp32
     copy of the rank's flattened gradients, and (AdamW) the two temporaries PyTorch's AdamW
     makes of its states while it updates, each the size of the rank's whole flat fp32 partition
-    (other engines step parameter by parameter, or fused). None where there is no such step."""
+    (other engines step parameter by parameter, or fused). None where there is no such step, or
+    it runs off the device (offloaded to the CPU from a GPU)."""
     layout = cell.layout
-    if not layout.deepspeed or "optim" in layout.offloaded:
+    if not layout.deepspeed or ("optim" in layout.offloaded and _device_kind(cell) != "cpu"):
         return None
     trained = counts.trainable / layout.dp_size / GB
     temporaries = 2 * 4 if cell.train.optimizer == "adamw" else 0
