@@ -120,17 +120,21 @@ def test_a_matrix_over_its_budget_is_refused_before_it_runs():
                   check="never")
 
 
-def _verdicts(path: str) -> dict[tuple, str]:
+def _plans(path: str) -> dict[tuple, planner.CellPlan]:
     spec = load_matrix(REPO / "configs" / "matrix" / path)
     planned = expand(spec)
     matrix_plan = planner.plan_matrix(planned, None, spec.compute)
     return {(c.model, c.peft, c.strategy, c.gpus, c.micro_batch, c.precision, c.train.optimizer):
-            matrix_plan.plans[c.cell_id].verdict for c in (p.cell for p in planned if not p.refused)}
+            matrix_plan.plans[c.cell_id] for c in (p.cell for p in planned if not p.refused)}
+
+
+def _verdicts(path: str) -> dict[tuple, str]:
+    return {key: plan.verdict for key, plan in _plans(path).items()}
 
 
 # Reference study 4 (the LitGPT lab's recipes: Alpaca-2k, up to 512 tokens, AdamW unless stated)
 # on one A100 80 GB: what it reported for each cell of study4-litgpt-memory.yaml, keyed like
-# `_verdicts`: peak allocated GB, or None where it ran out of memory. The 13B SGD cell ran (no
+# `_plans`: peak allocated GB, or None where it ran out of memory. The 13B SGD cell ran (no
 # number given); LitGPT's own model keeps less for backward than transformers + PEFT (its LoRA
 # computes the head and the loss in chunks), so LoRA cells are planned 19-40% above LitGPT's.
 STUDY4_REPORTED = {
@@ -149,11 +153,7 @@ def test_study4_at_full_scale_the_plan_reproduces_what_fit_one_a100_80gb():
     """TinyLlama full fine-tuning at micro-batch 32 and the 13B with AdamW do not fit; the 13B
     with SGD, every LoRA and QLoRA cell and 7B DDP do; full fine-tuning's memory is planned
     within 20% of what the study measured."""
-    spec = load_matrix(REPO / "configs" / "matrix" / "study4-litgpt-memory.yaml")
-    cells = [p.cell for p in expand(spec) if not p.refused]
-    matrix_plan = planner.plan_matrix(expand(spec), None, spec.compute)
-    plans = {(c.model, c.peft, c.strategy, c.gpus, c.micro_batch, c.precision, c.train.optimizer):
-             matrix_plan.plans[c.cell_id] for c in cells}
+    plans = _plans("study4-litgpt-memory.yaml")
     verdicts = {k: p.verdict for k, p in plans.items()}
     assert verdicts[("tinyllama-1.1b", "full", "single", 1, 32, "fp32", "adamw")] == "will not fit"
     assert verdicts[("open-llama-13b", "full", "single", 1, 1, "bf16-true", "adamw")] == "will not fit"

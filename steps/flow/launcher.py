@@ -264,7 +264,7 @@ def _environment(cell: CellSpec, cores: list[int], port: int, gpus: list[int] | 
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     instance = catalog.instances().get(cell.instance)
-    if instance is not None and instance.accelerator == "cpu":
+    if instance is not None and instance.local:
         env = {**CPU_MALLOC_ENV, **env}  # the user's own setting wins
     if cell.world_size == 1:  # what torchrun would set for its one process
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",

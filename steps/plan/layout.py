@@ -77,10 +77,11 @@ class ParallelLayout:
         """Parts kept in CPU memory instead of the device's."""
         return _OFFLOADED.get(self.strategy, frozenset())
 
-    def per_rank(self, part: Part, size: float) -> float:
-        """What of `size` bytes of one part a rank holds on its device."""
+    def per_rank(self, part: Part, size: float, on_host: bool = False) -> float:
+        """What of `size` bytes of one part a rank holds on its device. `on_host`: the device is
+        the host's memory (a CPU rank), where offloaded parts stay, partitioned like the rest."""
         if part in self.offloaded:
-            return 0.0
+            return size / self.dp_size if on_host else 0.0
         if part in self.sharded:
             size /= self.dp_size
         return size / self.mp_size if self.model_split else size

@@ -89,9 +89,8 @@ def estimate(r: Any, arch: dict[str, Any]) -> dict[str, float]:
 
     # Offloading to the CPU moves nothing off a CPU rank: its own process holds the parts.
     entry = catalog.instances().get(str(r.get("instance", "")))
-    held = layout.offloaded if entry is not None and entry.accelerator == "cpu" else frozenset()
-    return {part: size / layout.dp_size if part in held else layout.per_rank(part, size)
-            for part, size in parts.items()}
+    on_host = entry is not None and entry.local
+    return {part: layout.per_rank(part, size, on_host) for part, size in parts.items()}
 
 
 def kernels_of(r: Any, arch: dict[str, Any]) -> activations.Kernels:

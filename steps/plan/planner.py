@@ -155,9 +155,10 @@ def buffers_bytes(cell: CellSpec, shape: DecoderShape, counts: params.ParamCount
     return 0.0
 
 
-def memory_parts(cell: CellSpec, arch: dict[str, Any], counts: params.ParamCounts) -> dict[str, float]:
+def memory_parts(cell: CellSpec, arch: dict[str, Any], counts: params.ParamCounts,
+                 whole_weights: float) -> dict[str, float]:
     """GB per rank: weights, gradients, optimizer states, activations, framework buffers,
-    runtime."""
+    runtime (`whole_weights`: `whole_weights_bytes` of the cell)."""
     parts = memory.estimate(_row(cell, counts), arch)
     shape = DecoderShape.of(arch)
     if cell.layout.model_split == "pipeline":
@@ -166,25 +167,23 @@ def memory_parts(cell: CellSpec, arch: dict[str, Any], counts: params.ParamCount
         gpipe = cell.train.parallel.pipeline_schedule == "gpipe" or m < p
         parts["activations"] *= m if gpipe else min(p, m)
     out = {k: v / GB for k, v in parts.items()}
-    out["buffers"] = buffers_bytes(cell, shape, counts, _whole_weights(cell, arch, counts)) / GB
+    out["buffers"] = buffers_bytes(cell, shape, counts, whole_weights) / GB
     out["runtime"] = RUNTIME_GB[_device_kind(cell)]
     return out
 
 
-def _whole_weights(cell: CellSpec, arch: dict[str, Any], counts: params.ParamCounts) -> float:
+def whole_weights_bytes(cell: CellSpec, arch: dict[str, Any], counts: params.ParamCounts) -> float:
     """Bytes of the model's weights unsharded, as the cell stores them."""
     return memory.estimate({**_row(cell, counts), "strategy": "single", "world_size": 1}, arch)["weights"]
 
 
-def load_gb(cell: CellSpec, arch: dict[str, Any], counts: params.ParamCounts) -> float:
+def load_gb(cell: CellSpec, counts: params.ParamCounts, whole_weights: float) -> float:
     """Per rank while the model loads: every strategy but tensor parallelism (which loads its
     shard) first puts the whole model on each rank's device, in its stored dtype, then shards or
     splits it; random weights are drawn in fp32 on the CPU first, which a CPU rank's resident
     set keeps as its high-water mark. DDP then broadcasts the weights from the first rank in
-    buckets, two in flight beside the weights."""
-    stored = _whole_weights(cell, arch, counts)
-    if cell.layout.model_split == "tensor":
-        stored /= cell.layout.mp_size
+    buckets, two in flight beside the weights (`whole_weights`: `whole_weights_bytes`)."""
+    stored = whole_weights / cell.layout.mp_size if cell.layout.model_split == "tensor" else whole_weights
     whole = stored
     kind = _device_kind(cell)
     if kind == "cpu" and cell.peft != "qlora" and catalog.random_init(cell):
@@ -318,9 +317,10 @@ def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: str = 
         return CellPlan(cell.cell_id, note=f"the shape of {cell.model} is not known without its facts")
     shape = DecoderShape.of(arch)
     counts = counts_of(cell, arch, facts)
-    parts = memory_parts(cell, arch, counts)
+    whole = whole_weights_bytes(cell, arch, counts)
+    parts = memory_parts(cell, arch, counts, whole)
     device = device_memory_gb(cell)
-    plan = CellPlan(cell.cell_id, parts, device, load_gb=load_gb(cell, arch, counts),
+    plan = CellPlan(cell.cell_id, parts, device, load_gb=load_gb(cell, counts, whole),
                     step_gb=step_gb(cell, parts, counts))
     plan = replace(plan, verdict=verdict(plan.peak_gb, device))
     step, why = step_seconds(cell, shape, counts, efficiency, overhead_s)
