@@ -25,6 +25,7 @@ from metaflow import Config, FlowSpec, card, current, parallel, step  # noqa: E4
 from steps.flow import cards  # noqa: E402
 from steps.flow import tasks as runs  # noqa: E402
 from steps.flow.compute import MatrixCompute  # noqa: E402
+from steps.results import nodes  # noqa: E402
 
 
 @MatrixCompute  # @retry/@catch and @kubernetes/@batch on `train`, from the matrix
@@ -66,7 +67,7 @@ class FinetuneMatrixFlow(FlowSpec):
     def gather(self, inputs):
         """The cell's result (node 0 measures it), all nodes' logs, and the cell's card."""
         self.cell = inputs[0].cell
-        self.metrics, self.log = runs.gather([
+        self.metrics, self.log = nodes.gather([
             (i.node, getattr(i, "metrics", None), getattr(i, "log", ""), getattr(i, "failure", None))
             for i in inputs])
         self.loss_curve = self.metrics.get("loss_curve", [])

@@ -1,4 +1,4 @@
-"""The activation model (`steps/plan/activations.py`) against what autograd really keeps: the
+"""The activation model (`steps/estimate/activations.py`) against what autograd really keeps: the
 debug Llama (hidden 64, 4 heads, 2 key/value heads, MLP 192, vocabulary 259), built by the
 trainer's own modeling code, runs one forward pass on CPU under the cell's autocast and loss
 while a saved-tensors hook records every tensor kept for backward (by storage, so that a tensor
@@ -14,7 +14,8 @@ import json
 import pytest
 import torch
 
-from steps.plan import activations, catalog, memory
+from steps.estimate import activations, memory
+from steps.plan import catalog
 from steps.trainer import modeling
 from steps.trainer.engines.base import autocast, token_loss_sum
 from tests.conftest import REPO, make_cell
@@ -90,7 +91,7 @@ def test_activations_are_what_autograd_keeps(peft, precision, attention, pad, ch
     model -= 8 * shape.vocab * tokens
     if checkpointed:
         model -= activations.per_layer_token(shape, k, cell.seq_len) * tokens + activations.fixed_per_layer(shape, k)
-    # DoRA's own terms are approximate (see steps/plan/activations.py): 5% for it.
+    # DoRA's own terms are approximate (see steps/estimate/activations.py): 5% for it.
     assert model == pytest.approx(measured, rel=0.05 if peft == "dora" else 0.02), (measured, model)
 
 

@@ -9,11 +9,11 @@ import json
 import pytest
 
 from steps.flow import cards, launcher
-from steps.flow.tasks import gather
 from steps.report import analysis
 from steps.report.sections import FAILED_COLS, RESULTS_COLS
 from steps.results import table
 from steps.results.metrics import FIELDS, CellMetrics
+from steps.results.nodes import gather
 from tests.conftest import make_cell
 
 # Columns the analysis adds to the table (prepare): the catalog price and the cost per token.

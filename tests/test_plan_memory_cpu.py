@@ -10,8 +10,8 @@ import json
 
 import pytest
 
+from steps.estimate import calibrate, planner
 from steps.flow import launcher
-from steps.plan import calibrate, planner
 from tests.conftest import make_cell
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from steps.plan import catalog, cli, params, planner
+from steps.estimate import cli, matrix_plan, params, planner
+from steps.plan import catalog
 from steps.plan.matrix import expand, load_matrix, parse_matrix
 from steps.plan.schema import ConfigError
 from tests.conftest import REPO, make_cell, subprocess_env
@@ -91,41 +92,41 @@ def _spec(extra: str = ""):
 
 
 def test_predicted_out_of_memory_cells_become_skipped_rows_when_asked():
-    planned, matrix_plan = cli.plan_spec(_spec(), check="never")
+    planned, mplan = matrix_plan.plan_spec(_spec(), check="never")
     assert not any(p.refused for p in planned)
     # A100 40 GB, micro-batch 8 x 1024: full fine-tuning of both, and LoRA on the 7B
-    assert [cid.rsplit("-", 1)[0] for cid in matrix_plan.predicted_oom] == [
+    assert [cid.rsplit("-", 1)[0] for cid in mplan.predicted_oom] == [
         "tinyllama-1.1b-full-single-1x1", "llama-2-7b-full-single-1x1", "llama-2-7b-lora-single-1x1"]
-    planned, _ = cli.plan_spec(_spec("plan: {skip_predicted_oom: true}\n"), check="never")
+    planned, _ = matrix_plan.plan_spec(_spec("plan: {skip_predicted_oom: true}\n"), check="never")
     skipped = {p.cell.cell_id: p.refused for p in planned if p.refused}
-    assert list(skipped) == matrix_plan.predicted_oom
+    assert list(skipped) == mplan.predicted_oom
     assert all(reason.startswith("predicted out of memory: ") for reason in skipped.values())
 
 
 def test_a_matrix_over_its_budget_is_refused_before_it_runs():
-    _, matrix_plan = cli.plan_spec(_spec(), check="never")
-    fitting = [p for p in matrix_plan.plans.values() if p.verdict != "will not fit"]
-    cost = sum(p.cost_usd for p in matrix_plan.plans.values())
-    assert matrix_plan.cost_usd == pytest.approx(sum(p.cost_usd for p in fitting))
+    _, mplan = matrix_plan.plan_spec(_spec(), check="never")
+    fitting = [p for p in mplan.plans.values() if p.verdict != "will not fit"]
+    cost = sum(p.cost_usd for p in mplan.plans.values())
+    assert mplan.cost_usd == pytest.approx(sum(p.cost_usd for p in fitting))
     with pytest.raises(ConfigError) as err:
-        cli.plan_spec(_spec("plan: {max_cost_usd: 1.0, max_hours: 0.01}\n"), check="never")
+        matrix_plan.plan_spec(_spec("plan: {max_cost_usd: 1.0, max_hours: 0.01}\n"), check="never")
     assert err.value.problems == [
         f"plan.max_cost_usd: the cells that would run are predicted to cost ${cost:,.2f}, over the budget of $1.00 "
         "(`python -m steps.plan` shows each cell)",
         f"plan.max_hours: the cells that would run are predicted to take "
-        f"{sum(p.wall_s for p in matrix_plan.plans.values()) / 3600:,.2f} h, over the budget of 0.01 h "
+        f"{sum(p.wall_s for p in mplan.plans.values()) / 3600:,.2f} h, over the budget of 0.01 h "
         "(`python -m steps.plan` shows each cell)"]
     # Skipped cells do not count against the budget.
-    cli.plan_spec(_spec(f"plan: {{skip_predicted_oom: true, max_cost_usd: {sum(p.cost_usd for p in fitting) + 0.01}}}\n"),
-                  check="never")
+    matrix_plan.plan_spec(_spec(f"plan: {{skip_predicted_oom: true, max_cost_usd: {sum(p.cost_usd for p in fitting) + 0.01}}}\n"),
+                          check="never")
 
 
 def _plans(path: str) -> dict[tuple, planner.CellPlan]:
     spec = load_matrix(REPO / "configs" / "matrix" / path)
     planned = expand(spec)
-    matrix_plan = planner.plan_matrix(planned, None, spec.compute)
+    mplan = matrix_plan.plan_matrix(planned, None, spec.compute)
     return {(c.model, c.peft, c.strategy, c.gpus, c.micro_batch, c.precision, c.train.optimizer):
-            matrix_plan.plans[c.cell_id] for c in (p.cell for p in planned if not p.refused)}
+            mplan.plans[c.cell_id] for c in (p.cell for p in planned if not p.refused)}
 
 
 def _verdicts(path: str) -> dict[tuple, str]:
@@ -231,7 +232,7 @@ TWINS = REPO / "tests" / "data" / "study_twins"
 
 
 def test_a_results_row_turns_back_into_the_cell_that_ran():
-    from steps.plan import calibrate
+    from steps.estimate import calibrate
     from steps.results import table
 
     cell = make_cell(peft="dora", strategy="fsdp", gpus=2, precision="bf16-mixed",
@@ -242,7 +243,7 @@ def test_a_results_row_turns_back_into_the_cell_that_ran():
 
 
 def test_the_fit_is_robust_to_a_cell_slowed_by_a_busy_machine():
-    from steps.plan import calibrate
+    from steps.estimate import calibrate
 
     # step = 0.5 s + 2 x ideal, and one cell three times slower
     points = [(x, 0.5 + 2 * x) for x in (1.0, 2.0, 3.0, 4.0)] + [(2.5, 3 * (0.5 + 2 * 2.5))]
@@ -255,7 +256,7 @@ def test_calibrated_on_a_twin_s_runs_the_median_cell_s_tokens_per_s_is_within_20
     """Each CPU twin's own results table: fit, then plan the same cells again. The twins ran
     with cells side by side on 2 cores, and repeats of one configuration differ by up to 4x
     (study 1), which no fit removes: the median cell is the measure."""
-    from steps.plan import calibrate
+    from steps.estimate import calibrate
 
     rows = calibrate.read_runs([TWINS / name])
     scored = calibrate.planned_vs_measured(rows, calibrate.fit(rows))

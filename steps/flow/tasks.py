@@ -16,13 +16,13 @@ from typing import Any
 import pandas as pd
 
 from steps import REPO_ROOT
+from steps.estimate import matrix_plan
 from steps.flow import compute, launcher
-from steps.plan import catalog, planner
-from steps.plan import cli as plan_cli
+from steps.plan import catalog
 from steps.plan.matrix import parse_matrix, plain
 from steps.plan.schema import CellSpec
 from steps.results import table as results
-from steps.results.metrics import CellMetrics, versions
+from steps.results.metrics import versions
 
 DEFAULT_MATRIX = REPO_ROOT / "configs" / "matrix" / "default.yaml"
 
@@ -42,8 +42,8 @@ def plan(matrix: dict[str, Any]) -> list[dict[str, Any]]:
     predicted out-of-memory cells skipped when asked): a problem fails `start`, before any
     cell runs. The plan's table goes to the step's log."""
     spec = parse_matrix(plain(matrix))
-    planned, matrix_plan = plan_cli.plan_spec(spec, check="always")
-    planner.show(planned, matrix_plan)
+    planned, planned_matrix = matrix_plan.plan_spec(spec, check="always")
+    matrix_plan.show(planned, planned_matrix)
     return [p.to_dict() for p in planned]
 
 
@@ -133,23 +133,6 @@ def fail_if_error(metrics: dict[str, Any], out_root: Path, matrix: dict[str, Any
     if final and matrix["on_error"] == "fail" and matrix["compute"] in ("local", "sagemaker"):
         wait_for_running(out_root)  # sagemaker: a killed step could not stop its job
     raise CellFailed(f"{metrics.get('cell_id')}: {metrics.get('error')}")
-
-
-def gather(nodes: list[tuple[int, dict | None, str, Any]]) -> tuple[dict[str, Any], str]:
-    """One cell's result from its nodes: node 0's metrics (rank 0 measures the cell), every
-    node's log, and a failure that @catch recorded (outcome `error` with its message)."""
-    nodes = sorted(nodes, key=lambda n: n[0])
-    _, first, _, failure = nodes[0]
-    m = CellMetrics.from_dict(first) if first else CellMetrics(outcome="error")
-    for index, other, _, other_failure in nodes[1:]:
-        other = CellMetrics.from_dict(other) if other else None
-        if m.outcome == "ok" and (other_failure or (other is not None and other.outcome == "error")):
-            m.update(outcome="error", error=f"node {index} failed: {(other and other.error) or other_failure}")
-    if failure is not None and m.outcome in ("ok", "error"):
-        m.update(outcome="error",
-                 error=m.error or str(getattr(failure, "exception", failure)).strip().splitlines()[-1])
-    log = "".join(text if i == 0 else f"\n===== node {i} =====\n{text}" for i, _, text, _ in nodes)
-    return m.to_dict(), log
 
 
 def provenance(run_id: str, flow: str, matrix: dict[str, Any]) -> dict[str, Any]:

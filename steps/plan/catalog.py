@@ -170,6 +170,13 @@ def model_reference_problem(name: str) -> str | None:
     )
 
 
+def device_kind(instance: str) -> str:
+    """"cpu" or "gpu": what a cell's ranks run on (a type the catalog does not know counts as a
+    CPU)."""
+    entry = instances().get(instance)
+    return "cpu" if entry is None or entry.local else "gpu"
+
+
 def peak_tflops(instance: str, precision: str) -> float | None:
     """Per-device peak for the precision the matmuls run in (fp32 cells use the fp32 peak)."""
     entry = instances().get(instance)

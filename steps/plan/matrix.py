@@ -11,13 +11,12 @@ import itertools
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from steps.plan import catalog, compat
+from steps.plan import catalog, compat, preflight
 from steps.plan.schema import (
     AXES,
     AXIS_FIELD,
@@ -26,6 +25,7 @@ from steps.plan.schema import (
     ConfigError,
     DataSettings,
     MatrixSpec,
+    PlannedCell,
     TrainSettings,
     key_path,
     validate,
@@ -34,16 +34,6 @@ from steps.plan.settings import RUN_LIMITS, flatten, get, merge, put, unknown_pa
 
 # Settings that change how a cell is run, not what it measures: kept out of its id.
 _ID_EXCLUDE = {"cell_id": True, "matrix": True, "train": {path.split(".")[1] for path in RUN_LIMITS}}
-
-
-@dataclass(frozen=True)
-class PlannedCell:
-    cell: CellSpec
-    refused: str | None = None  # why it cannot run; it becomes a `skipped` row
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data, so artifacts read back without this package installed."""
-        return {"cell": self.cell.model_dump(mode="json"), "refused": self.refused}
 
 
 def _reference_problems(data: dict) -> list[str]:
@@ -377,8 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true",
                         help="skip the checks of models, adapters and data (no model facts read)")
     args = parser.parse_args(argv)
-    from steps.plan import preflight  # it plans with this module
-
     try:
         spec = load_matrix(args.matrix)
         planned = expand(spec) if args.no_check else preflight.check(spec, expand(spec))

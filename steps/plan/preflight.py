@@ -23,8 +23,7 @@ from typing import Any
 from steps.plan import catalog, compat
 from steps.plan import data_sources as sources
 from steps.plan.compat import adapter_key
-from steps.plan.matrix import PlannedCell
-from steps.plan.schema import CellSpec, ConfigError, DataSettings, MatrixSpec
+from steps.plan.schema import CellSpec, ConfigError, DataSettings, MatrixSpec, PlannedCell
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FACTS_TIMEOUT_S = 900

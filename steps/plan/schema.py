@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from pydantic import (
@@ -394,6 +395,18 @@ class CellSpec(Strict):
     def global_batch(self) -> int:
         """Sequences per optimizer step. Tensor and pipeline ranks share their samples."""
         return self.dp_size * self.micro_batch * self.grad_accum
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """A cell as planning leaves it: what runs, or why it cannot (then a `skipped` row)."""
+
+    cell: CellSpec
+    refused: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, so artifacts read back without this package installed."""
+        return {"cell": self.cell.model_dump(mode="json"), "refused": self.refused}
 
 
 class ConfigError(ValueError):

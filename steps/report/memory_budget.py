@@ -1,4 +1,4 @@
-"""The VRAM budget table of the report: the plan's memory model (`steps.plan.memory`) per cell
+"""The VRAM budget table of the report: the plan's memory model (`steps.estimate.memory`) per cell
 that ran, beside its measured peak and its device's memory."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from steps.estimate.memory import GB, estimate
 from steps.plan import catalog
-from steps.plan.memory import GB, estimate
 
 __all__ = ["budget", "estimate"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from steps.plan import calibrate
+from steps.estimate import calibrate
 
 WHAT = ("mem_gb", "tokens_per_s", "wall_s", "cost_usd")
 

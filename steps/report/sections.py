@@ -115,7 +115,7 @@ SECTIONS: list[Section] = [
               "`steps/report/memory_budget.py` for the conventions: 4 bytes per weight, 2 with bf16-true, 0.5 "
               "for a QLoRA base; the cell's optimizer, AdamW 2 states per trainable parameter; activations as "
               "autograd keeps them, by method, precision, attention kernel, LoRA targets, fused kernels and "
-              "checkpointing (`steps/plan/activations.py`); sharding by the cell's parallel layout). On CPU the "
+              "checkpointing (`steps/estimate/activations.py`); sharding by the cell's parallel layout). On CPU the "
               "measured peak also holds the runtime (about 1 GB of libraries)."),
     Section(
         "Planned vs measured", "planned", SETTINGS_COLS + [

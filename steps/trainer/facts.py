@@ -187,7 +187,7 @@ def _one_model(cell: CellSpec) -> dict[str, Any]:
                      + ["eager"],
         "linear_names": _linear_names(model),
         "unquantizable": _unquantizable(model),
-        # What the planner predicts memory and time from (steps.plan.planner).
+        # What the planner predicts memory and time from (steps.estimate.planner).
         "total_params": sum(p.numel() for p in model.parameters()),
         "arch": {key: getattr(config, key, None) for key in ARCH_KEYS},
         "adapters": {},

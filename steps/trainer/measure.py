@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from steps.plan import params
+from steps.estimate import params
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -47,7 +47,7 @@ def device_name(device: torch.device) -> str:
 
 def flops_per_token(model_config: Any, trainable: int, frozen: int, embedding: int,
                     seq_len: float, full: bool) -> float:
-    """Training FLOPs per token of a loaded model (`steps.plan.params.flops_per_token`)."""
+    """Training FLOPs per token of a loaded model (`steps.estimate.params.flops_per_token`)."""
     layers = getattr(model_config, "num_hidden_layers", 0)
     heads = getattr(model_config, "num_attention_heads", 0)
     hidden = getattr(model_config, "hidden_size", 0)

@@ -17,6 +17,7 @@ from typing import Any
 
 from steps.plan.schema import CellSpec
 from steps.results.metrics import CellMetrics
+from steps.results.nodes import gather  # node 0 measures the cell; a failed node fails it
 
 TERMINAL = ("Completed", "Failed", "Stopped")
 CAPACITY = ("CapacityError", "ResourceLimitExceeded", "InsufficientInstanceCapacity",
@@ -33,7 +34,7 @@ def refused_result(cell: CellSpec, code: str, message: str) -> CellMetrics:
 
 def _nodes(out_dir: Path) -> list[tuple[int, dict | None, str, None]]:
     """What each instance uploaded (node 0 in the cell folder, others in node<i>/), in the
-    shape `tasks.gather` combines for @parallel nodes."""
+    shape `steps.results.nodes.gather` combines, as for @parallel nodes."""
     nodes = []
     for index, folder in [(0, out_dir), *sorted((int(p.name[4:]), p) for p in out_dir.glob("node[0-9]*"))]:
         try:
@@ -54,8 +55,6 @@ def job_result(cell: CellSpec, job: dict[str, Any], out_dir: Path) -> tuple[Cell
     """The cell's metrics from the ended job (`DescribeTrainingJob`) and what it uploaded."""
     status, secondary = job["TrainingJobStatus"], job.get("SecondaryStatus", "")
     reason = job.get("FailureReason") or ""
-    from steps.flow.tasks import gather  # node 0 measures the cell; a failed node fails it
-
     nodes = _nodes(Path(out_dir))
     combined, log = gather(nodes)
     m = CellMetrics.from_dict(combined)

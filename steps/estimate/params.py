@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from steps.plan.activations import DecoderShape, adapted
+from steps.estimate.activations import DecoderShape, adapted
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,10 @@ it all under reports/benchmarks/.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-from steps import REPO_ROOT
+from steps.trainer.bench import common
 
 SEQ = 2048
 
@@ -53,26 +48,12 @@ def bench_cell(model: str, peft: str, micro_batch: int, fast: bool, steps: int, 
     return {**settings, "cell_id": cell_id(settings)}
 
 
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0))),
-            "TOKENIZERS_PARALLELISM": "false"}
-
-
 def run_trainer(cell: dict, label: str) -> dict:
     """This trainer on one GPU, as the flow launches it; its metrics (an `oom` too)."""
-    from steps.results.metrics import CellMetrics
-
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "cell.json").write_text(json.dumps(cell))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-               "-m", "steps.train", "--cell", str(Path(tmp) / "cell.json"), "--out", tmp]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
-        m = CellMetrics.read(Path(tmp) / "metrics.json")
+    m, proc, seconds = common.run_trainer(cell)
     if m is None:
         raise RuntimeError(f"{label}: no metrics\n{proc.stderr[-3000:]}")
-    out = {"label": label, "outcome": m.outcome, "error": m.error, "wall_s": time.perf_counter() - t0,
+    out = {"label": label, "outcome": m.outcome, "error": m.error, "wall_s": seconds,
            "micro_batch": cell["micro_batch"], "tokens_per_s": m.tokens_per_s, "mfu": m.mfu,
            "peak_mem_gb": m.peak_mem_gb, "peak_reserved_gb": (m.peak_reserved_gb_per_rank or [None])[0],
            "gpu_util_pct": m.gpu_util_pct, "step_s": m.step_s, "trainable_params": m.trainable_params,
@@ -81,13 +62,14 @@ def run_trainer(cell: dict, label: str) -> dict:
     if m.outcome == "ok":
         out["estimate"] = memory_estimate(cell, m)
     print(f"  {label}: {m.outcome} mb={cell['micro_batch']} tok/s={m.tokens_per_s or 0:,.0f} "
-          f"mfu={m.mfu or 0:.3f} peak={m.peak_mem_gb or 0:.1f} GB ({time.perf_counter() - t0:.0f} s)", flush=True)
+          f"mfu={m.mfu or 0:.3f} peak={m.peak_mem_gb or 0:.1f} GB ({seconds:.0f} s)", flush=True)
     return out
 
 
 def memory_estimate(cell: dict, m) -> dict:
     """The report's memory budget for this cell, by part, in GB, against the measured peak."""
-    from steps.plan import catalog, memory
+    from steps.estimate import memory
+    from steps.plan import catalog
 
     row = {"peft": cell["peft"], "precision": cell["precision"], "seq_len": cell["seq_len"],
            "micro_batch": cell["micro_batch"], "total_params": m.total_params,
@@ -121,7 +103,6 @@ def worker_hf_trainer(cell_dict: dict) -> dict:
     rows (packed, with their position ids), batch and optimizer (fused AdamW), timed with CUDA
     synchronised at each step's ends."""
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from steps.plan.schema import CellSpec
     from steps.trainer import data, modeling
@@ -135,39 +116,12 @@ def worker_hf_trainer(cell_dict: dict) -> dict:
         rows.append({"input_ids": b["input_ids"][0], "labels": b["input_ids"][0].clone(),
                      "position_ids": b["position_ids"][0]})
 
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(rows)
-
-        def __getitem__(self, i):
-            return rows[i]
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.times = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.t0)
-
     device = torch.device("cuda", 0)
     model = modeling.apply_peft(modeling.load_model(cell, tok.vocab_size, device), cell)
     torch.cuda.reset_peak_memory_stats()
-    clock = Clock()
-    with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=cell.micro_batch, max_steps=cell.train.max_steps,
-            learning_rate=cell.lr, lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
-            report_to=[], bf16=True, optim="adamw_torch_fused", dataloader_num_workers=0, disable_tqdm=True,
-            seed=cell.train.seed, data_seed=cell.train.seed, max_grad_norm=1.0)
-        trainer = Trainer(model=model, args=targs, train_dataset=Rows(), callbacks=[clock])
-        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
-        trainer.train()
-    timed = clock.times[cell.train.timing_warmup_steps:]
+    times = common.hf_trainer_step_times(model, rows, cell, cuda=True, bf16=True, optim="adamw_torch_fused",
+                                         max_grad_norm=1.0)
+    timed = times[cell.train.timing_warmup_steps:]
     tokens = cell.micro_batch * cell.seq_len
     return {"label": "HF Trainer + PEFT", "outcome": "ok", "micro_batch": cell.micro_batch,
             "tokens_per_s": tokens / statistics.mean(timed), "step_s": statistics.mean(timed),
@@ -176,11 +130,10 @@ def worker_hf_trainer(cell_dict: dict) -> dict:
 
 
 def run_hf(cell: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "steps.bench", "--device", "cuda", "--worker", "hf_trainer",
-                           "--cell-json", json.dumps(cell)], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
+    proc = common.run_worker(["--device", "cuda", "--worker", "hf_trainer", "--cell-json", json.dumps(cell)])
     if proc.returncode:
         return {"label": "HF Trainer + PEFT", "outcome": "error", "error": proc.stderr[-3000:]}
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = common.last_json(proc.stdout)
     r["mfu"] = None
     print(f"  HF Trainer + PEFT: tok/s={r['tokens_per_s']:,.0f} peak={r['peak_mem_gb']:.1f} GB", flush=True)
     return r
@@ -251,9 +204,7 @@ def main(args) -> int:
     if args.worker == "hf_trainer":
         print(json.dumps(worker_hf_trainer(json.loads(args.cell_json))))
         return 0
-    from steps.trainer.bench import environment
-
-    record = {"bench": "gpu", **environment(), "parts": {}}
+    record = {"bench": "gpu", **common.environment(), "parts": {}}
     if args.part in ("lora", "all"):
         print("LoRA, TinyLlama-1.1B shape", flush=True)
         sizes = [int(x) for x in args.micro_batches.split(",")]
@@ -265,10 +216,6 @@ def main(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2, default=str))
     if args.save:
-        folder = REPO_ROOT / "reports" / "benchmarks"
-        folder.mkdir(parents=True, exist_ok=True)
         gpu = record["device"].replace("NVIDIA ", "").split()[0].lower()
-        path = folder / f"{record['date'][:10]}-bench-gpu-{args.part}-{gpu}.json"
-        path.write_text(json.dumps(record, indent=2, default=str))
-        print(f"saved {path}")
+        common.save(record, f"bench-gpu-{args.part}-{gpu}")
     return 0

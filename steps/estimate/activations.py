@@ -1,5 +1,5 @@
 """What a decoder keeps for backward, tensor by tensor, as PyTorch, transformers and PEFT
-actually lay it out; no torch. The memory model (`steps.plan.memory`) adds it to the model
+actually lay it out; no torch. The memory model (`steps.estimate.memory`) adds it to the model
 state per rank.
 
 Korthikanti et al.'s 34·s·b·h per layer describes a GPT with a 4h MLP and dropout; a Llama

@@ -16,13 +16,15 @@ import itertools
 import json
 import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from steps.plan import catalog, planner
-from steps.plan.activations import DecoderShape
+from steps.estimate import planner, step_time
+from steps.estimate.activations import DecoderShape
+from steps.plan import catalog
 from steps.plan.schema import CellSpec
 from steps.plan.settings import leaf_paths, put
 
@@ -87,11 +89,11 @@ def _ideal_and_comm(cell: CellSpec) -> tuple[float, float] | None:
         return None
     shape = DecoderShape.of(arch)
     counts = planner.counts_of(cell, arch, None)
-    total, _ = planner.step_seconds(cell, shape, counts, dict.fromkeys(planner.DEFAULT_EFFICIENCY, 1.0))
+    total, _ = step_time.step_seconds(cell, shape, counts, dict.fromkeys(step_time.DEFAULT_EFFICIENCY, 1.0))
     if total is None:
         return None
-    link = planner.link_bytes_s(cell)
-    comm = planner.comm_bytes(cell, shape, counts) / link if link and cell.layout.model_split else 0.0
+    link = step_time.link_bytes_s(cell)
+    comm = step_time.comm_bytes(cell, shape, counts) / link if link and cell.layout.model_split else 0.0
     return total - comm, comm
 
 
@@ -137,7 +139,7 @@ def efficiency_of(cell: CellSpec, calibration: Calibration | None) -> dict[str, 
     """The efficiency table the planner uses for `cell`: the fitted value for its key where
     there is one."""
     key = _key_of(cell, calibration)
-    return {**planner.DEFAULT_EFFICIENCY, cell.strategy: calibration["efficiency"][key]} if key else None
+    return {**step_time.DEFAULT_EFFICIENCY, cell.strategy: calibration["efficiency"][key]} if key else None
 
 
 def fill_of(cell: CellSpec, calibration: Calibration | None) -> float:
@@ -151,7 +153,7 @@ def predict(cell: CellSpec, calibration: Calibration | None, compute: str = "loc
     overhead = calibration["overhead_s"].get(key, 0.0) if key else 0.0
     plan = planner.predict(cell, facts, compute, efficiency_of(cell, calibration), fixes=fixes, overhead_s=overhead)
     if plan.tokens_per_s is not None:
-        plan = planner.replace(plan, tokens_per_s=plan.tokens_per_s * fill_of(cell, calibration))
+        plan = replace(plan, tokens_per_s=plan.tokens_per_s * fill_of(cell, calibration))
     return plan
 
 

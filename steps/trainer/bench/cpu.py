@@ -11,23 +11,18 @@ shared machine a few slow steps or a slow repeat (another process, a page-in) wo
 decide a comparison whose real differences are a few percent.
 
     python -m steps.bench                       # ~30M Llama, LoRA r=8, 4 x 256 tokens, fp32
-    python -m steps.bench --device cuda --save  # the GPU bench at real shapes (gpu_bench.py)
+    python -m steps.bench --device cuda --save  # the GPU bench at real shapes (gpu.py)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from steps import REPO_ROOT
+from steps.trainer.bench import common
 
 DEFAULTS = dict(model="llama-30m", steps=30, warmup=5, micro_batch=4, seq_len=256, lr=1e-4, r=8)
 
@@ -66,10 +61,6 @@ def _model(cell):
     return modeling.apply_peft(modeling.load_model(cell, tok.vocab_size, __import__("torch").device("cpu")), cell)
 
 
-def _python_path() -> str:
-    return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-
-
 def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
@@ -104,55 +95,17 @@ def _result(cell, step_times: list[float], peak_mem_gb: float | None = None) -> 
 
 
 def worker_hf_trainer(cell) -> dict:
-    import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
     batches, _ = _rows(cell)
     rows = [{"input_ids": r, "labels": r.clone()} for b in batches for r in b["input_ids"]]
-
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(rows)
-
-        def __getitem__(self, i):
-            return rows[i]
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.times = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
-
-    clock = Clock()
-    with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=cell.micro_batch, max_steps=cell.train.max_steps,
-            learning_rate=cell.lr, lr_scheduler_type="constant", max_grad_norm=0.0, logging_strategy="no",
-            save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-            optim="adamw_torch", seed=cell.train.seed, data_seed=cell.train.seed,
-        )
-        trainer = Trainer(model=_model(cell), args=targs, train_dataset=Rows(), callbacks=[clock])
-        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
-        trainer.train()
-    return _result(cell, clock.times)
+    times = common.hf_trainer_step_times(_model(cell), rows, cell, max_grad_norm=0.0, use_cpu=True,
+                                         optim="adamw_torch")
+    return _result(cell, times)
 
 
 def run_ours(cell_dict: dict, threads: int) -> dict:
-    from steps.results.metrics import CellMetrics
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cell_file = Path(tmp) / "cell.json"
-        cell_file.write_text(json.dumps(cell_dict))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-               "-m", "steps.train", "--cell", str(cell_file), "--out", tmp]
-        subprocess.run(cmd, cwd=REPO_ROOT, env=_env(threads), check=True, capture_output=True)
-        m = CellMetrics.read(Path(tmp) / "metrics.json")
     from steps.plan.schema import CellSpec
 
+    m, _, _ = common.run_trainer(cell_dict, threads, check=True)
     cell = CellSpec.model_validate(cell_dict)
     ends = [p.time_s for p in m.loss_curve]
     times = [b - a for a, b in zip([0.0] + ends, ends)]
@@ -160,50 +113,23 @@ def run_ours(cell_dict: dict, threads: int) -> dict:
     return {**_result(cell, times, m.peak_mem_gb), "tokens_per_s_mean": m.tokens_per_s}
 
 
-def _env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": _python_path(),
-            "TOKENIZERS_PARALLELISM": "false"}
-
-
 def run_worker(kind: str, cell_dict: dict, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "steps.bench", "--worker", kind, "--cell-json", json.dumps(cell_dict)],
-                         cwd=REPO_ROOT, env=_env(threads), check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    proc = common.run_worker(["--worker", kind, "--cell-json", json.dumps(cell_dict)], threads, check=True)
+    return common.last_json(proc.stdout)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for key, value in DEFAULTS.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved; the best is kept")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--save", action="store_true",
-                        help="keep the results (device, versions, date) in reports/benchmarks/")
-    parser.add_argument("--worker", choices=["minimal", "hf_trainer"], help=argparse.SUPPRESS)
-    parser.add_argument("--cell-json", help=argparse.SUPPRESS)
-    gpu = parser.add_argument_group("--device cuda: the GPU bench at real shapes (steps/trainer/gpu_bench.py)")
-    gpu.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    gpu.add_argument("--part", choices=["lora", "qlora", "all"], default="all",
-                     help="lora: 1.1B shape, fast paths vs none vs HF Trainer; qlora: QLoRA vs LoRA at the 7B shape")
-    gpu.add_argument("--micro-batches", default="16,8,4,2,1", help="micro-batches to try, largest first")
-    gpu.add_argument("--qlora-micro-batch", type=int, default=2)
-    args = parser.parse_args(argv)
-    if args.device == "cuda":
-        from steps.trainer import gpu_bench
+def worker(kind: str, cell_json: str) -> int:
+    """A loop other than this trainer, in this process (`python -m steps.bench --worker KIND`)."""
+    from steps.plan.schema import CellSpec
 
-        if argv is None and "--steps" not in sys.argv:
-            args.steps, args.warmup = 20, 5
-        return gpu_bench.main(args)
+    cell = CellSpec.model_validate(json.loads(cell_json))
+    print(json.dumps({"minimal": worker_minimal, "hf_trainer": worker_hf_trainer}[kind](cell)))
+    return 0
 
-    if args.worker:
-        from steps.plan.schema import CellSpec
 
-        cell = CellSpec.model_validate(json.loads(args.cell_json))
-        result = {"minimal": worker_minimal, "hf_trainer": worker_hf_trainer}[args.worker](cell)
-        print(json.dumps(result))
-        return 0
-
+def main(args) -> int:
+    """The three loops, `args.repeats` times each in a rotating order; the table, and the
+    record (`--json`, `--save`)."""
     cell_dict = bench_cell(args)
     runners = {
         "finetune-matrix trainer": lambda: run_ours(cell_dict, args.threads),
@@ -224,30 +150,12 @@ def main(argv: list[str] | None = None) -> int:
                      "per_repeat": [round(r["tokens_per_s"]) for r in rs]}
               for name, rs in results.items()}
     print_table(pooled, args)
-    record = {"settings": vars(args), "results": results, "summary": pooled, **environment()}
+    record = {"settings": vars(args), "results": results, "summary": pooled, **common.environment()}
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2))
     if args.save:
-        folder = REPO_ROOT / "reports" / "benchmarks"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{record['date'][:10]}-bench-{args.model}-{record['device_kind']}.json"
-        path.write_text(json.dumps(record, indent=2))
-        print(f"saved {path}")
+        common.save(record, f"bench-{args.model}-{record['device_kind']}")
     return 0
-
-
-def environment() -> dict:
-    import datetime
-    import platform
-
-    import torch
-
-    from steps.results.metrics import versions
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": gpu or f"cpu ({platform.machine()}, {len(os.sched_getaffinity(0))} cores)",
-            "device_kind": "gpu" if gpu else "cpu", "versions": versions()}
 
 
 def print_table(summary: dict[str, dict], args) -> None:

@@ -1,0 +1,42 @@
+"""How much money: a cell's steps, wall time (steps x step time + start-up) and cost at the
+catalog's price (SageMaker's under `compute: sagemaker`); no torch."""
+
+from __future__ import annotations
+
+import math
+
+from steps.plan import catalog
+from steps.plan.schema import CellSpec
+
+STARTUP_S = {"gpu": 60.0, "cpu": 10.0}  # process start, model load, rendezvous
+
+
+def steps_of(cell: CellSpec) -> int | None:
+    """Optimizer steps the cell trains: `max_steps`, or its epochs over `train_samples`."""
+    t = cell.train
+    if t.epochs is None:
+        return t.max_steps
+    if cell.data.train_samples is None:
+        return None
+    return math.ceil(t.epochs * cell.data.train_samples / cell.global_batch)
+
+
+def hourly_usd(cell: CellSpec, compute: str = "local") -> float | None:
+    """What the cell's instances cost per hour: per device for local CPU types, per node else."""
+    entry = catalog.instances().get(cell.instance)
+    if entry is None:
+        return None
+    rate = entry.sagemaker_price_per_hour_usd if compute == "sagemaker" else entry.price_per_hour_usd
+    if rate is None:
+        return None
+    return rate * (cell.world_size if entry.price_per == "device" else cell.nodes)
+
+
+def wall_and_cost(cell: CellSpec, step_s: float, compute: str = "local") -> tuple[int | None, float | None,
+                                                                               float | None]:
+    """(steps, wall seconds, dollars) of the whole cell at `step_s` per step; None where the
+    step count or the price is unknown."""
+    n = steps_of(cell)
+    wall = n * step_s + STARTUP_S[catalog.device_kind(cell.instance)] if n is not None else None
+    rate = hourly_usd(cell, compute)
+    return n, wall, wall / 3600 * rate if wall is not None and rate is not None else None

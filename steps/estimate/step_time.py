@@ -1,0 +1,104 @@
+"""How long: a cell's seconds per optimizer step, worked out before it runs; no torch.
+
+Training FLOPs per token (the report's convention, `steps.estimate.params.flops_per_token`,
+plus the recomputed forward under gradient checkpointing) over the device's peak for the
+precision times an efficiency for the strategy, plus the bytes a step moves (gradient
+all-reduce, FSDP/ZeRO-3 gathers per micro-batch, tensor-parallel activations, pipeline sends)
+over the catalog's links: overlapped with backward under data parallelism, on the critical
+path for model splits; a pipeline's bubble. The efficiencies are defaults until calibrated
+from measured runs (`steps.estimate.calibrate`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from steps.estimate import params
+from steps.estimate.activations import DecoderShape
+from steps.plan import catalog
+from steps.plan.schema import CellSpec
+
+# Model-FLOPs utilisation a strategy reaches on a GPU at a sensible batch (defaults; calibrated
+# from measured runs, see `steps.estimate.calibrate`).
+DEFAULT_EFFICIENCY = {"single": 0.35, "ddp": 0.33, "zero1": 0.32, "zero2": 0.32, "fsdp": 0.30, "zero3": 0.28,
+                      "zero3_offload": 0.08, "tensor": 0.25, "pipeline": 0.33, "hybrid": 0.27}
+QLORA_SPEED = 0.6  # bitsandbytes dequantizes every 4-bit weight each pass
+CPU_CORE_TFLOPS = 0.05  # a nominal CPU core (no datasheet peak): calibration sets the scale
+# Collective bandwidth a ring reaches of the link's stated figure.
+LINK_EFFICIENCY = 0.4
+CPU_LINK_BYTES_S = 2e9  # gloo over shared memory
+
+
+def peak_tflops(cell: CellSpec) -> float | None:
+    """The device's dense peak for the cell's precision; a nominal core for CPU types."""
+    entry = catalog.instances().get(cell.instance)
+    if entry is None:
+        return None
+    if entry.local:
+        return CPU_CORE_TFLOPS * (entry.cores_per_device or 1)
+    return catalog.peak_tflops(cell.instance, cell.precision)
+
+
+def link_bytes_s(cell: CellSpec) -> float | None:
+    """Collective bandwidth between the cell's ranks: the node's links, or the network between
+    nodes; None when the ranks share nothing to talk over (one rank)."""
+    if cell.world_size == 1:
+        return None
+    entry = catalog.instances().get(cell.instance)
+    if entry is None or entry.local:
+        return CPU_LINK_BYTES_S
+    stated = re.search(r"(\d+(?:\.\d+)?)\s*GB/s", entry.interconnect or "")
+    inside = float(stated.group(1)) * 1e9 if stated else 32e9 if "PCIe" in (entry.interconnect or "") else None
+    between = entry.network_gbps * 1e9 / 8 if entry.network_gbps else None
+    links = [b for b in (inside, between if cell.nodes > 1 else None) if b]
+    return LINK_EFFICIENCY * min(links) if links else None
+
+
+def comm_bytes(cell: CellSpec, shape: DecoderShape, counts: params.ParamCounts) -> float:
+    """Bytes one rank sends per optimizer step (ring collectives: 2(n-1)/n of the data for an
+    all-reduce, (n-1)/n for a gather or a scatter)."""
+    layout, n = cell.layout, cell.layout.dp_size
+    grad_width = 2 if cell.precision == "bf16-true" and cell.peft == "full" else 4
+    width = 4 if cell.precision == "fp32" else 2
+    ring = (n - 1) / n if n > 1 else 0.0
+    total = 0.0
+    if cell.strategy in ("ddp", "hybrid", "zero1", "zero2"):
+        total += 2 * ring * counts.trainable * grad_width  # all-reduce, or reduce-scatter + all-gather
+    if cell.strategy in ("fsdp", "zero3", "zero3_offload"):
+        # every weight gathered for forward and again for backward, each micro-batch; gradients
+        # reduce-scattered
+        total += cell.grad_accum * ring * (2 * counts.total * width + counts.trainable * grad_width)
+    if layout.model_split == "tensor":
+        m = layout.mp_size
+        per_layer = 4 * cell.micro_batch * cell.seq_len * shape.hidden * width * 2 * (m - 1) / m
+        total += cell.grad_accum * shape.layers * per_layer
+    if layout.model_split == "pipeline":
+        total += 2 * cell.grad_accum * cell.micro_batch * cell.seq_len * shape.hidden * width
+    return total
+
+
+def step_seconds(cell: CellSpec, shape: DecoderShape, counts: params.ParamCounts,
+                 efficiency: dict[str, float] | None = None,
+                 overhead_s: float = 0.0) -> tuple[float | None, str | None]:
+    """Predicted seconds per optimizer step, or None and why. `overhead_s`: what a step costs
+    beside its FLOPs (launches, the optimizer, Python), 0 until calibrated."""
+    peak = peak_tflops(cell)
+    if not peak:
+        return None, f"no peak TFLOP/s for {cell.precision} on {cell.instance} in the catalog"
+    full = cell.peft == "full"
+    head_dim = shape.hidden // shape.heads
+    fpt = params.flops_per_token(shape.layers, shape.heads, head_dim, counts.trainable,
+                                 counts.total - counts.trainable, counts.embedding, cell.seq_len, full)
+    if cell.train.gradient_checkpointing:  # the forward again, in backward
+        fpt += 2 * (counts.total - counts.embedding) + 4 * shape.layers * shape.heads * head_dim * cell.seq_len
+    eff = (efficiency or DEFAULT_EFFICIENCY)[cell.strategy] * (QLORA_SPEED if cell.peft == "qlora" else 1.0)
+    tokens = cell.global_batch * cell.seq_len
+    compute = fpt * tokens / cell.world_size / (peak * 1e12 * eff)
+    link = link_bytes_s(cell)
+    comm = comm_bytes(cell, shape, counts) / link if link else 0.0
+    if cell.layout.model_split == "pipeline":
+        p, m = cell.layout.mp_size, cell.grad_accum
+        compute *= (m + p - 1) / m  # the bubble
+    if cell.layout.model_split:
+        return overhead_s + compute + comm, None  # activations' collectives sit on the critical path
+    return overhead_s + max(compute, comm), None  # gradient and weight traffic overlaps backward
