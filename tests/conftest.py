@@ -91,6 +91,26 @@ def torchrun_cells(cells: list[CellSpec], outs: list[Path], timeout: float = 600
                   for f in found]
 
 
+class OneLaunchPerWorldSize:
+    """Named cells trained on first use, every cell of the same world size by one torchrun launch
+    (`torchrun_cells`): the trainer's start-up (torch, transformers and PEFT imported: about
+    10 s per process on a 2-core machine) is paid once per world size, not once per cell. Each
+    cell still runs the trainer's own `main` into its own folder with its own metrics; peak
+    memory is a per-process figure, so a test that asserts on it launches its cell alone."""
+
+    def __init__(self, root: Path, cells: dict[str, CellSpec]):
+        self.root, self.cells, self.done = root, cells, {}
+
+    def __call__(self, name: str) -> tuple[subprocess.CompletedProcess, dict, Path]:
+        """(the launch, the cell's metrics, its folder)."""
+        if name not in self.done:
+            size = self.cells[name].world_size
+            todo = [n for n, c in self.cells.items() if c.world_size == size and n not in self.done]
+            proc, found = torchrun_cells([self.cells[n] for n in todo], [self.root / n for n in todo])
+            self.done.update({n: (proc, m, self.root / n) for n, m in zip(todo, found, strict=True)})
+        return self.done[name]
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED / "data").is_dir():

@@ -8,14 +8,22 @@ import os
 import pytest
 
 from steps.flow import launcher
-from tests.conftest import make_cell, torchrun_trainer
+from tests.conftest import make_cell, torchrun_cells, torchrun_trainer
 
 pytestmark = pytest.mark.slow
 
+DDP = make_cell(strategy="ddp", gpus=2, micro_batch=2, train={"max_steps": 8})
 
-def test_ddp_two_processes_trains_and_writes_metrics(tmp_path):
-    cell = make_cell(strategy="ddp", gpus=2, micro_batch=2, train={"max_steps": 8})
-    proc, m = torchrun_trainer(cell, tmp_path)
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """2 ranks x micro-batch 2, 8 steps: the launch both DDP tests read."""
+    return torchrun_trainer(DDP, tmp_path_factory.mktemp("ddp"))
+
+
+def test_ddp_two_processes_trains_and_writes_metrics(ddp):
+    cell = DDP
+    proc, m = ddp
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert m["outcome"] == "ok" and m["error"] is None
     assert m["cell_id"] == cell.cell_id and m["world_size"] == 2 and m["global_batch"] == 4
@@ -47,17 +55,17 @@ def test_launcher_runs_a_cell_with_its_own_log_and_rank_prefixes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cell").iterdir()) == ["adapter", "cell.yaml", "metrics.json", "train.log"]
 
 
-def test_ddp_gives_the_same_losses_as_one_process_with_the_same_global_batch(tmp_path):
-    """2 ranks x micro-batch 2 == 1 rank x micro-batch 4 == 1 rank x 2 x accumulation 2."""
-    runs = {
-        "single mb4": make_cell(micro_batch=4),
-        "single mb2 x ga2": make_cell(micro_batch=2, grad_accum=2),
-        "ddp 2 x mb2": make_cell(strategy="ddp", gpus=2, micro_batch=2),
-    }
+def test_ddp_gives_the_same_losses_as_one_process_with_the_same_global_batch(ddp, tmp_path):
+    """2 ranks x micro-batch 2 == 1 rank x micro-batch 4 == 1 rank x 2 x accumulation 2, over
+    8 steps (the two one-process cells share one launch)."""
+    singles = {"single mb4": make_cell(micro_batch=4, train={"max_steps": 8}),
+               "single mb2 x ga2": make_cell(micro_batch=2, grad_accum=2, train={"max_steps": 8})}
+    _, found = torchrun_cells(list(singles.values()), [tmp_path / n.replace(" ", "_") for n in singles])
+    runs = {**dict(zip(singles, found)), "ddp 2 x mb2": ddp[1]}
     curves = {}
-    for name, cell in runs.items():
-        proc, m = torchrun_trainer(cell, tmp_path / name.replace(" ", "_"))
+    for name, m in runs.items():
         assert m["outcome"] == "ok", m["error"]
+        assert len(m["loss_curve"]) == 8, name
         curves[name] = [p["loss"] for p in m["loss_curve"]]
     ref = curves["single mb4"]
     for name, curve in curves.items():

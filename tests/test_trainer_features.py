@@ -1,5 +1,7 @@
 """Trainer features for real: out-of-memory as a result, checkpoints and --resume, adapters in
-PEFT's format, a model and tokenizer loaded from a local directory, goodput metrics."""
+PEFT's format, a model and tokenizer loaded from a local directory, goodput metrics, precisions
+and memory savers. The cells that need no launch of their own (no memory cap, no kill) share one
+torchrun launch per world size (`OneLaunchPerWorldSize`)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,26 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, make_cell, torchrun_trainer
+from tests.conftest import REPO, OneLaunchPerWorldSize, make_cell, torchrun_trainer
 
 pytestmark = pytest.mark.slow
+
+RESUMED = [("ddp", 2, 2, 1), ("zero2", 2, 2, 1), ("pipeline", 2, 2, 2)]
+ADAPTERS = {"single": dict(gpus=1, micro_batch=4), "pipeline": dict(gpus=2, micro_batch=2, grad_accum=2)}
+FP32_LORA_6_STEPS = [5.426603, 5.409957, 5.398178, 5.422245, 5.404377, 5.364533]  # PEFT's default llama targets
+PRECISIONS = {  # what a variant changes, and how close its losses stay to the fp32 run's
+    "grad-checkpointing": ({"train": {"gradient_checkpointing": True}}, 1e-5),  # recomputation changes no number
+    "paged-adamw-8bit": ({"train": {"optimizer": "paged_adamw_8bit"}}, 1e-5),  # small tensors keep 32-bit state
+    "fp16-mixed": ({"precision": "fp16-mixed"}, 1e-3),
+    "bf16-mixed": ({"precision": "bf16-mixed"}, 3e-3),
+    "bf16-true": ({"precision": "bf16-true"}, 3e-3),
+}
 
 
 @pytest.mark.parametrize("strategy,gpus", [("single", 1), ("ddp", 2)])
@@ -32,10 +46,50 @@ def test_out_of_memory_is_a_result_not_a_traceback(tmp_path, strategy, gpus):
     assert m["loss_curve"] == [] and m["trainable_params"] > 0
 
 
-def _resume(tmp_path, strategy: str, gpus: int, micro_batch: int, grad_accum: int = 1):
-    base = dict(strategy=strategy, gpus=gpus, micro_batch=micro_batch, grad_accum=grad_accum,
+def _resumable(strategy: str, gpus: int, micro_batch: int, grad_accum: int = 1) -> dict:
+    return dict(strategy=strategy, gpus=gpus, micro_batch=micro_batch, grad_accum=grad_accum,
                 train={"max_steps": 6, "checkpoint_every": 3, "timing_warmup_steps": 1})
-    _, full = torchrun_trainer(make_cell(**base), tmp_path / "uninterrupted")
+
+
+def _local_model(folder: Path):
+    """A Llama folder as `save_pretrained` writes it, with its own 31-token tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *"abcdefghijklmnopqrstuvwxyz=", " "])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>")
+    tok.save_pretrained(folder)
+    config = AutoConfig.for_model("llama", vocab_size=len(vocab), hidden_size=64, intermediate_size=192,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return config
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("my-model")
+    return folder, _local_model(folder)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, local_model):
+    cells = {f"uninterrupted-{r[0]}": make_cell(**_resumable(*r)) for r in RESUMED}
+    cells |= {f"adapter-{strategy}": make_cell(strategy=strategy, **shape) for strategy, shape in ADAPTERS.items()}
+    cells["local-model"] = make_cell(model=str(local_model[0]), strategy="ddp", gpus=2, micro_batch=2)
+    cells["goodput"] = make_cell(lr=3e-3, train={"max_steps": 40, "eval_every": 10, "target_loss": 4.5,
+                                                 "lora": {"target_modules": ["q_proj", "v_proj", "lm_head"]}})
+    for name, (settings, _) in PRECISIONS.items():
+        cells[f"precision-{name}"] = make_cell(**{**settings, "train": {"max_steps": 6, **settings.get("train", {})}})
+    return OneLaunchPerWorldSize(tmp_path_factory.mktemp("features"), cells)
+
+
+def _resume(launched, tmp_path, strategy: str, gpus: int, micro_batch: int, grad_accum: int = 1):
+    base = _resumable(strategy, gpus, micro_batch, grad_accum)
+    _, full, _ = launched(f"uninterrupted-{strategy}")
     # Killed (SIGKILL, no clean-up) while running step 5, after the checkpoint of step 3.
     cut_out = tmp_path / "killed"
     killed = make_cell(**{**base, "train": {**base["train"], "fault": {"kind": "kill", "at_step": 5}}})
@@ -57,24 +111,23 @@ def _resume(tmp_path, strategy: str, gpus: int, micro_batch: int, grad_accum: in
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("strategy,gpus,mb,ga", [("ddp", 2, 2, 1), ("zero2", 2, 2, 1), ("pipeline", 2, 2, 2)])
+@pytest.mark.parametrize("strategy,gpus,mb,ga", RESUMED)
 def test_killed_run_resumed_from_its_checkpoint_reproduces_the_uninterrupted_losses(
-        tmp_path, strategy, gpus, mb, ga):
-    _resume(tmp_path, strategy, gpus, mb, ga)
+        launched, tmp_path, strategy, gpus, mb, ga):
+    _resume(launched, tmp_path, strategy, gpus, mb, ga)
 
 
-@pytest.mark.parametrize("strategy,gpus", [("single", 1), ("pipeline", 2)])
-def test_adapter_is_saved_in_peft_format_and_reloads(tmp_path, strategy, gpus):
+@pytest.mark.parametrize("strategy", list(ADAPTERS))
+def test_adapter_is_saved_in_peft_format_and_reloads(launched, strategy):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from steps.trainer import modeling
 
-    shape = {"single": dict(micro_batch=4), "pipeline": dict(micro_batch=2, grad_accum=2)}[strategy]
-    cell = make_cell(strategy=strategy, gpus=gpus, **shape)
-    proc, m = torchrun_trainer(cell, tmp_path)
+    cell = launched.cells[f"adapter-{strategy}"]
+    _, m, out = launched(f"adapter-{strategy}")
     assert m["outcome"] == "ok", m["error"]
-    adapter = tmp_path / "adapter"
+    adapter = out / "adapter"
     assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     base = AutoModelForCausalLM.from_pretrained(modeling.random_checkpoint(cell, 259))
     model = PeftModel.from_pretrained(base, adapter)
@@ -96,24 +149,12 @@ def test_adapter_is_saved_in_peft_format_and_reloads(tmp_path, strategy, gpus):
     assert loss.item() == pytest.approx(m["val_loss"], rel=1e-4)
 
 
-def test_model_and_tokenizer_from_a_local_directory(tmp_path):
+def test_model_and_tokenizer_from_a_local_directory(launched, local_model):
     """`from_pretrained` on a directory (the path a hub download takes), with its own tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *"abcdefghijklmnopqrstuvwxyz=", " "])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", unk_token="<unk>")
-    model_dir = tmp_path / "my-model"
-    tok.save_pretrained(model_dir)
-    config = AutoConfig.for_model("llama", vocab_size=len(vocab), hidden_size=64, intermediate_size=192,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    cell = make_cell(model=str(model_dir), strategy="ddp", gpus=2, micro_batch=2)
-    proc, m = torchrun_trainer(cell, tmp_path / "out")
+    _, config = local_model
+    _, m, _ = launched("local-model")
     assert m["outcome"] == "ok", m["error"]
     base = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     assert m["total_params"] - m["trainable_params"] == base
@@ -122,10 +163,8 @@ def test_model_and_tokenizer_from_a_local_directory(tmp_path):
     assert m["loss_curve"][0]["loss"] == pytest.approx(3.43, abs=0.3)
 
 
-def test_goodput_and_epoch_metrics(tmp_path):
-    cell = make_cell(lr=3e-3, train={"max_steps": 40, "eval_every": 10, "target_loss": 4.5,
-                                     "lora": {"target_modules": ["q_proj", "v_proj", "lm_head"]}})
-    proc, m = torchrun_trainer(cell, tmp_path)
+def test_goodput_and_epoch_metrics(launched):
+    _, m, _ = launched("goodput")
     assert m["outcome"] == "ok", m["error"]
     assert [v["step"] for v in m["val_curve"]] == [10, 20, 30, 40, 40]
     first = next(v for v in m["val_curve"] if v["val_loss"] <= 4.5)
@@ -137,18 +176,8 @@ def test_goodput_and_epoch_metrics(tmp_path):
     assert m["flops_per_token"] > 0 and m["mfu"] is None  # local-cpu has no published peak
 
 
-FP32_LORA_6_STEPS = [5.426603, 5.409957, 5.398178, 5.422245, 5.404377, 5.364533]  # PEFT's default llama targets
-
-
-@pytest.mark.parametrize("settings,rel", [
-    ({"train": {"gradient_checkpointing": True}}, 1e-5),  # recomputation changes no number
-    ({"train": {"optimizer": "paged_adamw_8bit"}}, 1e-5),  # small tensors keep 32-bit state
-    ({"precision": "fp16-mixed"}, 1e-3),
-    ({"precision": "bf16-mixed"}, 3e-3),
-    ({"precision": "bf16-true"}, 3e-3),
-], ids=["grad-checkpointing", "paged-adamw-8bit", "fp16-mixed", "bf16-mixed", "bf16-true"])
-def test_precisions_and_memory_savers_track_the_fp32_run(tmp_path, settings, rel):
-    settings = {**settings, "train": {"max_steps": 6, **settings.get("train", {})}}
-    proc, m = torchrun_trainer(make_cell(**settings), tmp_path)
+@pytest.mark.parametrize("variant", list(PRECISIONS))
+def test_precisions_and_memory_savers_track_the_fp32_run(launched, variant):
+    _, m, _ = launched(f"precision-{variant}")
     assert m["outcome"] == "ok", m["error"]
-    assert [p["loss"] for p in m["loss_curve"]] == pytest.approx(FP32_LORA_6_STEPS, rel=rel)
+    assert [p["loss"] for p in m["loss_curve"]] == pytest.approx(FP32_LORA_6_STEPS, rel=PRECISIONS[variant][1])

@@ -1,4 +1,4 @@
-"""Training data: the sources' (prompt, answer) pairs or plain text (`steps.data.sources`),
+"""Training data: the sources' (prompt, answer) pairs or plain text (`steps.plan.data_sources`),
 tokenised once, then served in global batches.
 
 Every rank walks the same global order and takes its own slice of each global batch, so a
