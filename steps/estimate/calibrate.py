@@ -18,15 +18,16 @@ import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from steps.estimate import planner, step_time
 from steps.estimate.activations import DecoderShape
 from steps.plan import catalog
 from steps.plan.schema import CellSpec
 from steps.plan.settings import leaf_paths, put
+
+if TYPE_CHECKING:  # tables are read only when runs are (the flow's steps load no pandas)
+    import pandas as pd
 
 TOP = ("model", "peft", "strategy", "instance", "nodes", "gpus", "lr", "micro_batch", "grad_accum", "precision",
        "seq_len", "cell_id")
@@ -53,6 +54,8 @@ def cell_of_row(row: Any) -> CellSpec:
 
 def read_runs(paths: list[str | Path]) -> pd.DataFrame:
     """The results tables of runs (a run folder or a table file each)."""
+    import pandas as pd
+
     frames = []
     for p in map(Path, paths):
         table = p / "results.parquet" if p.is_dir() else p
@@ -174,6 +177,8 @@ def _comparable_memory(cell: CellSpec, plan: planner.CellPlan, row: Any) -> floa
 def planned_vs_measured(rows: pd.DataFrame, calibration: Calibration | None = None) -> pd.DataFrame:
     """Per measured cell: planned and measured peak memory, tokens/s, wall time and cost, with
     the relative error of each (planned / measured - 1)."""
+    import pandas as pd
+
     out = []
     for cell, r in measured(rows):
         plan = predict(cell, calibration)
@@ -195,6 +200,7 @@ def show(calibration: Calibration, scored: pd.DataFrame, out=None) -> None:
     """The fitted overheads and efficiencies, and the calibrated planner against the runs."""
     import sys
 
+    import pandas as pd
     from rich.console import Console
     from rich.table import Table
 

@@ -11,9 +11,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from steps import REPO_ROOT
 from steps.estimate import matrix_plan
@@ -21,8 +19,10 @@ from steps.flow import compute, launcher
 from steps.plan import catalog
 from steps.plan.matrix import parse_matrix, plain
 from steps.plan.schema import CellSpec
-from steps.results import table as results
 from steps.results.metrics import versions
+
+if TYPE_CHECKING:  # only join reads tables: the other steps start without pandas
+    import pandas as pd
 
 DEFAULT_MATRIX = REPO_ROOT / "configs" / "matrix" / "default.yaml"
 
@@ -162,6 +162,8 @@ def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
          meta: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, str], list | None]:
     """The results table, provenance and report; also the report's blocks, which the `end`
     step turns into its card (None where the report could not be built)."""
+    from steps.results import table as results
+
     df = results.build_table(run_id, records)
     paths = results.write(df, out_dir)
     link_cloned_cells(records, out_dir)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import base64
 import html
+import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 # How `fmt` writes a value: text as it is, int with thousands separators, num to 4
 # significant digits, pct as a percentage, usd as dollars, x as a ratio (2.40x), lr as a
@@ -52,7 +55,7 @@ class Block:
 
 def fmt(value: Any, kind: str = "num") -> str:
     """One cell of a table: '-' for missing, numbers to 4 significant digits."""
-    if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or _is_pandas_na(value):
         return "-"
     if kind == "text" or isinstance(value, str) or isinstance(value, bool):
         return str(value)
@@ -70,6 +73,12 @@ def fmt(value: Any, kind: str = "num") -> str:
     if kind == "s":
         return f"{value:,.1f}"
     return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
+def _is_pandas_na(value: Any) -> bool:
+    """pandas' NA, without importing pandas where no table was read (a cell's card)."""
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and value is pandas.NA
 
 
 def _rows(block: Block) -> tuple[list[str], list[list[str]]]:
