@@ -6,6 +6,9 @@ TORCH_VERSION ?= 2.13.0
 # Where pip finds the CPU build when no local wheel of it is on the machine.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+# `make test` runs the test files on this many pytest-xdist workers (each file's tests on one
+# worker, so module fixtures are shared); 0 runs them in this process, one after the other.
+TEST_WORKERS ?= 2
 
 .PHONY: setup browser run lint test test-quick test-gpu bench-gpu clean-venv
 
@@ -46,7 +49,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup browser
-	$(BIN)/python -m pytest -m "not gpu" --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 # The quick loop: everything but the slow tests (under a minute).
 test-quick: setup browser

@@ -26,13 +26,26 @@ SHARED = REPO.parent / "shared"
 # folder for the whole session, before any test imports it, and give it a user name (CI
 # machines may have no USER). Flows run with this folder as their working directory: local
 # cards are written under the working directory's .metaflow but read from the datastore's.
+# Each pytest-xdist worker gets its own scratch: a worker inherits the environment of the
+# controller, which imported this file first, so the folders the controller set are replaced
+# (a user's own settings are kept); a datastore shared by two workers would read one worker's
+# cards from the other's working directory.
 _SCRATCH = Path(tempfile.mkdtemp(prefix="finetune-matrix-tests-"))
 METAFLOW_ROOT = _SCRATCH / "metaflow"
 METAFLOW_ROOT.mkdir()
-os.environ.setdefault("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(METAFLOW_ROOT))
+_OWNED = "FINETUNE_MATRIX_TESTS_SET"  # the variables below that an earlier import of this file set
+_owned = set(filter(None, os.environ.get(_OWNED, "").split(",")))
+for _name, _value in {"METAFLOW_DATASTORE_SYSROOT_LOCAL": METAFLOW_ROOT,
+                      # Random-init checkpoints the trainer writes for 4-bit and tensor-parallel loading.
+                      "FINETUNE_MATRIX_CACHE": _SCRATCH / "cache",
+                      # The launcher's CPU slots: a flow's cells share them; two workers do not (no
+                      # test asserts a speed that the other worker's cells would change).
+                      "FINETUNE_MATRIX_SLOTS_DIR": _SCRATCH / "slots"}.items():
+    if _name not in os.environ or _name in _owned:
+        os.environ[_name] = str(_value)
+        _owned.add(_name)
+os.environ[_OWNED] = ",".join(sorted(_owned))
 os.environ.setdefault("METAFLOW_USER", "tests")
-# Random-init checkpoints the trainer writes for 4-bit and tensor-parallel loading.
-os.environ.setdefault("FINETUNE_MATRIX_CACHE", str(_SCRATCH / "cache"))
 
 
 def make_cell(**overrides) -> CellSpec:

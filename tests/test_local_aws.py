@@ -65,7 +65,9 @@ elif mode == "resume":
     if start:
         print(f"resumed from step {start}")
     for step in range(start, 12):
-        state.write_text(str(step + 1))
+        # Written whole, as a checkpoint should be: the sync may read the file at any moment.
+        (ckpt / "progress.tmp").write_text(str(step + 1))
+        os.replace(ckpt / "progress.tmp", state)
         print(f"step {step}")
         time.sleep(0.2)
 print("done")
