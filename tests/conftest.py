@@ -28,8 +28,8 @@ SHARED = REPO.parent / "shared"
 # cards are written under the working directory's .metaflow but read from the datastore's.
 # Each pytest-xdist worker gets its own scratch: a worker inherits the environment of the
 # controller, which imported this file first, so the folders the controller set are replaced
-# (a user's own settings are kept); a datastore shared by two workers would read one worker's
-# cards from the other's working directory.
+# (a user's own settings are kept): a worker that kept the controller's datastore wrote its
+# cards under its own working directory and looked for them in the controller's folder.
 _SCRATCH = Path(tempfile.mkdtemp(prefix="finetune-matrix-tests-"))
 METAFLOW_ROOT = _SCRATCH / "metaflow"
 METAFLOW_ROOT.mkdir()
