@@ -29,15 +29,13 @@ def apply_memory_cap(cell: CellSpec, device: torch.device) -> None:
 
 
 def prebuild_deepspeed_ops(cell: CellSpec) -> None:
-    """DeepSpeed compiles its CPU ops (shared-memory collectives, CPU Adam) on first use; a
-    compiler started under the memory cap inherits it and fails. Build or load them first."""
-    if not cell.layout.deepspeed:
+    """DeepSpeed compiles CPU Adam (for an offloaded optimizer) on first use; a compiler
+    started under the memory cap inherits it and fails. Build or load it first."""
+    if not cell.layout.deepspeed or "optim" not in cell.layout.offloaded:
         return
-    from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder
+    from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
 
-    builders = [ShareMemCommBuilder()] + ([CPUAdamBuilder()] if "optim" in cell.layout.offloaded else [])
-    for builder in builders:
-        builder.load(verbose=False)
+    CPUAdamBuilder().load(verbose=False)
 
 
 def inject_fault(cell: CellSpec, step: int, rank: int) -> None:

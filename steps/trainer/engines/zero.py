@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO stages 1-3, and stage 3 with optimizer and parameters offloaded to CPU.
 
 Launched by torchrun like every cell (DeepSpeed joins the existing process group). The
-optimizer is PyTorch's, handed to DeepSpeed, so no DeepSpeed op has to be compiled.
+optimizer is PyTorch's, handed to DeepSpeed, so no DeepSpeed op has to be compiled (but CPU
+Adam when the optimizer is offloaded).
 """
 
 from __future__ import annotations
@@ -50,6 +51,21 @@ def deepspeed_config(cell: CellSpec, hidden_size: int | None = None) -> dict[str
     return config
 
 
+# DeepSpeed's backend compiles this op on first use (about a minute of C++ per machine and
+# PyTorch install, on CPU): a shared-memory all-reduce that only `inference_all_reduce` calls,
+# for DeepSpeed inference. ZeRO's collectives go through torch.distributed.
+INFERENCE_ONLY_OPS = ("deepspeed_shm_comm",)
+
+
+def skip_inference_only_ops() -> None:
+    """Mark DeepSpeed's inference-only ops incompatible, so that joining the process group does
+    not build them (DeepSpeed reads this table before it builds an op)."""
+    import deepspeed.ops
+
+    for name in INFERENCE_ONLY_OPS:
+        deepspeed.ops.__compatible_ops__[name] = False
+
+
 class ZeroEngine(Engine):
     """The base engine's step with DeepSpeed's engine as `module`: it averages and shards the
     gradients, steps (clipping included) at the accumulation boundary and scales fp16 losses."""
@@ -57,6 +73,7 @@ class ZeroEngine(Engine):
     def __init__(self, cell: CellSpec, d: Dist, model: torch.nn.Module, facts: ModelFacts, total_steps: int):
         import deepspeed
 
+        skip_inference_only_ops()
         # PyTorch's optimizer and schedule, as every engine builds them, handed to DeepSpeed.
         super().__init__(cell, d, model, facts, total_steps)
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
