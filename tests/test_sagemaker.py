@@ -238,9 +238,13 @@ def test_interrupted_step_stops_its_job(aws, tmp_path):
     path = sagemaker_matrix(tmp_path, micro_batch=4, include=[],
                             train={"max_steps": 100000, "timeout_s": 300, "hang_after_s": 300})
     before = set(aws.training.jobs)
-    proc = subprocess.Popen([sys.executable, FLOW, "--config", "matrix", str(path), "run"], cwd=tmp_path,
-                            env=flow_env(aws, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    # The flow's output goes to a file: it echoes the job's log, which fills a pipe nobody reads
+    # in seconds, and a flow blocked writing to it cannot act on Ctrl-C.
+    log = tmp_path / "flow.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, FLOW, "--config", "matrix", str(path), "run"], cwd=tmp_path,
+                                env=flow_env(aws, tmp_path), stdout=out, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
     try:
         deadline, name = time.time() + 240, None
         while time.time() < deadline and name is None:
@@ -248,9 +252,12 @@ def test_interrupted_step_stops_its_job(aws, tmp_path):
                        if n not in before and j.secondary == "Training"]
             name = running[0] if running else None
             time.sleep(0.5)
-        assert name, "no job reached Training"
+        assert name, f"no job reached Training: {log.read_text()[-3000:]}"
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the flow did not end within 60 s of Ctrl-C: {log.read_text()[-3000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
