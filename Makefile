@@ -6,9 +6,6 @@ TORCH_VERSION ?= 2.13.0
 # Where pip finds the CPU build when no local wheel of it is on the machine.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
-# pip compiles every module it installs (23,000 files, about a minute here); Python
-# compiles one when it is first imported, and a run imports a fraction of them.
-PIP_INSTALL := $(BIN)/pip install -q --no-compile
 # `make test` runs the test files on this many pytest-xdist workers (each file's tests on one
 # worker, so module fixtures are shared); 0 runs them in this process, one after the other.
 TEST_WORKERS ?= 2
@@ -22,14 +19,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade "setuptools>=68" wheel
 	@if nvidia-smi -L >/dev/null 2>&1; then \
 		echo "GPU found: installing torch $(TORCH_VERSION) (CUDA build)"; \
-		$(PIP_INSTALL) "torch==$(TORCH_VERSION)"; \
+		$(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
 	else \
 		echo "no GPU: installing torch $(TORCH_VERSION) (CPU build)"; \
-		$(PIP_INSTALL) "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
-		$(PIP_INSTALL) "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+		$(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
+		$(BIN)/pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
-	DS_BUILD_OPS=0 $(PIP_INSTALL) --no-build-isolation "deepspeed>=0.17"
-	$(PIP_INSTALL) -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.17"
+	$(BIN)/pip install -q -e ".[dev]"
 	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $@
 
