@@ -32,6 +32,9 @@ def test_deepspeed_launcher_gives_the_losses_of_torchrun(tmp_path):
     log = (tmp_path / "deepspeed" / "train.log").read_text()
     assert "deepspeed.launcher.runner" in log.splitlines()[0]
     assert "[default0]:step 6/6" in log  # the trainer prefixes its lines with the rank
+    # DeepSpeed's inference-only shared-memory all-reduce is neither built nor loaded.
+    for name in runs:
+        assert "deepspeed_shm_comm" not in (tmp_path / name / "train.log").read_text()
 
 
 def test_a_cell_past_its_time_limit_is_a_timeout_with_its_curve(tmp_path):
