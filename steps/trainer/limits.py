@@ -23,19 +23,8 @@ def apply_memory_cap(cell: CellSpec, device: torch.device) -> None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total), device)
     else:
-        prebuild_deepspeed_ops(cell)
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         resource.setrlimit(resource.RLIMIT_DATA, (int(cap * 1e9), hard))
-
-
-def prebuild_deepspeed_ops(cell: CellSpec) -> None:
-    """DeepSpeed compiles CPU Adam (for an offloaded optimizer) on first use; a compiler
-    started under the memory cap inherits it and fails. Build or load it first."""
-    if not cell.layout.deepspeed or "optim" not in cell.layout.offloaded:
-        return
-    from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
-
-    CPUAdamBuilder().load(verbose=False)
 
 
 def inject_fault(cell: CellSpec, step: int, rank: int) -> None:

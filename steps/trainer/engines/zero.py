@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO stages 1-3, and stage 3 with optimizer and parameters offloaded to CPU.
 
 Launched by torchrun like every cell (DeepSpeed joins the existing process group). The
-optimizer is PyTorch's, handed to DeepSpeed, so no DeepSpeed op has to be compiled (but CPU
-Adam when the optimizer is offloaded).
+optimizer is PyTorch's, handed to DeepSpeed (offloaded too: `zero_force_ds_cpu_optimizer` off),
+so no DeepSpeed op has to be compiled: not CPU Adam, and not the inference-only ops below.
 """
 
 from __future__ import annotations
