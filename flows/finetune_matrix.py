@@ -46,6 +46,7 @@ class FinetuneMatrixFlow(FlowSpec):
     def launch(self):
         """One cell: as many @parallel tasks as it has nodes, sharing a rendezvous port."""
         self.cell, self.refused = self.input["cell"], self.input["refused"]
+        self.economy = self.input.get("economy")  # its role under `economy:`, if the matrix has one
         self.nodes, self.port = runs.placement(self.input, self.matrix)
         self.next(self.train, num_parallel=self.nodes)
 
@@ -56,7 +57,7 @@ class FinetuneMatrixFlow(FlowSpec):
         failure fails the task."""
         self.node = current.parallel.node_index
         self.metrics, self.log = runs.train_node(
-            {"cell": self.cell, "refused": self.refused}, runs.run_dir(current.run_id),
+            {"cell": self.cell, "refused": self.refused, "economy": self.economy}, runs.run_dir(current.run_id),
             self.node, current.parallel.main_ip, self.port, self.matrix,
             (current.run_id, current.retry_count, current.origin_run_id))
         runs.fail_if_error(self.metrics, runs.run_dir(current.run_id), self.matrix, current.retry_count)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from steps.estimate import calibrate, planner
+from steps.estimate import calibrate, cost, economy, planner
 from steps.estimate.planner import CellPlan
 from steps.plan import catalog, preflight
 from steps.plan.matrix import expand
@@ -28,6 +28,7 @@ class MatrixPlan:
     wall_s: float | None  # summed over the cells that run (None if any is unknown)
     cost_usd: float | None
     unknown: list[str]  # cells without a time or cost prediction
+    saving: economy.Saving | None = None  # under `economy:`, this run against every cell to the end
 
 
 def plan_matrix(planned: list, facts: dict[str, Any] | None = None, compute: str = "local",
@@ -46,10 +47,11 @@ def plan_matrix(planned: list, facts: dict[str, Any] | None = None, compute: str
                       sum(costs) if costs else None, unknown)
 
 
-def apply_settings(spec: MatrixSpec, planned: list, matrix_plan: MatrixPlan) -> list:
+def apply_settings(spec: MatrixSpec, planned: list, matrix_plan: MatrixPlan) -> tuple[list, MatrixPlan]:
     """The matrix's `plan:` settings: predicted out-of-memory cells become `skipped` rows
-    (`skip_predicted_oom`); a predicted total over `max_cost_usd` or `max_hours` is refused
-    with a `ConfigError` before anything runs."""
+    (`skip_predicted_oom`); then `economy:`'s roles (each class's quality run and its speed
+    cells); a predicted total over `max_cost_usd` or `max_hours` (the economy run's, under
+    `economy:`) is refused with a `ConfigError` before anything runs."""
     settings = spec.plan
     out = []
     for p in planned:
@@ -59,18 +61,28 @@ def apply_settings(spec: MatrixSpec, planned: list, matrix_plan: MatrixPlan) -> 
         out.append(p)
     skipped = {p.cell.cell_id for p in out if p.refused}
     kept = [plan for cid, plan in matrix_plan.plans.items() if cid not in skipped]
+    if spec.economy is not None:
+        steps = {cid: plan.steps for cid, plan in matrix_plan.plans.items()}
+        out = economy.assign(out, matrix_plan.plans, spec.economy, steps)
+        matrix_plan = replace(matrix_plan, saving=economy.saving(
+            out, matrix_plan.plans,
+            {p.cell.cell_id: cost.STARTUP_S[catalog.device_kind(p.cell.instance)] for p in out},
+            {p.cell.cell_id: cost.hourly_usd(p.cell, spec.compute) for p in out}))
     problems = []
-    cost = sum(p.cost_usd or 0.0 for p in kept)
+    dollars = sum(p.cost_usd or 0.0 for p in kept)
     hours = sum(p.wall_s or 0.0 for p in kept) / 3600
-    if settings.max_cost_usd is not None and cost > settings.max_cost_usd:
-        problems.append(f"plan.max_cost_usd: the cells that would run are predicted to cost ${cost:,.2f}, over "
+    if matrix_plan.saving is not None:
+        dollars = matrix_plan.saving.cost_usd or 0.0
+        hours = (matrix_plan.saving.wall_s or 0.0) / 3600
+    if settings.max_cost_usd is not None and dollars > settings.max_cost_usd:
+        problems.append(f"plan.max_cost_usd: the cells that would run are predicted to cost ${dollars:,.2f}, over "
                         f"the budget of ${settings.max_cost_usd:,.2f} (`python -m steps.plan` shows each cell)")
     if settings.max_hours is not None and hours > settings.max_hours:
         problems.append(f"plan.max_hours: the cells that would run are predicted to take {hours:,.2f} h, over "
                         f"the budget of {settings.max_hours:,.2f} h (`python -m steps.plan` shows each cell)")
     if problems:
         raise ConfigError(problems, spec.name)
-    return out
+    return out, matrix_plan
 
 
 def plan_spec(spec: MatrixSpec, check: str = "auto",
@@ -94,7 +106,7 @@ def plan_spec(spec: MatrixSpec, check: str = "auto",
         def predict_cell(cell):
             return calibrate.predict(cell, calibration, spec.compute, facts["models"], fixes=True)
     matrix_plan = plan_matrix(planned, facts["models"], spec.compute, predict_cell)
-    planned = apply_settings(spec, planned, matrix_plan)
+    planned, matrix_plan = apply_settings(spec, planned, matrix_plan)
     return planned, matrix_plan
 
 
@@ -148,3 +160,29 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None) -> None:
     cost = "?" if matrix_plan.cost_usd is None else f"${matrix_plan.cost_usd:,.2f}"
     console.print(f"Cells predicted to fit: {fitting}, one after another {_duration(matrix_plan.wall_s)}, {cost}"
                   + (f" ({len(matrix_plan.unknown)} without a prediction)" if matrix_plan.unknown else ""))
+    if matrix_plan.saving is not None:
+        show_economy(planned, matrix_plan.saving, console)
+
+
+def _money(x: float | None) -> str:
+    return "?" if x is None else f"${x:,.2f}"
+
+
+def show_economy(planned: list, saving: economy.Saving, console) -> None:
+    """`economy:`'s classes (what each shares, its quality run, its speed cells) and the run's
+    predicted training time, device time and cost against every cell trained to the end."""
+    from rich.table import Table
+
+    classes = economy.summary(planned)
+    table = Table(title=f"economy: {len(classes)} equivalence classes, {saving.quality_runs} cells trained to the "
+                        f"end, {saving.speed_cells} for their speed steps")
+    for col in ("class", "shares", "trained to the end", "speed cells (validation shared)"):
+        table.add_column(col, no_wrap=col == "class")
+    for c in classes:
+        table.add_row(c["class"], c["what"], ", ".join(c["quality"]), ", ".join(c["speed"]) or "-")
+    console.print(table)
+    ratio = "?" if saving.ratio is None else f"{saving.ratio:.2f}x"
+    console.print(f"Economy: training {_duration(saving.train_s)} against {_duration(saving.full_train_s)} for every "
+                  f"cell to the end ({ratio}); device time {_duration(saving.device_s)} against "
+                  f"{_duration(saving.full_device_s)}; cost {_money(saving.cost_usd)} against "
+                  f"{_money(saving.full_cost_usd)}")

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 from steps import REPO_ROOT
 from steps.estimate import matrix_plan
 from steps.flow import compute, launcher
-from steps.plan import catalog
+from steps.plan import catalog, equivalence
 from steps.plan.matrix import parse_matrix, plain
 from steps.plan.schema import CellSpec
-from steps.results.metrics import versions
+from steps.results.metrics import CellMetrics, versions
 
 if TYPE_CHECKING:  # only join reads tables: the other steps start without pandas
     import pandas as pd
@@ -69,9 +69,19 @@ def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
                ) -> tuple[dict[str, Any], str]:
     """Run this node's share of a cell; returns its metrics and its log. With `compute:
     sagemaker` the cell is one training job (`run`: run id, attempt, origin run id)."""
-    cell = CellSpec.model_validate(planned["cell"])
+    cell = equivalence.run_spec(planned)  # a speed cell trains its speed steps
     if planned["refused"]:
         return launcher.skipped_metrics(cell, planned["refused"]).to_dict(), ""
+    m, log = _train_node(cell, planned, out_root, node_index, main_ip, port, matrix, run)
+    economy = planned.get("economy") or {}
+    m.update(economy_role=economy.get("role"), quality_class=economy.get("quality_class"),
+             quality_from=economy.get("quality_from"))
+    return m.to_dict(), log
+
+
+def _train_node(cell: CellSpec, planned: dict[str, Any], out_root: Path, node_index: int, main_ip: str,
+                port: int | None, matrix: dict[str, Any] | None, run: tuple[str, int, str | None] | None,
+                ) -> tuple[CellMetrics, str]:
     out = node_dir(out_root, cell, node_index)
     out.mkdir(parents=True, exist_ok=True)
     if matrix is not None and matrix["compute"] == "sagemaker":
@@ -79,13 +89,12 @@ def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
 
         run_id, attempt, origin = run or (Path(out_root).name, 0, None)
         with _running(out):
-            m, log = submit.run_cell(cell, out, plain(matrix)["remote"], run_id, attempt, origin)
-        return m.to_dict(), log
+            return submit.run_cell(cell, out, plain(matrix)["remote"], run_id, attempt, origin)
     with _running(out):
         m = launcher.run_cell(cell, out, node_rank=node_index, master_addr=main_ip, port=port)
     if node_index == 0:
         m.cost_usd = catalog.cost_usd(cell.instance, m.wall_s, cell.nodes, cell.world_size)
-    return m.to_dict(), (out / "train.log").read_text(errors="replace")
+    return m, (out / "train.log").read_text(errors="replace")
 
 
 @contextlib.contextmanager
@@ -163,7 +172,9 @@ def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
     """The results table, provenance and report; also the report's blocks, which the `end`
     step turns into its card (None where the report could not be built)."""
     from steps.results import table as results
+    from steps.results.sharing import share_quality
 
+    records = share_quality(records)  # economy: speed cells take their class's quality
     df = results.build_table(run_id, records)
     paths = results.write(df, out_dir)
     link_cloned_cells(records, out_dir)

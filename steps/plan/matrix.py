@@ -200,6 +200,17 @@ def _compute_problems(spec: MatrixSpec) -> list[str]:
     return problems
 
 
+def _economy_problems(spec: MatrixSpec) -> list[str]:
+    """A speed cell must time some steps: more of them than the timing warm-up."""
+    economy = spec.economy
+    warmups = sorted({spec.train.timing_warmup_steps, *(
+        v for r in spec.include for v in [(r.train or {}).get("timing_warmup_steps")] if isinstance(v, int))})
+    if economy is None or economy.speed_steps > warmups[-1]:
+        return []
+    return [f"economy.speed_steps: {economy.speed_steps} leaves no timed step after train.timing_warmup_steps="
+            f"{warmups[-1]}; allowed values: more than {warmups[-1]}"]
+
+
 def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
     """Validate a matrix mapping; every problem is reported at once in one ConfigError."""
     problems: list[str] = []
@@ -212,7 +223,7 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
     if isinstance(data, dict):
         problems.extend(_reference_problems(data) + _rule_problems(data))
     if spec is not None:
-        problems.extend(_compute_problems(spec))
+        problems.extend(_compute_problems(spec) + _economy_problems(spec))
     if problems:
         raise ConfigError(problems, source)
     return spec

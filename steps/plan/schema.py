@@ -147,6 +147,15 @@ class TrainSettings(Strict):
     loss: Literal["logits", "chunked"] = "logits"
     loss_chunk: PositiveInt = 1024
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
+    # false: no validation at all (an `economy:` speed cell, which shares its class's).
+    evaluate: bool = True
+    # Train only the first steps of the run, on its schedule and data order (an `economy:`
+    # speed cell: its steps are the full run's first ones).
+    stop_after_steps: PositiveInt | None = None
+    # A run whose loss is not finite, or is this many times its first loss once the learning
+    # rate has warmed up, stops at once as outcome `diverged` (a result: no retry); None: only
+    # a loss that is not finite.
+    diverge_factor: PositiveFloat | None = Field(3.0, gt=1.0)
     # Time and tokens until the validation loss (train loss when eval_every is 0) first
     # reaches this value: the goodput / statistical-efficiency measure.
     target_loss: PositiveFloat | None = None
@@ -265,6 +274,19 @@ class PlanSettings(Strict):
     max_hours: PositiveFloat | None = None
 
 
+class EconomySettings(Strict):
+    """Pay once per answer. Every cell trains `speed_steps` steps (tokens/s, MFU, memory, step
+    time); with `quality: shared` each equivalence class (cells whose losses the strategy
+    equivalence makes the same: `steps/plan/equivalence.py`) trains to the end once, on the
+    member the planner predicts cheapest, and its other members share that run's validation
+    loss, accuracy and curves. `quality: every` trains every cell to the end (no sharing)."""
+
+    speed_steps: PositiveInt = 30
+    quality: Literal["shared", "every"] = "shared"
+    # Also validate the speed cells (at their last step): their own numbers beside the shared ones.
+    evaluate_speed_cells: bool = False
+
+
 class RemoteSettings(Strict):
     """What remote compute needs beyond the instance catalog's facts: Metaflow's @kubernetes /
     @batch, or SageMaker training jobs (`compute: sagemaker`, one job per cell)."""
@@ -347,6 +369,8 @@ class MatrixSpec(Strict):
     retries: int = Field(1, ge=0, le=4)
     on_error: Literal["fail", "record"] = "fail"
     plan: PlanSettings = Field(default_factory=PlanSettings)
+    # Short speed cells and one quality run per equivalence class; None: every cell to the end.
+    economy: EconomySettings | None = None
 
     _axis_lists = field_validator(*AXES, mode="before")(lambda cls, v: _as_list(v))
     _sweep_lists = field_validator("sweep", mode="before")(lambda cls, v: _sweep_lists(v))
@@ -403,10 +427,23 @@ class PlannedCell:
 
     cell: CellSpec
     refused: str | None = None
+    # Under `economy:`, what the cell is for: `quality` trains its class to the end, `speed`
+    # trains `speed_steps` and shares `quality_from`'s validation; `quality_class` names the
+    # class. None without `economy:` (every cell trains to the end for itself).
+    role: str | None = None
+    quality_class: str | None = None
+    quality_from: str | None = None
+    speed_steps: int | None = None  # a speed cell's steps (its settings stay the configuration's)
+    evaluate_speed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, so artifacts read back without this package installed."""
-        return {"cell": self.cell.model_dump(mode="json"), "refused": self.refused}
+        out: dict[str, Any] = {"cell": self.cell.model_dump(mode="json"), "refused": self.refused}
+        if self.role is not None:
+            out["economy"] = {"role": self.role, "quality_class": self.quality_class,
+                              "quality_from": self.quality_from, "speed_steps": self.speed_steps,
+                              "evaluate_speed": self.evaluate_speed}
+        return out
 
 
 class ConfigError(ValueError):

@@ -17,7 +17,8 @@ from steps.plan.schema import DataSettings, TrainSettings, near_key
 
 SECTIONS: dict[str, type[BaseModel]] = {"train": TrainSettings, "data": DataSettings}
 # How a cell is run, not what it measures: kept out of its id and of "the same configuration".
-RUN_LIMITS = ("train.timeout_s", "train.hang_after_s", "train.eval_every", "train.launcher")
+RUN_LIMITS = ("train.timeout_s", "train.hang_after_s", "train.eval_every", "train.launcher",
+              "train.diverge_factor", "train.stop_after_steps")
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:

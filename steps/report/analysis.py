@@ -369,6 +369,8 @@ def goodput(df: pd.DataFrame, window: int = SMOOTH_WINDOW) -> pd.DataFrame:
         from_trainer = pd.notna(r.target_loss) and target == r.target_loss and pd.notna(r.time_to_target_s)
         hit = ({"time_s": r.time_to_target_s, "tokens": r.tokens_to_target, "steps": r.get("steps_to_target")}
                if from_trainer else (reach(curve(r), target, window) if target is not None else None))
+        if hit and not from_trainer and pd.notna(r.get("quality_from")):  # the class's curve, this cell's speed
+            hit = {**hit, "time_s": hit["steps"] * r.step_s if r.step_s else np.nan}
         rows.append({"cell_id": r.cell_id, **{k: r[k] for k in config}, "lr": r.lr,
                      "target_from": "matrix" if g_target_set.get(r.model) else "median",
                      "global_batch": r.global_batch, "tokens_per_s": r.tokens_per_s,

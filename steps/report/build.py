@@ -20,7 +20,7 @@ import pandas as pd
 
 from steps.report import analysis, findings, memory_budget, planned
 from steps.report.render import Block, card_components, fmt, to_html, to_markdown
-from steps.report.sections import DEFINITIONS, FAILED_COLS, RESULTS_COLS, SECTIONS, Section
+from steps.report.sections import DEFINITIONS, DIVERGED_COL, FAILED_COLS, RESULTS_COLS, SECTIONS, Section
 
 # card_components and fmt: the flow's card and callers of `build` render through this module too.
 __all__ = ["Block", "build", "card_components", "combine", "fmt", "main", "read_results", "sections", "write",
@@ -54,8 +54,9 @@ def build(df: pd.DataFrame, meta: dict[str, Any], out_dir: Path) -> list[Block]:
               Block("table", table=analysis.cells(df), columns=RESULTS_COLS)]
     bad = analysis.failures(df)
     if len(bad):
+        diverged = [DIVERGED_COL] if (bad["outcome"] == "diverged").any() else []
         blocks += [Block("text", "## Cells that did not finish"),
-                   Block("table", table=analysis.cells(bad), columns=FAILED_COLS)]
+                   Block("table", table=analysis.cells(bad), columns=FAILED_COLS[:3] + diverged + FAILED_COLS[3:])]
     for section in SECTIONS:
         blocks += _section_blocks(section, tables, df, out_dir / "plots")
     return blocks + [Block("text", DEFINITIONS), Block("text", _provenance(meta))]

@@ -117,7 +117,8 @@ def _versus(r, ref, name: str) -> str:
 
 
 def _failed(outcome: str) -> str:
-    return {"oom": "ran out of memory", "hang": "hung", "timeout": "timed out"}.get(outcome, f"ended {outcome}")
+    return {"oom": "ran out of memory", "hang": "hung", "timeout": "timed out", "diverged": "diverged"}.get(
+        outcome, f"ended {outcome}")
 
 
 def instances(table: pd.DataFrame) -> list[str]:

@@ -29,6 +29,7 @@ RESULTS_COLS: Cols = SETTINGS_COLS + [
 FAILED_COLS: Cols = [("cell_id", "cell", "text"), ("outcome", "outcome", "text"),
                      ("stopped_after_steps", "stopped after steps", "int"), ("wall_s", "wall s", "s"),
                      ("error", "reason", "text")]
+DIVERGED_COL = ("diverged_at_step", "diverged at step", "int")  # where a run diverged
 
 
 @dataclass(frozen=True)

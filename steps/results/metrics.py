@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
-Outcome = Literal["running", "ok", "oom", "error", "timeout", "hang", "skipped"]
+Outcome = Literal["running", "ok", "oom", "diverged", "error", "timeout", "hang", "skipped"]
 
 # Working files the trainer leaves for the launcher's hang watch, in the cell's folder: one
 # heartbeat file per rank, and rank 0's curve so far (one JSON point per line).
@@ -164,6 +164,14 @@ class CellMetrics(_Record):
     final_train_loss: float | None = None
     loss_curve: list[LossPoint] = []
     val_curve: list[ValPoint] = []
+    diverged_at_step: int | None = None  # outcome `diverged`: the step whose loss said so
+    # economy: (the flow's) `quality` trained the class to the end, `speed` its speed steps; a
+    # speed cell's quality (validation, accuracy, curves) is `quality_from`'s, its own curve
+    # is `speed_curve`
+    economy_role: str | None = None
+    quality_class: str | None = None
+    quality_from: str | None = None
+    speed_curve: list[LossPoint] = []
     # time and goodput
     train_s: float | None = None
     eval_s: float | None = None

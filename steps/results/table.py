@@ -30,7 +30,7 @@ AXES = ["model", "peft", "strategy", "instance", "nodes", "gpus", "lr", "micro_b
         "grad_accum", "precision", "seq_len"]
 # Metrics that are lists or mappings: the curves and per-rank lists travel as JSON text, the
 # warm-up as its tokens/s; library versions are in the run's provenance.
-CURVES = ("loss_curve", "val_curve")
+CURVES = ("loss_curve", "val_curve", "speed_curve")
 AS_JSON = ("peak_mem_gb_per_rank", "peak_reserved_gb_per_rank", "gpu_util_pct_per_rank", "gpu_mem_used_gb_per_rank",
            "cores")
 NOT_IN_TABLE = ("versions", "warmup")
@@ -51,8 +51,9 @@ def row(run_id: str, cell: dict[str, Any], metrics: dict[str, Any]) -> dict[str,
     for name in METRICS:
         out.setdefault(name, getattr(m, name))
     out["warmup_tokens_per_s"] = m.warmup.tokens_per_s if m.warmup else None
-    out["train_steps"] = len(m.loss_curve)
-    out["train_tokens"] = float(sum(p.tokens for p in m.loss_curve))
+    own = m.speed_curve or m.loss_curve  # a speed cell's loss_curve is its class's
+    out["train_steps"] = len(own)
+    out["train_tokens"] = float(sum(p.tokens for p in own))
     for name in CURVES:
         out[name] = json.dumps([p.model_dump() for p in getattr(m, name)], separators=(",", ":"))
     for name in AS_JSON:

@@ -57,9 +57,31 @@ def train(cell: CellSpec, d: Dist, m: CellMetrics, out: Path, resume: bool, beat
         loop.finish()
         summarize(cell, d, m, progress, engine.facts)
         record_gpu_samples(m, d, loop.gpu)
+    except Diverged:
+        summarize(cell, d, m, progress, engine.facts)  # its speed and curve until it diverged
+        raise
     except BaseException:
         m.update(loss_curve=progress.loss_curve, val_curve=progress.val_curve)  # the curves so far
         raise
+
+
+class Diverged(Exception):
+    """The loss is not finite, or `diverge_factor` times its first after the learning rate's
+    warm-up: outcome `diverged`, a result (every rank holds the same loss and stops at once)."""
+
+    def __init__(self, step: int, loss: float, first: float, factor: float | None):
+        self.step = step
+        why = ("is not finite" if not math.isfinite(loss) else
+               f"is over {factor:g} x the first loss {first:.4g}")
+        super().__init__(f"the loss {loss:.4g} at step {step} {why}: stopped as diverged")
+
+
+def check_divergence(cell: CellSpec, step: int, loss: float, first: float) -> None:
+    """Raise `Diverged` where the cell's loss at `step` says the run has diverged."""
+    factor = cell.train.diverge_factor
+    warm = step > max(cell.train.lr_warmup_steps, 1)
+    if not math.isfinite(loss) or (factor and warm and math.isfinite(first) and loss > factor * first):
+        raise Diverged(step, loss, first, factor)
 
 
 class TrainClock:
@@ -86,39 +108,48 @@ class Loop:
                  total_steps: int, m: CellMetrics, out: Path, beat: Heartbeat, progress: Progress):
         self.engine, self.cell, self.d = engine, engine.cell, engine.d
         self.tok, self.splits, self.batches, self.total_steps = tok, splits, batches, total_steps
+        # The last step this run trains: an economy speed cell stops early on the full run's schedule.
+        self.last_step = min(total_steps, engine.cell.train.stop_after_steps or total_steps)
         self.m, self.out, self.beat, self.progress = m, out, beat, progress
         self.width = engine.eval_shape()[0]  # pipelines pad every batch to one width
         self.log_every = max(1, total_steps // 20)
         self.gpu = measure.GpuSampler(self.d.device)  # NVML, during the timed steps only
 
     def run(self, start: int) -> None:
-        """Steps start+1 .. total_steps (numbered from 1), evaluating, checking the target and
+        """Steps start+1 .. last_step (numbered from 1), evaluating, checking the target and
         checkpointing after each as the cell asks."""
-        train, progress = self.cell.train, self.progress
+        progress = self.progress
         self.beat.beat(progress)
         self.engine.train()  # from_pretrained returns a model in eval mode (dropout off)
         clock = TrainClock(progress.train_s)
-        for n in range(start + 1, self.total_steps + 1):
+        try:
+            self._steps(start, clock)
+        finally:
+            self.gpu.stop()
+            progress.train_s = clock.now()
+
+    def _steps(self, start: int, clock: TrainClock) -> None:
+        train, progress = self.cell.train, self.progress
+        evaluating = train.evaluate and train.eval_every
+        for n in range(start + 1, self.last_step + 1):
             inject_fault(self.cell, n, self.d.rank)
             if n > train.timing_warmup_steps:
                 self.gpu.start()
             self.step(n, clock, log=n % self.log_every == 0 or n == start + 1)
-            if (train.eval_every and n % train.eval_every == 0) or (
+            if (evaluating and n % train.eval_every == 0) or (
                     train.checkpoint_every and n % train.checkpoint_every == 0):
                 self.gpu.stop()
-            if train.eval_every and n % train.eval_every == 0:
+            if evaluating and n % train.eval_every == 0:
                 t_eval = time.perf_counter()
                 progress.val_curve.append(self.evaluate(n, clock.now()))
                 clock.exclude_since(t_eval)
-            progress.check_target(train.target_loss, on_val=bool(train.eval_every))
+            progress.check_target(train.target_loss, on_val=bool(evaluating))
             if train.checkpoint_every and n % train.checkpoint_every == 0:
                 t_save = time.perf_counter()
                 progress.train_s = clock.now()
                 checkpoint.save(self.engine, n, progress, self.out, self.d)
                 self.m.checkpoint_s = (self.m.checkpoint_s or 0.0) + clock.exclude_since(t_save)
             self.beat.beat(progress)
-        self.gpu.stop()
-        progress.train_s = clock.now()
 
     def step(self, n: int, clock: TrainClock, log: bool) -> None:
         """Optimizer step `n` on the global batch; its point goes on the loss curve."""
@@ -142,8 +173,7 @@ class Loop:
         point = LossPoint(step=n, loss=loss, lr=lr, tokens=tokens, time_s=clock.now())
         self.progress.add_step(point, dt, warm=n <= cell.train.timing_warmup_steps, seq_tokens=real,
                                sequences=sum(len(b["input_ids"]) for b in micro))
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {n}")
+        check_divergence(cell, n, loss, self.progress.loss_curve[0].loss)
         if d.is_main and log:
             rate = self.progress.tokens_per_s if self.progress.timed_s else tokens / dt
             print(f"step {n}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} tok/s {rate:,.0f}", flush=True)
@@ -176,8 +206,10 @@ class Loop:
     def finish(self) -> None:
         """The final evaluation (on the curve too) and the trained adapter."""
         cell, m, progress = self.cell, self.m, self.progress
+        if not cell.train.evaluate:  # a speed cell: its class's quality run validates
+            return
         t_eval = time.perf_counter()
-        final = self.evaluate(self.total_steps, progress.train_s)
+        final = self.evaluate(self.last_step, progress.train_s)
         m.update(val_loss=final.val_loss, accuracy=final.accuracy, token_accuracy=final.token_accuracy,
                  eval_s=time.perf_counter() - t_eval)
         progress.val_curve.append(final)

@@ -2,9 +2,9 @@
 
     torchrun --nproc_per_node N -m steps.train --cell CELL.yaml --out DIR [--resume]
 
-Writes DIR/metrics.json whatever happens: outcome `ok`, `oom` (exit code 3) or `error`
-(exit code 1, with the message), with everything measured until then. This module owns the
-process (arguments, signals, the outcome); `loop` owns the training.
+Writes DIR/metrics.json whatever happens: outcome `ok` or `diverged` (exit code 0: results),
+`oom` (exit code 3) or `error` (exit code 1, with the message), with everything measured until
+then. This module owns the process (arguments, signals, the outcome); `loop` owns the training.
 """
 
 from __future__ import annotations
@@ -97,9 +97,13 @@ def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
         m.update(versions=metrics.versions(), device=measure.device_name(d.device))
         libraries = ("transformers", "peft", *(("deepspeed",) if cell.layout.deepspeed else ()))
         baseline = measure.runtime_gb(d.device, libraries)
-        loop.train(cell, d, m, out, args.resume, beat)
+        try:
+            loop.train(cell, d, m, out, args.resume, beat)
+            m.outcome = "ok"
+        except loop.Diverged as exc:  # a result: every rank stops at the same step
+            m.update(outcome="diverged", error=str(exc), diverged_at_step=exc.step)
+            print(f"[rank{rank}] diverged: {exc}", file=sys.stderr, flush=True)
         record_peak_memory(m, d, baseline)
-        m.outcome = "ok"
     except BaseException as exc:  # noqa: BLE001 - every failure must become a result
         code = record_failure(m, exc, d)
     m.trainer_wall_s = time.perf_counter() - t_start
