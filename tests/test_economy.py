@@ -118,7 +118,6 @@ def economy_run(tmp_path_factory):
     matrix = {**FAST, "include": FAST["include"] + [
         {"strategy": "single", "gpus": 1, "micro_batch": 8, "peft": "full", "lr": 30.0,
          "train": {"optimizer": "sgd", "max_grad_norm": None}}]}
-    matrix["lr"] = FAST["lr"]
     status, pathspec, output = run_flow(tmp, matrix, max_workers=2)
     return status, pathspec, output, tmp
 

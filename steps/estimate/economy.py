@@ -33,9 +33,9 @@ def assign(planned: list[PlannedCell], plans: dict[str, CellPlan], economy: Econ
     members = equivalence.classes([p.cell for p in running])
     roles: dict[str, PlannedCell] = {}
     for key, cells in members.items():
-        short = [c for c in cells if full_steps.get(c.cell_id) is not None
-                 and full_steps[c.cell_id] > economy.speed_steps]
-        if economy.quality == "every" or len(cells) == 1 or len(short) < len(cells):
+        long_enough = [c for c in cells if full_steps.get(c.cell_id) is not None
+                       and full_steps[c.cell_id] > economy.speed_steps]
+        if economy.quality == "every" or len(cells) == 1 or len(long_enough) < len(cells):
             for c in cells:
                 roles[c.cell_id] = PlannedCell(c, role="quality", quality_class=key)
             continue
@@ -52,14 +52,14 @@ def assign(planned: list[PlannedCell], plans: dict[str, CellPlan], economy: Econ
 
 @dataclass(frozen=True)
 class Saving:
-    """The run's predicted training seconds, device-seconds and cost, economy against full."""
+    """The run's predicted training seconds, wall and device seconds and cost, economy against
+    every cell trained to the end."""
 
     quality_runs: int
     speed_cells: int
     train_s: float | None  # summed over cells: what this run trains
     full_train_s: float | None  # the same matrix with every cell trained to the end
     wall_s: float | None  # with each cell's start-up
-    full_wall_s: float | None
     device_s: float | None
     full_device_s: float | None
     cost_usd: float | None
@@ -71,37 +71,33 @@ class Saving:
         return self.train_s / self.full_train_s if self.train_s is not None and self.full_train_s else None
 
 
-def saving(planned: list[PlannedCell], plans: dict[str, CellPlan], startup_s: dict[str, float],
-           rates: dict[str, float | None]) -> Saving:
-    """Predicted from the planner's step times: a speed cell trains `speed_steps` of them, a
-    quality cell (or any cell without economy) its full steps. `startup_s`, `rates`: per cell,
-    the start-up seconds and the price per hour of its instances."""
-    sums: dict[str, float | None] = dict.fromkeys(("train", "full_train", "wall", "full_wall", "device",
-                                                   "full_device", "cost", "full_cost"), 0.0)
+def _total(values: list[float | None]) -> float | None:
+    """A sum that is unknown where any part is."""
+    return None if any(v is None for v in values) else sum(values)
 
-    def add(key: str, value: float | None) -> None:
-        sums[key] = None if value is None or sums[key] is None else sums[key] + value
 
+def saving(planned: list[PlannedCell], plans: dict[str, CellPlan]) -> Saving:
+    """From each fitting cell's plan: the full run is its wall time and cost as planned; a
+    speed cell leaves out the steps after its `speed_steps` (its price is per second)."""
+    rows = []  # (train, full train, wall, full wall, cost, full cost, devices) per cell
     for p in planned:
         plan = plans.get(p.cell.cell_id)
         if p.refused or plan is None or plan.verdict == "will not fit":
             continue
         step, full = plan.step_s, plan.steps
-        steps = p.speed_steps if p.role == "speed" else full
-        ran = step * steps if step is not None and steps is not None else None
         whole = step * full if step is not None and full is not None else None
-        devices, start, rate = p.cell.world_size, startup_s.get(p.cell.cell_id, 0.0), rates.get(p.cell.cell_id)
-        add("train", ran)
-        add("full_train", whole)
-        for key, seconds in (("", ran), ("full_", whole)):
-            wall = None if seconds is None else seconds + start
-            add(f"{key}wall", wall)
-            add(f"{key}device", None if wall is None else wall * devices)
-            add(f"{key}cost", None if wall is None or rate is None else wall / 3600 * rate)
-    return Saving(sum(p.role == "quality" and bool(p.quality_class) for p in planned),
-                  sum(p.role == "speed" for p in planned), sums["train"], sums["full_train"], sums["wall"],
-                  sums["full_wall"], sums["device"],
-                  sums["full_device"], sums["cost"], sums["full_cost"])
+        ran = step * p.speed_steps if p.role == "speed" and step is not None else whole
+        wall = (None if plan.wall_s is None or ran is None or whole is None
+                else plan.wall_s - whole + ran)
+        dollars = (plan.cost_usd if p.role != "speed" else
+                   None if plan.cost_usd is None or wall is None or not plan.wall_s
+                   else plan.cost_usd * wall / plan.wall_s)
+        rows.append((ran, whole, wall, plan.wall_s, dollars, plan.cost_usd, p.cell.world_size))
+    train, full_train, wall, full_wall, dollars, full_dollars = (_total([r[i] for r in rows]) for i in range(6))
+    device = _total([None if r[2] is None else r[2] * r[6] for r in rows])
+    full_device = _total([None if r[3] is None else r[3] * r[6] for r in rows])
+    return Saving(sum(p.role == "quality" for p in planned), sum(p.role == "speed" for p in planned),
+                  train, full_train, wall, device, full_device, dollars, full_dollars)
 
 
 def summary(planned: list[PlannedCell]) -> list[dict[str, Any]]:

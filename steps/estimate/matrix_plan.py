@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from steps.estimate import calibrate, cost, economy, planner
+from steps.estimate import calibrate, economy, planner
 from steps.estimate.planner import CellPlan
 from steps.plan import catalog, preflight
 from steps.plan.matrix import expand
@@ -64,14 +64,12 @@ def apply_settings(spec: MatrixSpec, planned: list, matrix_plan: MatrixPlan) -> 
     if spec.economy is not None:
         steps = {cid: plan.steps for cid, plan in matrix_plan.plans.items()}
         out = economy.assign(out, matrix_plan.plans, spec.economy, steps)
-        matrix_plan = replace(matrix_plan, saving=economy.saving(
-            out, matrix_plan.plans,
-            {p.cell.cell_id: cost.STARTUP_S[catalog.device_kind(p.cell.instance)] for p in out},
-            {p.cell.cell_id: cost.hourly_usd(p.cell, spec.compute) for p in out}))
+        matrix_plan = replace(matrix_plan, saving=economy.saving(out, matrix_plan.plans))
     problems = []
-    dollars = sum(p.cost_usd or 0.0 for p in kept)
-    hours = sum(p.wall_s or 0.0 for p in kept) / 3600
-    if matrix_plan.saving is not None:
+    if matrix_plan.saving is None:
+        dollars = sum(p.cost_usd or 0.0 for p in kept)
+        hours = sum(p.wall_s or 0.0 for p in kept) / 3600
+    else:
         dollars = matrix_plan.saving.cost_usd or 0.0
         hours = (matrix_plan.saving.wall_s or 0.0) / 3600
     if settings.max_cost_usd is not None and dollars > settings.max_cost_usd:

@@ -72,16 +72,15 @@ def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
     cell = equivalence.run_spec(planned)  # a speed cell trains its speed steps
     if planned["refused"]:
         return launcher.skipped_metrics(cell, planned["refused"]).to_dict(), ""
-    m, log = _train_node(cell, planned, out_root, node_index, main_ip, port, matrix, run)
+    m, log = _train_node(cell, out_root, node_index, main_ip, port, matrix, run)
     economy = planned.get("economy") or {}
     m.update(economy_role=economy.get("role"), quality_class=economy.get("quality_class"),
              quality_from=economy.get("quality_from"))
     return m.to_dict(), log
 
 
-def _train_node(cell: CellSpec, planned: dict[str, Any], out_root: Path, node_index: int, main_ip: str,
-                port: int | None, matrix: dict[str, Any] | None, run: tuple[str, int, str | None] | None,
-                ) -> tuple[CellMetrics, str]:
+def _train_node(cell: CellSpec, out_root: Path, node_index: int, main_ip: str, port: int | None,
+                matrix: dict[str, Any] | None, run: tuple[str, int, str | None] | None) -> tuple[CellMetrics, str]:
     out = node_dir(out_root, cell, node_index)
     out.mkdir(parents=True, exist_ok=True)
     if matrix is not None and matrix["compute"] == "sagemaker":

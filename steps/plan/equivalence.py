@@ -25,11 +25,12 @@ from collections import defaultdict
 from typing import Any
 
 from steps.plan.schema import CellSpec
+from steps.plan.settings import RUN_LIMITS
 
-# Settings of `train` that cannot change a cell's losses (see the module's docstring).
-NOT_NUMERIC_TRAIN = frozenset({
-    "timeout_s", "hang_after_s", "eval_every", "launcher", "diverge_factor", "stop_after_steps", "checkpoint_every",
-    "memory_cap_gb", "save_adapter", "timing_warmup_steps", "evaluate", "parallel",
+# Settings of `train` that cannot change a cell's losses (see the module's docstring): the run
+# limits, and these.
+NOT_NUMERIC_TRAIN = frozenset({path.split(".")[1] for path in RUN_LIMITS} | {
+    "checkpoint_every", "memory_cap_gb", "save_adapter", "timing_warmup_steps", "evaluate", "parallel",
     "fused_optimizer", "compile", "liger", "loss", "loss_chunk", "attn_implementation",
     "gradient_checkpointing",
 })

@@ -203,12 +203,12 @@ def _compute_problems(spec: MatrixSpec) -> list[str]:
 def _economy_problems(spec: MatrixSpec) -> list[str]:
     """A speed cell must time some steps: more of them than the timing warm-up."""
     economy = spec.economy
-    warmups = sorted({spec.train.timing_warmup_steps, *(
-        v for r in spec.include for v in [(r.train or {}).get("timing_warmup_steps")] if isinstance(v, int))})
-    if economy is None or economy.speed_steps > warmups[-1]:
+    warmup = max([spec.train.timing_warmup_steps, *(
+        v for r in spec.include for v in [(r.train or {}).get("timing_warmup_steps")] if isinstance(v, int))])
+    if economy is None or economy.speed_steps > warmup:
         return []
     return [f"economy.speed_steps: {economy.speed_steps} leaves no timed step after train.timing_warmup_steps="
-            f"{warmups[-1]}; allowed values: more than {warmups[-1]}"]
+            f"{warmup}; allowed values: more than {warmup}"]
 
 
 def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
