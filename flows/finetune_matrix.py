@@ -38,7 +38,7 @@ class FinetuneMatrixFlow(FlowSpec):
     @step
     def start(self):
         """Expand the matrix (validated when the flow was loaded) into cells."""
-        self.cells = runs.plan(self.matrix)
+        self.cells, self.planned_saving = runs.plan(self.matrix)
         print(f"{len(self.cells)} cells; results go to {runs.run_dir(current.run_id)}")
         self.next(self.launch, foreach="cells")
 
@@ -78,7 +78,7 @@ class FinetuneMatrixFlow(FlowSpec):
     @step
     def join(self, inputs):
         """One results table (Parquet, CSV, artifact) and the report, under reports/<run id>/."""
-        meta = runs.provenance(current.run_id, current.flow_name, self.matrix)
+        meta = runs.provenance(current.run_id, current.flow_name, self.matrix, inputs[0].planned_saving)
         self.results, self.paths, self.report_blocks = runs.join(
             current.run_id, [(i.cell, i.metrics) for i in inputs], runs.run_dir(current.run_id), meta)
         self.provenance = meta

@@ -220,7 +220,8 @@ def test_the_flow_s_start_skips_predicted_oom_cells_and_prints_the_plan(capsys):
     matrix = {"name": "capped", "models": "llama-debug", "peft": "lora", "strategy": "single", "lr": 1e-3,
               "micro_batch": [4, 512], "seq_len": 256, "train": {"max_steps": 2, "memory_cap_gb": 1.2},
               "plan": {"skip_predicted_oom": True}}
-    cells = tasks.plan(matrix)
+    cells, saving = tasks.plan(matrix)
+    assert saving is None  # no economy: section
     refused = {c["cell"]["micro_batch"]: c["refused"] for c in cells}
     assert refused[4] is None
     assert refused[512].startswith("predicted out of memory: ") and "> 1.2 GB" in refused[512]

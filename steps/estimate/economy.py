@@ -4,7 +4,7 @@ is predicted to cost against training every cell to the end; no torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from steps.estimate.planner import CellPlan
@@ -69,6 +69,10 @@ class Saving:
     def ratio(self) -> float | None:
         """Training time of this run over that of the full run."""
         return self.train_s / self.full_train_s if self.train_s is not None and self.full_train_s else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """As plain data (the run's provenance keeps it), the ratio included."""
+        return {**asdict(self), "ratio": self.ratio}
 
 
 def _total(values: list[float | None]) -> float | None:

@@ -36,15 +36,18 @@ def run_dir(run_id: str) -> Path:
     return reports_root() / str(run_id)
 
 
-def plan(matrix: dict[str, Any]) -> list[dict[str, Any]]:
+def plan(matrix: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Every cell of the matrix (refused ones included: they become `skipped` rows), after the
     checks that need the models and data (`preflight`) and the planner's (`plan:` budgets,
     predicted out-of-memory cells skipped when asked): a problem fails `start`, before any
-    cell runs. The plan's table goes to the step's log."""
+    cell runs. The plan's table goes to the step's log. Also, under `economy:`, the planner's
+    saving as predicted before launch (`Saving.to_dict()`), which the report sets against the
+    measured one."""
     spec = parse_matrix(plain(matrix))
     planned, planned_matrix = matrix_plan.plan_spec(spec, check="always")
     matrix_plan.show(planned, planned_matrix)
-    return [p.to_dict() for p in planned]
+    saving = planned_matrix.saving
+    return [p.to_dict() for p in planned], (saving.to_dict() if saving is not None else None)
 
 
 class CellFailed(RuntimeError):
@@ -143,7 +146,9 @@ def fail_if_error(metrics: dict[str, Any], out_root: Path, matrix: dict[str, Any
     raise CellFailed(f"{metrics.get('cell_id')}: {metrics.get('error')}")
 
 
-def provenance(run_id: str, flow: str, matrix: dict[str, Any]) -> dict[str, Any]:
+def provenance(run_id: str, flow: str, matrix: dict[str, Any],
+               planned_saving: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What made the run: its matrix, commit and versions, and `economy:`'s predicted saving."""
     matrix = plain(matrix)
     blob = json.dumps(matrix, sort_keys=True, default=str).encode()
     try:
@@ -153,7 +158,8 @@ def provenance(run_id: str, flow: str, matrix: dict[str, Any]) -> dict[str, Any]
         commit = None
     return {"run_id": run_id, "flow": flow, "matrix": matrix.get("name", ""),
             "matrix_sha256": hashlib.sha256(blob).hexdigest(), "git_commit": commit,
-            "versions": versions(), "matrix_spec": matrix}
+            "versions": versions(), "matrix_spec": matrix,
+            **({"economy_plan": planned_saving} if planned_saving is not None else {})}
 
 
 def link_cloned_cells(records: list[tuple[dict, dict]], out_dir: Path) -> None:
