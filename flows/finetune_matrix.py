@@ -67,7 +67,7 @@ class FinetuneMatrixFlow(FlowSpec):
     @step
     def gather(self, inputs):
         """The cell's result (node 0 measures it), all nodes' logs, and the cell's card."""
-        self.cell = inputs[0].cell
+        self.cell, self.planned_saving = inputs[0].cell, inputs[0].planned_saving
         self.metrics, self.log = nodes.gather([
             (i.node, getattr(i, "metrics", None), getattr(i, "log", ""), getattr(i, "failure", None))
             for i in inputs])

@@ -149,6 +149,52 @@ def test_an_economy_run_trains_two_cells_to_the_end_and_shares_their_validation(
 
 
 @pytest.mark.slow
+def test_an_economy_report_states_the_saving_and_the_shared_numbers(economy_run):
+    """The planner's saving from before launch is in the provenance; the report sets this run's
+    device time against it and against the measured speed cells, says which numbers are shared,
+    and puts the class's spread beside every shared validation loss."""
+    status, pathspec, output, tmp = economy_run
+    assert status == "successful", output[-4000:]
+    from metaflow import Run, namespace
+
+    from steps.report import economy
+
+    namespace(None)
+    join = Run(pathspec)["join"].task
+    df, plan = join["results"].data, join["provenance"].data["economy_plan"]
+    assert (plan["quality_runs"], plan["speed_cells"]) == (3, 6)  # the diverging cell trains for itself
+    assert plan["ratio"] == pytest.approx(plan["train_s"] / plan["full_train_s"]) and plan["ratio"] < 1
+    ran = df[df["outcome"] != "skipped"]
+    device_s = float((ran["wall_s"] * ran["world_size"]).sum())
+    speed = ran[ran["economy_role"] == "speed"]
+    evals = ran.set_index("cell_id")["eval_s"]
+    skipped = ((speed["total_steps"] - speed["train_steps"]) * speed["step_s"]
+               + speed["quality_from"].map(evals)) * speed["world_size"]
+    assert (speed["total_steps"] - speed["train_steps"] == 12).all()
+    costs = economy.saving(df, {"economy_plan": plan}).set_index("quantity")
+    d = costs.loc["device s"]
+    assert d.this_run == pytest.approx(device_s) and d.full_measured == pytest.approx(device_s + skipped.sum())
+    assert (d.planned, d.full_planned) == (plan["device_s"], plan["full_device_s"])
+    report = (tmp / "reports" / pathspec.split("/")[1] / "report.md").read_text()
+    section = report.split("## Economy: shared quality")[1].split("\n## ")[0]
+    assert f"Device time: {d.this_run:,.1f} device-s against {d.full_measured:,.1f} device-s for every cell to the " \
+           f"end as its speed cells measured it ({d.ratio_measured:.2f}x); as planned before launch, " \
+           f"{d.planned:,.1f} device-s against {d.full_planned:,.1f} device-s ({d.ratio_planned:.2f}x)" in section
+    assert "`economy:` trained 2 cells to the end, one per equivalence class of two or more members, and 6 " \
+           "speed cells for 4 steps" in section
+    classes = economy.classes(df)
+    assert sorted(classes["speed_cells"]) == [3, 3] and (classes["spread_from"] != "this run").all()
+    # fp32 classes: the curve gap over 4 steps is within the strategy tests' tolerance.
+    assert (classes["curve_gap"] < 1e-4).all() and (classes["curve_steps"] == 4).all()
+    results = report.split("## Results")[1].split("\n## ")[0]
+    assert "| val loss | accuracy | quality from | class spread |" in results
+    goodput = report.split("## Goodput and time to target")[1].split("\n## ")[0]
+    assert "_Shared under `economy:`: 6 of 8 rows are speed cells: their time to target, tokens to target, steps " \
+           "to target, val loss come from their class's quality run (time to target: the class's steps at the " \
+           "cell's own step time)" in goodput
+
+
+@pytest.mark.slow
 def test_a_diverging_cell_is_a_result_without_a_retry(economy_run):
     status, pathspec, output, tmp = economy_run
     assert status == "successful", output[-4000:]

@@ -52,6 +52,15 @@ def cell_of_row(row: Any) -> CellSpec:
     return CellSpec.model_validate({**top, **sections})
 
 
+def as_trained(cell: CellSpec, row: Any) -> CellSpec:
+    """The cell as it ran: a speed cell (`economy:`) trained its class's first `train_steps`
+    steps, and is planned for those."""
+    steps = row.get("train_steps")
+    if not isinstance(row.get("quality_from"), str) or _missing(steps):
+        return cell
+    return cell.model_copy(update={"train": cell.train.model_copy(update={"stop_after_steps": int(steps)})})
+
+
 def read_runs(paths: list[str | Path]) -> pd.DataFrame:
     """The results tables of runs (a run folder or a table file each)."""
     import pandas as pd
@@ -181,7 +190,7 @@ def planned_vs_measured(rows: pd.DataFrame, calibration: Calibration | None = No
 
     out = []
     for cell, r in measured(rows):
-        plan = predict(cell, calibration)
+        plan = predict(as_trained(cell, r), calibration)
         entry = {"cell_id": r["cell_id"], "model": cell.model, "peft": cell.peft, "strategy": cell.strategy,
                  "instance": cell.instance, "world_size": cell.world_size, "precision": cell.precision,
                  "micro_batch": cell.micro_batch}

@@ -12,13 +12,16 @@ STARTUP_S = {"gpu": 60.0, "cpu": 10.0}  # process start, model load, rendezvous
 
 
 def steps_of(cell: CellSpec) -> int | None:
-    """Optimizer steps the cell trains: `max_steps`, or its epochs over `train_samples`."""
+    """Optimizer steps the cell trains: `max_steps`, or its epochs over `train_samples`; no more
+    than `stop_after_steps` (a speed cell's, under `economy:`)."""
     t = cell.train
     if t.epochs is None:
-        return t.max_steps
-    if cell.data.train_samples is None:
+        n = t.max_steps
+    elif cell.data.train_samples is None:
         return None
-    return math.ceil(t.epochs * cell.data.train_samples / cell.global_batch)
+    else:
+        n = math.ceil(t.epochs * cell.data.train_samples / cell.global_batch)
+    return min(n, t.stop_after_steps) if t.stop_after_steps is not None else n
 
 
 def hourly_usd(cell: CellSpec, compute: str = "local") -> float | None:

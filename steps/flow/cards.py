@@ -35,13 +35,31 @@ def loss_chart_spec(metrics: dict[str, Any], title: str) -> dict[str, Any]:
     }
 
 
+def economy_line(metrics: dict[str, Any]) -> str:
+    """What the cell was under `economy:` (nothing without it), and where it diverged."""
+    role, steps = metrics.get("economy_role"), len(metrics.get("loss_curve") or [])
+    line = ""
+    if role == "speed":
+        line = (f"\n\neconomy: a speed cell of class `{metrics.get('quality_class')}`: it trained the class's first "
+                f"{steps} of {metrics.get('total_steps')} steps for its own speed and memory; its validation loss, "
+                f"accuracy and curves in the results table are those of `{metrics.get('quality_from')}`, which "
+                "trained the class to the end.")
+    elif role == "quality":
+        line = (f"\n\neconomy: the quality run of class `{metrics.get('quality_class')}`: trained to the end; its "
+                "validation is shared with the class's speed cells.")
+    if metrics.get("diverged_at_step") is not None:
+        line += f"\n\nDiverged at step {metrics['diverged_at_step']}: the curve so far is kept."
+    return line
+
+
 def cell_card(cell: dict[str, Any], metrics: dict[str, Any]) -> list:
     from metaflow.cards import Markdown, Table, VegaChart
 
     settings = (f"{cell['model']} · {cell['peft']} · {cell['strategy']} · {cell['nodes']}x{cell['gpus']} "
                 f"on {cell['instance']} · lr {cell['lr']:g} · micro-batch {cell['micro_batch']} x "
                 f"accum {cell['grad_accum']} · {cell['precision']} · seq {cell['seq_len']}")
-    parts = [Markdown(f"# {cell['cell_id']}\n\n{settings}\n\n**outcome: {metrics.get('outcome')}**")]
+    parts = [Markdown(f"# {cell['cell_id']}\n\n{settings}\n\n**outcome: {metrics.get('outcome')}**"
+                      + economy_line(metrics))]
     if metrics.get("error"):
         parts.append(Markdown(f"```\n{metrics['error']}\n```"))
     if metrics.get("loss_curve"):

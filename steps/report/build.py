@@ -18,9 +18,20 @@ from typing import Any
 
 import pandas as pd
 
-from steps.report import analysis, findings, memory_budget, planned
+from steps.report import analysis, economy, findings, memory_budget, planned
 from steps.report.render import Block, card_components, fmt, to_html, to_markdown
-from steps.report.sections import DEFINITIONS, DIVERGED_COL, FAILED_COLS, RESULTS_COLS, SECTIONS, Section
+from steps.report.sections import (
+    CLASS_COLS,
+    DEFINITIONS,
+    DIVERGED_COL,
+    ECONOMY_CLASS_COLS,
+    ECONOMY_RESULTS_COLS,
+    FAILED_COLS,
+    RESULTS_COLS,
+    SAVING_COLS,
+    SECTIONS,
+    Section,
+)
 
 # card_components and fmt: the flow's card and callers of `build` render through this module too.
 __all__ = ["Block", "build", "card_components", "combine", "fmt", "main", "read_results", "sections", "write",
@@ -36,7 +47,7 @@ def sections(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             "equal_tokens": analysis.equal_tokens(df), "goodput": analysis.goodput(df),
             "pareto": analysis.pareto(df), "memory_budget": memory_budget.budget(df),
             "planned": (plan_table := planned.planned(df)), "planned_errors": planned.errors(plan_table),
-            "settings": analysis.settings(df)}
+            "settings": analysis.settings(df), "classes": economy.classes(df)}
 
 
 def build(df: pd.DataFrame, meta: dict[str, Any], out_dir: Path) -> list[Block]:
@@ -46,20 +57,42 @@ def build(df: pd.DataFrame, meta: dict[str, Any], out_dir: Path) -> list[Block]:
     counts = ", ".join(f"{n} {k}" for k, n in sorted(df["outcome"].value_counts().items()))
     runs = ", ".join(f"`{r}`" for r in dict.fromkeys(df["run_id"].astype(str)))
     found = findings.all_findings(tables, df)
+    shared = economy.has_economy(df)
+    costs = economy.saving(df, meta) if shared else None
+    if shared:
+        found = economy.finding(costs, tables["classes"]) + found
+    results_cols = RESULTS_COLS
+    if shared:  # the class's numbers, where they come from and how far its members can differ
+        at = next(i for i, (c, _, _) in enumerate(RESULTS_COLS) if c == "accuracy") + 1
+        results_cols = RESULTS_COLS[:at] + ECONOMY_RESULTS_COLS + RESULTS_COLS[at:]
     blocks = [Block("text", f"# finetune-matrix report: {meta.get('matrix', '')}\n\n"
                             f"Run(s) {runs}; {len(df)} cells: {counts}."),
               Block("text", "## Key findings\n\n" + ("\n".join(f"- {f}" for f in found) if found
                                                       else "_No comparison in this run has enough finished cells._")),
               Block("text", "## Results\n\nEvery cell, failed ones included (outcome column)."),
-              Block("table", table=analysis.cells(df), columns=RESULTS_COLS)]
+              Block("table", table=analysis.cells(economy.annotate(df, tables["classes"])), columns=results_cols)]
     bad = analysis.failures(df)
     if len(bad):
         diverged = [DIVERGED_COL] if (bad["outcome"] == "diverged").any() else []
         blocks += [Block("text", "## Cells that did not finish"),
                    Block("table", table=analysis.cells(bad), columns=FAILED_COLS[:3] + diverged + FAILED_COLS[3:])]
+    blocks += _classes_blocks(tables["classes"], df, costs)
     for section in SECTIONS:
         blocks += _section_blocks(section, tables, df, out_dir / "plots")
     return blocks + [Block("text", DEFINITIONS), Block("text", _provenance(meta))]
+
+
+def _classes_blocks(table: pd.DataFrame, df: pd.DataFrame, costs: pd.DataFrame | None) -> list[Block]:
+    """Under `economy:`, what was shared and the saving; in any run with classes of two or more
+    members, how far apart the members ended."""
+    if costs is not None:
+        return [Block("text", "## Economy: shared quality\n\n" + economy.summary(df, table, costs)),
+                Block("table", table=costs, columns=SAVING_COLS),
+                Block("table", table=table, columns=ECONOMY_CLASS_COLS)]
+    if table.empty:
+        return []
+    return [Block("text", "## Equivalent cells: how far apart they ended\n\n" + economy.CLASSES_INTRO),
+            Block("table", table=table, columns=CLASS_COLS)]
 
 
 def _section_blocks(section: Section, tables: dict[str, pd.DataFrame], df: pd.DataFrame,
@@ -76,12 +109,19 @@ def _section_blocks(section: Section, tables: dict[str, pd.DataFrame], df: pd.Da
         return []
     out = [Block("text", f"## {section.title}" + (f"\n\n{section.intro}" if section.intro else "")),
            Block("text", f"_Not in this run: needs {section.needs}._") if table.empty
-           else Block("table", table=table, columns=section.columns)] + figure
+           else Block("table", table=table, columns=section.columns)]
+    out += _shared(section.columns, table, df) + figure
     for extra in section.follow_ups:
         if extra.always or not tables[extra.table].empty:
             out += [Block("text", extra.lead)] if extra.lead else []
             out.append(Block("table", table=tables[extra.table], columns=extra.columns))
+            out += _shared(extra.columns, tables[extra.table], df)
     return out
+
+
+def _shared(columns: list, table: pd.DataFrame, df: pd.DataFrame) -> list[Block]:
+    note = economy.shared_note([c for c, _, _ in columns], table, df)
+    return [Block("text", note)] if note else []
 
 
 def _provenance(meta: dict[str, Any]) -> str:

@@ -30,6 +30,21 @@ FAILED_COLS: Cols = [("cell_id", "cell", "text"), ("outcome", "outcome", "text")
                      ("stopped_after_steps", "stopped after steps", "int"), ("wall_s", "wall s", "s"),
                      ("error", "reason", "text")]
 DIVERGED_COL = ("diverged_at_step", "diverged at step", "int")  # where a run diverged
+# Under `economy:`: beside the shared validation, where it comes from and the class's spread.
+ECONOMY_RESULTS_COLS: Cols = [("quality_from", "quality from", "text"), ("class_spread", "class spread", "num")]
+CLASS_COLS: Cols = [("quality_class", "class", "text"), ("shares", "shares", "text"), ("members", "members", "int"),
+                    ("trained", "trained to the end", "int"), ("val_loss_min", "val loss min", "num"),
+                    ("val_loss_max", "val loss max", "num"), ("spread", "spread", "num"),
+                    ("accuracy_spread", "accuracy spread", "pct")]
+ECONOMY_CLASS_COLS: Cols = [("quality_class", "class", "text"), ("shares", "shares", "text"),
+                            ("members", "members", "int"), ("quality_from", "quality from", "text"),
+                            ("speed_cells", "speed cells", "int"), ("val_loss", "val loss", "num"),
+                            ("spread", "spread", "num"), ("spread_from", "spread from", "text"),
+                            ("curve_gap", "curve gap", "num"), ("curve_steps", "over steps", "int")]
+SAVING_COLS: Cols = [("quantity", "", "text"), ("this_run", "this run", "num"),
+                     ("full_measured", "every cell to the end (measured speed cells)", "num"),
+                     ("ratio_measured", "ratio", "x"), ("planned", "this run, planned", "num"),
+                     ("full_planned", "every cell to the end, planned", "num"), ("ratio_planned", "planned ratio", "x")]
 
 
 @dataclass(frozen=True)
