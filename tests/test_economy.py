@@ -157,7 +157,7 @@ def test_an_economy_report_states_the_saving_and_the_shared_numbers(economy_run)
     assert status == "successful", output[-4000:]
     from metaflow import Run, namespace
 
-    from steps.report import economy
+    from steps.report import analysis, economy
 
     namespace(None)
     join = Run(pathspec)["join"].task
@@ -171,7 +171,7 @@ def test_an_economy_report_states_the_saving_and_the_shared_numbers(economy_run)
     skipped = ((speed["total_steps"] - speed["train_steps"]) * speed["step_s"]
                + speed["quality_from"].map(evals)) * speed["world_size"]
     assert (speed["total_steps"] - speed["train_steps"] == 12).all()
-    costs = economy.saving(df, {"economy_plan": plan}).set_index("quantity")
+    costs = economy.saving(analysis.prepare(df), {"economy_plan": plan}).set_index("quantity")
     d = costs.loc["device s"]
     assert d.this_run == pytest.approx(device_s) and d.full_measured == pytest.approx(device_s + skipped.sum())
     assert (d.planned, d.full_planned) == (plan["device_s"], plan["full_device_s"])
@@ -187,7 +187,13 @@ def test_an_economy_report_states_the_saving_and_the_shared_numbers(economy_run)
     # fp32 classes: the curve gap over 4 steps is within the strategy tests' tolerance.
     assert (classes["curve_gap"] < 1e-4).all() and (classes["curve_steps"] == 4).all()
     results = report.split("## Results")[1].split("\n## ")[0]
-    assert "| val loss | accuracy | quality from | class spread |" in results
+    assert "| val loss | accuracy | quality from | class spread | wall s as run |" in results
+    # Every table compares full runs: a speed cell's wall time is projected to its full run.
+    prepared = analysis.prepare(df).set_index("cell_id")
+    for cell_id, r in prepared[prepared["economy_role"] == "speed"].iterrows():
+        extra = 12 * r["step_s"] + prepared.loc[r["quality_from"], "eval_s"]
+        assert r["wall_s"] == pytest.approx(r["ran_wall_s"] + extra), cell_id
+        assert r["cost_usd"] == pytest.approx(r["ran_cost_usd"] * r["wall_s"] / r["ran_wall_s"]), cell_id
     goodput = report.split("## Goodput and time to target")[1].split("\n## ")[0]
     assert "_Shared under `economy:`: 6 of 8 rows are speed cells: their time to target, tokens to target, steps " \
            "to target, val loss come from their class's quality run (time to target: the class's steps at the " \

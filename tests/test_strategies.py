@@ -41,6 +41,10 @@ VARIANTS = {  # what a variant changes in a cell, beside the strategy's shape
     "fused": {"train": {"fused_optimizer": "on"}},
     "compiled": {"train": {"compile": "layers"}},
     "chunked": {"train": {"loss": "chunked", "loss_chunk": 48}},  # rank micro-batches of 64 or 128 tokens
+    # Plain SGD without clipping: the update is the gradient itself, so a gradient off by a
+    # constant factor shows (AdamW divides a constant factor out, and clipping to one norm
+    # hides it on the steps it clips).
+    "sgd": {"lr": 0.5, "train": {"optimizer": "sgd", "max_grad_norm": None}},
 }
 
 
@@ -73,7 +77,10 @@ FAST_CASES = ([("lora", s, "packed") for s in ("single", "ddp", "fsdp", "zero3",
               + [(p, s, "fused") for p in ("lora", "full") for s in ("single", "ddp", "fsdp", "zero2", "tensor")]
               + [("lora", s, "compiled") for s in ("single", "ddp", "fsdp")]
               + [(p, s, "chunked") for p in ("lora", "full") for s in ("single", "ddp", "zero2")])
-VARIANT_CASES = BF16_CASES + FAST_CASES
+# Every strategy that sums or averages gradients over ranks, micro-batches or stages.
+SGD_CASES = [("lora", s, "sgd") for s in ("single", "single-accum", "ddp", "fsdp", "zero2", "zero3", "tensor",
+                                           "pipeline", "hybrid")]
+VARIANT_CASES = BF16_CASES + FAST_CASES + SGD_CASES
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +178,19 @@ def test_strategies_under_bf16_mixed_track_one_process(runs, peft, strategy):
     assert [p["loss"] for p in m["loss_curve"]] == pytest.approx(
         [p["loss"] for p in ref["loss_curve"]], rel=5e-3)
     assert m["val_loss"] == pytest.approx(ref["val_loss"], rel=5e-3)
+
+
+@pytest.mark.parametrize("strategy", [s for _, s, _ in SGD_CASES if s != "single"])
+def test_every_strategy_s_gradient_is_one_process_s(runs, strategy):
+    """Under SGD the step is the gradient: each strategy's losses are one process's within the
+    fp32 tolerance. Pipeline schedules divide gradients by their micro-batches unless told not
+    to; with that, pipeline and hybrid trained at half the gradient (step 2 off by 1e-3)."""
+    _, ref = runs("lora", "single", "sgd")
+    _, m = runs("lora", strategy, "sgd")
+    assert m["outcome"] == "ok", m["error"]
+    ref_losses = [p["loss"] for p in ref["loss_curve"]]
+    assert ref_losses[-1] < ref_losses[0] - 0.01  # the steps move the loss: a wrong scale would show
+    assert [p["loss"] for p in m["loss_curve"]] == pytest.approx(ref_losses, rel=1e-4)
 
 
 @pytest.mark.parametrize("peft,strategy", [(p, s) for p, s, v in FAST_CASES if v == "fused"],

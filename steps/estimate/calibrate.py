@@ -61,6 +61,13 @@ def as_trained(cell: CellSpec, row: Any) -> CellSpec:
     return cell.model_copy(update={"train": cell.train.model_copy(update={"stop_after_steps": int(steps)})})
 
 
+def _as_run(row: Any, key: str) -> Any:
+    """What the cell spent: the report projects a speed cell's to its full run and keeps what
+    it ran as `ran_<key>`."""
+    ran = row.get(f"ran_{key}")
+    return row.get(key) if _missing(ran) else ran
+
+
 def read_runs(paths: list[str | Path]) -> pd.DataFrame:
     """The results tables of runs (a run folder or a table file each)."""
     import pandas as pd
@@ -196,8 +203,8 @@ def planned_vs_measured(rows: pd.DataFrame, calibration: Calibration | None = No
                  "micro_batch": cell.micro_batch}
         for what, planned, actual in (("mem_gb", _comparable_memory(cell, plan, r), r.get("peak_mem_gb")),
                                       ("tokens_per_s", plan.tokens_per_s, r.get("tokens_per_s")),
-                                      ("wall_s", plan.wall_s, r.get("wall_s")),
-                                      ("cost_usd", plan.cost_usd, r.get("cost_usd"))):
+                                      ("wall_s", plan.wall_s, _as_run(r, "wall_s")),
+                                      ("cost_usd", plan.cost_usd, _as_run(r, "cost_usd"))):
             actual = None if _missing(actual) else float(actual)
             entry[f"planned_{what}"], entry[f"measured_{what}"] = planned, actual
             entry[f"{what}_error"] = planned / actual - 1 if planned is not None and actual else None

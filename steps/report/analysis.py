@@ -25,7 +25,9 @@ NUMERIC = ["lr", "world_size", "nodes", "gpus", "micro_batch", "grad_accum", "gl
            "seq_len", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb",
            "val_loss", "accuracy", "wall_s", "train_s", "cost_usd", "epoch_s", "step_s",
            "train_tokens", "target_loss", "time_to_target_s", "tokens_to_target", "steps_to_target",
-           "stopped_after_steps"]
+           "stopped_after_steps", "total_steps", "train_steps", "eval_s"]
+# A speed cell's (`economy:`) time and cost as run, before `prepare` projects them to its full run.
+AS_RUN = {"train_s": "ran_train_s", "wall_s": "ran_wall_s", "cost_usd": "ran_cost_usd"}
 
 
 def varying_settings(df: pd.DataFrame) -> list[str]:
@@ -60,7 +62,8 @@ def by_config(df: pd.DataFrame, *varying: str):
 
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
     """Missing columns as NaN, numbers as numbers, cost from the instance catalog (so a price
-    change reprices old runs), and cost per million trained tokens."""
+    change reprices old runs), cost per million trained tokens, and a speed cell's time and
+    cost projected to its full run (`project_speed_cells`)."""
     df = df.copy().reset_index(drop=True)
     for col in NUMERIC + ["outcome", "error", "loss_curve", "val_curve", "run_id", "cell_id"]:
         if col not in df.columns:
@@ -75,6 +78,25 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     df["cost_usd"] = [c if c is not None else old for c, old in zip(priced, df["cost_usd"])]
     finished = (df["outcome"] == "ok") & (df["train_tokens"] > 0)
     df["cost_per_mtok"] = np.where(finished, df["cost_usd"] / (df["train_tokens"] / 1e6), np.nan)
+    return project_speed_cells(df)
+
+
+def project_speed_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """Under `economy:`, every table compares configurations trained to the end: a speed cell's
+    train s, wall s and cost become its full run's, its measured time plus the steps it skipped
+    at its own measured step time (and, for wall and cost, its class's evaluation, which it
+    skipped too). What it spent stays in `ran_train_s`, `ran_wall_s`, `ran_cost_usd`."""
+    if "quality_from" not in df or AS_RUN["wall_s"] in df:
+        return df
+    df = df.assign(**{ran: df[col] for col, ran in AS_RUN.items()})
+    speed = df["quality_from"].notna() & (df["outcome"] == "ok")
+    if not speed.any():
+        return df
+    skipped = ((df["total_steps"] - df["train_steps"]).clip(lower=0) * df["step_s"]).where(speed, 0.0)
+    evals = df["quality_from"].map(df.set_index("cell_id")["eval_s"]).fillna(0.0).where(speed, 0.0)
+    df["train_s"] = df["train_s"] + skipped
+    df["wall_s"] = df["ran_wall_s"] + skipped + evals
+    df["cost_usd"] = df["ran_cost_usd"] * df["wall_s"] / df["ran_wall_s"]
     return df
 
 

@@ -126,32 +126,16 @@ def annotate(df: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     return df.assign(class_spread=[spread.get(_class_of(r), np.nan) for _, r in df.iterrows()])
 
 
-def _number(row: Any, key: str) -> float:
-    value = row.get(key)
-    return float(value) if value is not None and pd.notna(value) else np.nan
-
-
 def saving(df: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
     """This run's training seconds, device seconds and cost against a full run of the matrix:
     as the planner predicted before launch (the provenance's `economy_plan`) and from the
-    measured speed cells (each one's wall time and cost plus the steps it skipped at its own
-    measured step time and its class's evaluation)."""
-    ran = df[(df["outcome"] != "skipped") & df["wall_s"].notna()]
-    evals = {r["cell_id"]: _number(r, "eval_s") for _, r in ran.iterrows()}
-    this = {"train_s": 0.0, "device_s": 0.0, "cost_usd": 0.0}
-    full = dict(this)
-    for _, r in ran.iterrows():
-        wall, devices, cost = float(r["wall_s"]), float(r["world_size"]), _number(r, "cost_usd")
-        train = _number(r, "train_s")
-        extra_train = extra_wall = 0.0
-        if isinstance(r.get("quality_from"), str) and r["outcome"] == "ok":
-            skipped = max(_number(r, "total_steps") - _number(r, "train_steps"), 0.0)
-            extra_train = skipped * _number(r, "step_s")
-            extra_wall = extra_train + np.nan_to_num(evals.get(r["quality_from"], np.nan))
-        for totals, add_train, add_wall in ((this, 0.0, 0.0), (full, extra_train, extra_wall)):
-            totals["train_s"] += np.nan_to_num(train) + add_train
-            totals["device_s"] += (wall + add_wall) * devices
-            totals["cost_usd"] += cost * (wall + add_wall) / wall if wall else np.nan
+    measured speed cells, projected to their full runs (`analysis.project_speed_cells`). `df`:
+    the prepared results table (`analysis.prepare`)."""
+    ran = df[(df["outcome"] != "skipped") & df["ran_wall_s"].notna()]
+    this = {"train_s": ran["ran_train_s"].sum(), "device_s": (ran["ran_wall_s"] * ran["world_size"]).sum(),
+            "cost_usd": ran["ran_cost_usd"].sum(min_count=len(ran))}
+    full = {"train_s": ran["train_s"].sum(), "device_s": (ran["wall_s"] * ran["world_size"]).sum(),
+            "cost_usd": ran["cost_usd"].sum(min_count=len(ran))}
     plan = meta.get("economy_plan") or {}
     names = {"train_s": ("training s", "train_s", "full_train_s"),
              "device_s": ("device s", "device_s", "full_device_s"),
@@ -183,13 +167,14 @@ def summary(df: pd.DataFrame, table: pd.DataFrame, costs: pd.DataFrame) -> str:
 
     return (f"`economy:` trained {quality} cells to the end, one per equivalence class of two or more members, "
             f"and {len(speed)} speed cells for {', '.join(map(str, steps)) or '?'} steps of their class's schedule. "
-            "A speed cell's tokens/s, MFU, peak memory, step and wall time and cost are its own; its "
-            "validation loss, accuracy, curves and steps and tokens to target are its class's quality run's "
-            "(`quality from`), and its time to target is those steps at its own step time.\n\n"
+            "A speed cell's tokens/s, MFU, peak memory and step time are its own; its validation loss, accuracy, "
+            "curves and steps and tokens to target are its class's quality run's (`quality from`), and its time "
+            "to target is those steps at its own step time. So that every table compares configurations trained "
+            "to the end, a speed cell's train s, wall s and cost in them are its full run's: what it ran (`wall "
+            "s as run` under Results) plus the steps it skipped at its own measured step time and its class's "
+            "evaluation time.\n\n"
             f"The saving. {line('device s', 'Device time', 'device-s')}. {line('cost $', 'Cost', '$')}. "
-            f"{line('training s', 'Training time', 's')}. A speed "
-            "cell's full run is counted as its wall time and cost plus the steps it skipped at its measured step "
-            "time and its class's evaluation time.\n\n"
+            f"{line('training s', 'Training time', 's')}.\n\n"
             "Spread: how far apart the class's members ended where two or more trained to the end; where one did "
             "(the economy), the largest spread the saved study twins' full runs measured at that precision. "
             "Curve gap: the largest relative difference between a speed cell's training loss and its quality "

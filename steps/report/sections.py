@@ -31,7 +31,8 @@ FAILED_COLS: Cols = [("cell_id", "cell", "text"), ("outcome", "outcome", "text")
                      ("error", "reason", "text")]
 DIVERGED_COL = ("diverged_at_step", "diverged at step", "int")  # where a run diverged
 # Under `economy:`: beside the shared validation, where it comes from and the class's spread.
-ECONOMY_RESULTS_COLS: Cols = [("quality_from", "quality from", "text"), ("class_spread", "class spread", "num")]
+ECONOMY_RESULTS_COLS: Cols = [("quality_from", "quality from", "text"), ("class_spread", "class spread", "num"),
+                              ("ran_wall_s", "wall s as run", "s")]
 CLASS_COLS: Cols = [("quality_class", "class", "text"), ("shares", "shares", "text"), ("members", "members", "int"),
                     ("trained", "trained to the end", "int"), ("val_loss_min", "val loss min", "num"),
                     ("val_loss_max", "val loss max", "num"), ("spread", "spread", "num"),

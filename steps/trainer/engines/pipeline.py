@@ -183,7 +183,12 @@ class PipelineEngine(ModelSplitEngine):
             self.schedule_name = "gpipe"
         schedule = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
         self.loss_scale = 1.0
-        self.schedule = schedule(self.stage, n_microbatches=cell.grad_accum, loss_fn=self._loss)
+        # The loss is already the step's token sum over the global batch's tokens (`_loss`): the
+        # schedule must not divide the gradients by the micro-batches again (its default). With
+        # that division the gradients were 1/grad_accum of one process's: Adam hides a constant
+        # scale, but gradient clipping and SGD do not (a clipped step followed by an unclipped
+        # one, and the runs part).
+        self.schedule = schedule(self.stage, n_microbatches=cell.grad_accum, loss_fn=self._loss, scale_grads=False)
 
     def _end_stages_group(self, n_stages: int) -> ProcessGroup | None:
         """The first and last stage of this rank's model copy. With full fine-tuning of a model

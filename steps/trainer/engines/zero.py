@@ -42,8 +42,9 @@ def deepspeed_config(cell: CellSpec, hidden_size: int | None = None) -> dict[str
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cell.train.max_grad_norm:
-        config["gradient_clipping"] = cell.train.max_grad_norm
+    # Always said: DeepSpeed clips at 1.0 when the key is absent (GRADIENT_CLIPPING_DEFAULT), so
+    # `max_grad_norm: null` must be 0.0 (off) here, or ZeRO cells clip where no other cell does.
+    config["gradient_clipping"] = cell.train.max_grad_norm or 0.0
     if cell.precision in ("bf16-mixed", "bf16-true"):
         config["bf16"] = {"enabled": True}
     elif cell.precision == "fp16-mixed":
