@@ -37,6 +37,18 @@ def test_the_twins_report_is_rebuilt_exactly(name, tmp_path):
     assert rebuilt(name, tmp_path) == (TWINS / name / "report.md").read_text()
 
 
+def test_the_spread_evidence_is_what_the_saved_twins_measure():
+    """`steps/report/spread_evidence.json` (what an economy run states beside a shared value)
+    is the largest class spread per precision on the twins' saved full runs, regenerated with
+    `python -m steps.report.economy tests/data/study_twins/*/`."""
+    from steps.report import economy
+
+    found = economy.measure_evidence([TWINS / name for name in NAMES])
+    assert found == economy.evidence()
+    assert set(found) == {"bf16-mixed", "fp32"}
+    assert all(0 <= entry["spread"] < 0.01 and entry["members"] >= 2 for entry in found.values())
+
+
 if __name__ == "__main__":
     import tempfile
 

@@ -96,7 +96,7 @@ def classes(df: pd.DataFrame) -> pd.DataFrame:
         quality = own.iloc[0] if len(own) == 1 and len(speed) else None
         precision = g.iloc[0]["precision"]
         measured = len(own) >= 2 and own["val_loss"].notna().sum() >= 2
-        ref = known.get(precision) if not measured else None
+        ref = known.get(precision) if not measured and len(speed) else None  # an economy class
         gaps = [curve_gap(_curve(s.get("speed_curve")), _curve(quality["loss_curve"]))
                 for _, s in speed.iterrows()] if quality is not None else []
         gaps = [x for x in gaps if x is not None]
@@ -208,9 +208,10 @@ def finding(costs: pd.DataFrame, table: pd.DataFrame) -> list[str]:
     for _, r in table.iterrows():
         tol = tolerance.get(r["precision"], 5e-3)
         if pd.notna(r["curve_gap"]) and r["curve_gap"] > tol:
-            out.append(f"Class {r['quality_class']} ({r['shares']}): its speed cells parted from {r['quality_from']} "
-                       f"by {r['curve_gap']:.2g} of the loss within {int(r['curve_steps'])} steps, more than the "
-                       f"strategy tests' {tol:g}: its shared numbers are less certain than its speed.")
+            out.append(f"Class {r['quality_class']} ({r['shares']}): its speed cells' training loss parted from "
+                       f"{r['quality_from']}'s by up to {r['curve_gap']:.2g} (relative) within {int(r['curve_steps'])} "
+                       f"steps, more than the strategy tests' {tol:g}: rounding grown by a loss spike, or a real "
+                       "difference; `quality: every` measures the class's spread.")
     return out
 
 
