@@ -165,8 +165,9 @@ def summary(df: pd.DataFrame, table: pd.DataFrame, costs: pd.DataFrame) -> str:
         return (f"{name}: {fmt(r.this_run)} against {fmt(r.full_measured)} for every cell to the end as its speed "
                 f"cells measured it ({r.ratio_measured:.2f}x){planned}")
 
-    return (f"`economy:` trained {quality} cells to the end, one per equivalence class of two or more members, "
-            f"and {len(speed)} speed cells for {', '.join(map(str, steps)) or '?'} steps of their class's schedule. "
+    return (f"`economy:` trained {quality} {'cell' if quality == 1 else 'cells'} to the end, one per equivalence "
+            f"class of two or more members, and {len(speed)} speed {'cell' if len(speed) == 1 else 'cells'} for "
+            f"{', '.join(map(str, steps)) or '?'} steps of their class's schedule. "
             "A speed cell's tokens/s, MFU, peak memory and step time are its own; its validation loss, accuracy, "
             "curves and steps and tokens to target are its class's quality run's (`quality from`), and its time "
             "to target is those steps at its own step time. So that every table compares configurations trained "
