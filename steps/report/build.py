@@ -52,7 +52,7 @@ def sections(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def build(df: pd.DataFrame, meta: dict[str, Any], out_dir: Path) -> list[Block]:
     """The whole report as blocks; the figures are written under out_dir/plots."""
-    df = analysis.prepare(df)
+    df = economy.with_classes(analysis.prepare(df))  # each row's class, worked out once
     tables = sections(df)
     counts = ", ".join(f"{n} {k}" for k, n in sorted(df["outcome"].value_counts().items()))
     runs = ", ".join(f"`{r}`" for r in dict.fromkeys(df["run_id"].astype(str)))

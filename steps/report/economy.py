@@ -24,10 +24,13 @@ import pandas as pd
 from steps.estimate import calibrate
 from steps.plan import equivalence
 
+# The strategy tests' tolerance on the losses (tests/test_strategies.py): fp32, else bf16's.
+FP32_TOLERANCE, BF16_TOLERANCE = 1e-4, 5e-3
+TOLERANCE_TEXT = "fp32 within 1e-4, bf16 within 5e-3"
 CLASSES_INTRO = (
     "Cells that must give the same losses (one model, method, precision, learning rate and schedule, global "
     "batch, steps, seeds and data: `steps/plan/equivalence.py`), and how far apart their validation ended. The "
-    "strategy tests prove them equal over a few steps (fp32 within 1e-4, bf16 within 5e-3); over a whole run "
+    f"strategy tests prove them equal over a few steps ({TOLERANCE_TEXT}); over a whole run "
     "rounding can grow (through a loss spike), and the spread says by how much. `economy:` trains one cell per "
     "class to the end and shares its numbers.")
 SPREAD_EVIDENCE = Path(__file__).with_name("spread_evidence.json")
@@ -77,6 +80,14 @@ def evidence() -> dict[str, dict[str, Any]]:
     return json.loads(SPREAD_EVIDENCE.read_text()) if SPREAD_EVIDENCE.exists() else {}
 
 
+def with_classes(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with every row's class in `quality_class`: an economy run's rows carry theirs,
+    a full run's are worked out from their settings (once: a table that has them all is kept)."""
+    if "quality_class" in df and df["quality_class"].map(lambda v: isinstance(v, str)).all():
+        return df
+    return df.assign(quality_class=[_class_of(r) for _, r in df.iterrows()])
+
+
 def classes(df: pd.DataFrame) -> pd.DataFrame:
     """One row per class of two or more members: its members, how many trained to the end
     (their own validation), the spread of their validation loss and accuracy, and under
@@ -84,7 +95,7 @@ def classes(df: pd.DataFrame) -> pd.DataFrame:
     member only has the twins' spread at its precision (`spread_from`)."""
     if df.empty:
         return pd.DataFrame()
-    df = df.assign(quality_class=[_class_of(r) for _, r in df.iterrows()])
+    df = with_classes(df)
     known = evidence()
     rows = []
     for key, g in df[df["quality_class"].notna()].groupby("quality_class", sort=False):
@@ -123,7 +134,7 @@ def annotate(df: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return df.assign(class_spread=np.nan)
     spread = dict(zip(table["quality_class"], table["spread"], strict=True))
-    return df.assign(class_spread=[spread.get(_class_of(r), np.nan) for _, r in df.iterrows()])
+    return df.assign(class_spread=with_classes(df)["quality_class"].map(spread))
 
 
 def saving(df: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
@@ -205,9 +216,8 @@ def finding(costs: pd.DataFrame, table: pd.DataFrame) -> list[str]:
     planned = f"; planned {d.ratio_planned:.2f}x" if pd.notna(d.ratio_planned) else ""
     out = [f"Economy: this run used {d.this_run:,.0f} device-seconds against {d.full_measured:,.0f} for every "
            f"cell to the end ({d.ratio_measured:.2f}x{planned})."]
-    tolerance = {"fp32": 1e-4}
     for _, r in table.iterrows():
-        tol = tolerance.get(r["precision"], 5e-3)
+        tol = FP32_TOLERANCE if r["precision"] == "fp32" else BF16_TOLERANCE
         if pd.notna(r["curve_gap"]) and r["curve_gap"] > tol:
             out.append(f"Class {r['quality_class']} ({r['shares']}): its speed cells' training loss parted from "
                        f"{r['quality_from']}'s by up to {r['curve_gap']:.2g} (relative) within {int(r['curve_steps'])} "
