@@ -38,7 +38,7 @@ class FinetuneMatrixFlow(FlowSpec):
     @step
     def start(self):
         """Expand the matrix (validated when the flow was loaded) into cells."""
-        self.cells, self.planned_saving = runs.plan(self.matrix)
+        self.cells, self.planned_saving = runs.plan(self.matrix, current.run_id)
         print(f"{len(self.cells)} cells; results go to {runs.run_dir(current.run_id)}")
         self.next(self.launch, foreach="cells")
 

@@ -40,7 +40,12 @@ for _name, _value in {"METAFLOW_DATASTORE_SYSROOT_LOCAL": METAFLOW_ROOT,
                       "FINETUNE_MATRIX_CACHE": _SCRATCH / "cache",
                       # The launcher's CPU slots: a flow's cells share them; two workers do not (no
                       # test asserts a speed that the other worker's cells would change).
-                      "FINETUNE_MATRIX_SLOTS_DIR": _SCRATCH / "slots"}.items():
+                      "FINETUNE_MATRIX_SLOTS_DIR": _SCRATCH / "slots",
+                      # Flows plan from the catalog unless a test asks for the probe (tests/test_plan_time.py):
+                      # probing every test matrix's shapes would add minutes to the suite.
+                      "FINETUNE_MATRIX_PROBE": "0",
+                      # Runs' folders and the calibration store they feed, for flows a test does not place.
+                      "FINETUNE_MATRIX_REPORTS": _SCRATCH / "reports"}.items():
     if _name not in os.environ or _name in _owned:
         os.environ[_name] = str(_value)
         _owned.add(_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import re
@@ -69,6 +70,12 @@ def test_matrix_runs_end_to_end_and_reads_back_through_the_client(tmp_path):
         assert cid in report
         assert sorted(p.name for p in (out / "cells" / cid).iterdir()) == [
             "adapter", "cell.yaml", "metrics.json", "train.log"]  # working files cleaned up
+    # The plan start printed, kept beside the results; the report scores it; the store learned the run.
+    plan = pd.read_csv(out / "plan.csv")
+    assert sorted(plan["cell_id"]) == sorted(df["cell_id"]) and plan["tokens_per_s_low"].notna().all()
+    assert "## Planned vs measured" in report and "| catalog |" in report  # the probe is off in tests
+    stored = [json.loads(line) for line in (tmp_path / "reports" / "calibration" / "cpu.jsonl").read_text().splitlines()]
+    assert sorted(e["row"]["cell_id"] for e in stored) == sorted(df["cell_id"])
     train_tasks = list(run["train"])
     assert sorted(t["metrics"].data["cell_id"] for t in train_tasks) == sorted(df["cell_id"])
     assert run["start"].task["cells"].data[0]["cell"]["matrix"] == "small"

@@ -4,6 +4,7 @@ a 100-cell matrix planned in under 5 s without torch."""
 
 from __future__ import annotations
 
+import json
 import resource
 import subprocess
 import sys
@@ -254,13 +255,15 @@ def test_the_fit_is_robust_to_a_cell_slowed_by_a_busy_machine():
 
 @pytest.mark.parametrize("name", sorted(p.name for p in TWINS.iterdir()))
 def test_calibrated_on_a_twin_s_runs_the_median_cell_s_tokens_per_s_is_within_20_percent(name):
-    """Each CPU twin's own results table: fit, then plan the same cells again. The twins ran
-    with cells side by side on 2 cores, and repeats of one configuration differ by up to 4x
-    (study 1), which no fit removes: the median cell is the measure."""
+    """Each CPU twin's own results table with the probe entries of its cells: fit, then plan
+    the same cells again. The twins ran with cells side by side on 2 cores, and repeats of one
+    configuration differ by up to 4x (study 1), which no fit removes: the median cell is the
+    measure. (Held out, each twin from the other four: tests/test_plan_time.py.)"""
     from steps.estimate import calibrate
 
     rows = calibrate.read_runs([TWINS / name])
-    scored = calibrate.planned_vs_measured(rows, calibrate.fit(rows))
+    probes = json.loads((TWINS / name / "probe.json").read_text())["cells"]
+    scored = calibrate.planned_vs_measured(rows, calibrate.fit(calibrate.records(rows, probes)), probes)
     errors = scored["tokens_per_s_error"].dropna().abs()
     assert len(errors) >= 5
     assert errors.median() <= 0.20, errors.describe()
@@ -273,7 +276,7 @@ def test_calibrate_prints_the_fit_saves_it_and_plans_with_it(tmp_path, capsys):
     assert cli.main([str(matrix), "--check", "never", "--calibrate", str(twin),
                      "--save-calibration", str(saved)]) == 0
     first = capsys.readouterr().out
-    assert "tokens/s: median |error| 0.3% over 20 cells" in first
+    assert "tokens/s: median |error| 12.1% over 20 cells" in first
     assert cli.main([str(matrix), "--check", "never", "--calibration", str(saved)]) == 0
     again = capsys.readouterr().out
     assert first.splitlines()[-1] == again.splitlines()[-1]  # the same totals from the saved fit

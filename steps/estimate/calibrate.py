@@ -15,13 +15,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import statistics
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steps.estimate import planner, step_time
-from steps.estimate.activations import DecoderShape
+from steps.estimate import cost, planner
 from steps.plan import catalog
 from steps.plan.schema import CellSpec
 from steps.plan.settings import leaf_paths, put
@@ -68,6 +68,22 @@ def _as_run(row: Any, key: str) -> Any:
     return row.get(key) if _missing(ran) else ran
 
 
+def run_probes(paths: list[str | Path]) -> dict[str, Any]:
+    """The probe entries runs were planned with, by cell id: each run folder's plan.csv (what
+    `start` printed), or a twin's probe.json."""
+    import csv
+
+    out: dict[str, Any] = {}
+    for p in map(Path, paths):
+        folder = p if p.is_dir() else p.parent
+        if (folder / "probe.json").exists():
+            out.update(json.loads((folder / "probe.json").read_text()).get("cells", {}))
+        if (folder / "plan.csv").exists():
+            with open(folder / "plan.csv", newline="", encoding="utf-8") as fh:
+                out.update({r["cell_id"]: json.loads(r["probe"]) for r in csv.DictReader(fh) if r.get("probe")})
+    return out
+
+
 def read_runs(paths: list[str | Path]) -> pd.DataFrame:
     """The results tables of runs (a run folder or a table file each)."""
     import pandas as pd
@@ -79,50 +95,94 @@ def read_runs(paths: list[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _device(cell: CellSpec) -> str:
+def device_model(cell: CellSpec) -> str:
+    """The device a calibration is kept for: "cpu" for this machine's CPU types, the GPU's model
+    ("H100", "A10G") for GPU instances, whatever the instance around it."""
     entry = catalog.instances().get(cell.instance)
-    return entry.accelerator if entry is not None else cell.instance
+    name = entry.accelerator if entry is not None else cell.instance
+    if entry is not None and entry.local_gpu:
+        name = " ".join(n for n, _ in catalog.local_gpus()[:1]) or name
+    found = re.search(r"\b([AHBLTV]\d{1,3}[A-Z]?)\b", name.replace("-", " "))
+    return found.group(1) if found and name != "cpu" else name
 
 
 def _keys(cell: CellSpec) -> list[str]:
-    device = _device(cell)
-    return [f"{device}|{cell.strategy}|{cell.precision}|{cell.peft}", f"{device}|{cell.strategy}|{cell.precision}",
-            f"{device}|{cell.strategy}", device]
+    """From the most specific to the device: the CPU type's cores per rank (local-cpu,
+    local-cpu-2c) where the device is this machine's CPU, the strategy, precision and method,
+    then the fast paths (compiled layers, Liger, the chunked loss, the fused optimizer)."""
+    device = device_model(cell)
+    where = cell.instance if device == "cpu" else "gpu"
+    t = cell.train
+    paths = f"compile={t.compile},liger={t.liger},loss={t.loss},fused={t.fused_optimizer}"
+    base = f"{device}|{where}|{cell.strategy}|{cell.precision}|{cell.peft}"
+    return [f"{base}|{paths}", base, f"{device}|{where}|{cell.strategy}", f"{device}|{where}", device]
 
 
-def _fill_key(cell: CellSpec) -> str:
-    return f"{cell.data.task}|packing={cell.data.packing}|seq={cell.seq_len}"
+def _startup_keys(cell: CellSpec) -> list[str]:
+    device = device_model(cell)
+    return [f"{device}|{cell.instance}|{cell.strategy}|{cell.world_size}", f"{device}|{cell.world_size}", device]
 
 
 def measured(rows: pd.DataFrame) -> list[tuple[CellSpec, Any]]:
-    """The rows that trained to the end with a step time, as (cell, row)."""
+    """The rows that trained with a step time (`ok`, or a speed cell's steps), as (cell, row)."""
     ok = rows[(rows["outcome"] == "ok") & rows["step_s"].notna() & rows["tokens_per_s"].notna()]
     return [(cell_of_row(r), r) for _, r in ok.iterrows()]
 
 
-def _ideal_and_comm(cell: CellSpec) -> tuple[float, float] | None:
-    """The step's compute seconds at efficiency 1, and its communication seconds on the
-    critical path (model splits; data parallelism overlaps it)."""
-    arch = planner.arch_of(cell)
-    if arch is None:
+@dataclass(frozen=True)
+class Record:
+    """One measured cell: what it was, what it measured, what the probe said before it ran."""
+
+    cell: CellSpec
+    row: Any
+    probe: dict[str, Any] | None
+    run: str
+    date: str | None
+
+
+def _trained(row: Any) -> bool:
+    return row.get("outcome") == "ok" and not _missing(row.get("step_s")) and not _missing(row.get("tokens_per_s"))
+
+
+def record_of(row: Any, probe: dict[str, Any] | None = None, run: str | None = None) -> Record | None:
+    """A measured row (a table's, or a store entry's dict) as the calibration fits it; None for
+    a row without a step time."""
+    if not _trained(row):
         return None
-    shape = DecoderShape.of(arch)
-    counts = planner.counts_of(cell, arch, None)
-    total, _ = step_time.step_seconds(cell, shape, counts, dict.fromkeys(step_time.DEFAULT_EFFICIENCY, 1.0))
-    if total is None:
+    return Record(as_trained(cell_of_row(row), row), row, probe, str(run or row.get("run_id")), _date(row))
+
+
+def _date(row: Any) -> str | None:
+    """The day a row's cell ended (epoch seconds in results tables, ISO text in bench files)."""
+    import datetime
+
+    value = row.get("ended_at")
+    value = row.get("started_at") if _missing(value) else value
+    if _missing(value):
         return None
-    link = step_time.link_bytes_s(cell)
-    comm = step_time.comm_bytes(cell, shape, counts) / link if link and cell.layout.model_split else 0.0
-    return total - comm, comm
+    if isinstance(value, (int, float)):
+        return datetime.datetime.fromtimestamp(float(value), datetime.timezone.utc).date().isoformat()
+    return str(value)[:10]
+
+
+def records(rows: pd.DataFrame, probes: dict[str, Any] | None = None, run: str | None = None) -> list[Record]:
+    """A results table's measured cells with the probe entries they were planned with (a run's
+    plan.csv, or a twin's probe.json)."""
+    out = (record_of(r, (probes or {}).get(r["cell_id"]), run) for _, r in rows.iterrows())
+    return [r for r in out if r is not None]
+
+
+def _first_principles(rec: Record) -> planner.CellPlan:
+    return planner.predict(rec.cell, probe=rec.probe, fixes=False)
 
 
 def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(overhead, seconds per ideal second) of a Theil-Sen line through (ideal, measured)
-    points: the median of the pairwise slopes and of the intercepts they leave, so that a cell
-    slowed by a busy machine moves the fit little. Both kept positive; with one ideal time only,
-    a line through the origin."""
+    """(overhead, seconds per predicted second) of a Theil-Sen line through (predicted,
+    measured) points: the median of the pairwise slopes and of the intercepts they leave, so
+    that a cell slowed by a busy machine moves the fit little. Both kept positive; with one
+    predicted time only, a line through the origin."""
     slopes = [(yj - yi) / (xj - xi) for (xi, yi), (xj, yj) in itertools.combinations(points, 2)
-              if abs(xj - xi) > 1e-9 * max(xi, xj)]
+              if abs(xj - xi) > 0.05 * max(xi, xj)]
     slope = statistics.median(slopes) if slopes else 0.0
     if slope > 0:
         overhead = statistics.median(y - slope * x for x, y in points)
@@ -131,49 +191,130 @@ def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return 0.0, statistics.median(y / x for x, y in points)
 
 
-def fit(rows: pd.DataFrame) -> Calibration:
-    """Per key, the per-step overhead and the efficiency (1 / seconds per ideal second) of a
-    line through the measured step times against the ideal ones; the median fill per data
-    setup."""
-    groups: dict[str, list[tuple[float, float]]] = {}
-    fills: dict[str, list[float]] = {}
-    for cell, r in measured(rows):
-        ideal = _ideal_and_comm(cell)
-        if ideal is not None and ideal[0] > 0 and float(r["step_s"]) > ideal[1]:
-            for key in _keys(cell):
-                groups.setdefault(key, []).append((ideal[0], float(r["step_s"]) - ideal[1]))
-        slots = cell.global_batch * cell.seq_len
-        fills.setdefault(_fill_key(cell), []).append(float(r["tokens_per_s"]) * float(r["step_s"]) / slots)
-    lines = {k: _line(v) for k, v in groups.items()}
-    return {"efficiency": {k: 1 / slope for k, (_, slope) in lines.items()},
-            "overhead_s": {k: overhead for k, (overhead, _) in lines.items()},
-            "fill": {k: min(1.0, statistics.median(v)) for k, v in fills.items()}}
+def _fit(recs: list[Record]) -> Calibration:
+    steps: dict[str, list[tuple[float, float]]] = {}
+    starts: dict[str, list[float]] = {}
+    evals: dict[str, list[float]] = {}
+    for rec in recs:
+        plan = _first_principles(rec)
+        if plan.step_s:
+            for key in _keys(rec.cell):
+                steps.setdefault(key, []).append((plan.step_s, float(rec.row["step_s"])))
+        overhead = rec.row.get("overhead_s")
+        if plan.startup_s and not _missing(overhead):
+            for key in _startup_keys(rec.cell):
+                starts.setdefault(key, []).append(float(overhead) / plan.startup_s)
+        eval_s = rec.row.get("eval_s")
+        if plan.eval_s and not _missing(eval_s) and eval_s > 0:
+            evals.setdefault(device_model(rec.cell), []).append(float(eval_s) / plan.eval_s)
+    return {"step": {k: [*_line(v), len(v)] for k, v in steps.items()},
+            "startup": {k: [statistics.median(v), len(v)] for k, v in starts.items()},
+            "eval": {k: statistics.median(v) for k, v in evals.items()}}
 
 
-def _key_of(cell: CellSpec, calibration: Calibration | None) -> str | None:
-    return next((k for k in _keys(cell) if k in (calibration or {}).get("efficiency", {})), None)
+def fit(recs: list[Record] | pd.DataFrame) -> Calibration:
+    """Per key (device, instance, strategy, precision, method; then coarser), a line from the
+    first-principles step time (the probe's, or the catalog's peak) to the measured one; the
+    start-up's and the evaluations' measured share of their prediction; and how far the fit
+    misses a run it did not see (each run's cells predicted from the other runs): the spread
+    that sets the intervals. `recs`: `records(...)`, or a results table (no probe entries)."""
+    recs = records(recs) if not isinstance(recs, list) else recs
+    calibration = _fit(recs)
+    residuals: dict[str, dict[str, list[float]]] = {}
+    runs = sorted({r.run for r in recs})
+    for run in runs if len(runs) > 1 else []:
+        others = _fit([r for r in recs if r.run != run])
+        for rec in (r for r in recs if r.run == run):
+            plan = predict(rec.cell, others, probe=rec.probe, fixes=False)
+            if not plan.calibration:
+                continue
+            into = residuals.setdefault(device_model(rec.cell), {"tokens_per_s": [], "wall_s": []})
+            into["tokens_per_s"].append(abs(math.log(plan.tokens_per_s / float(rec.row["tokens_per_s"]))))
+            wall = _as_run(rec.row, "wall_s")
+            if plan.wall_s and not _missing(wall):
+                into["wall_s"].append(abs(math.log(plan.wall_s / float(wall))))
+    calibration["spread"] = {d: {k: max(SPREAD_FLOOR, _quantile(v, SPREAD_QUANTILE)) if v else UNCOVERED["probe"]
+                                 for k, v in parts.items()} for d, parts in residuals.items()}
+    source: dict[str, dict[str, Any]] = {}
+    for rec in recs:
+        s = source.setdefault(device_model(rec.cell), {"cells": 0, "runs": set(), "dates": set()})
+        s["cells"] += 1
+        s["runs"].add(rec.run)
+        if rec.date:
+            s["dates"].add(rec.date)
+    calibration["source"] = {d: {"cells": s["cells"], "runs": len(s["runs"]),
+                                 "from": min(s["dates"], default=None), "to": max(s["dates"], default=None)}
+                             for d, s in source.items()}
+    return calibration
 
 
-def efficiency_of(cell: CellSpec, calibration: Calibration | None) -> dict[str, float] | None:
-    """The efficiency table the planner uses for `cell`: the fitted value for its key where
-    there is one."""
-    key = _key_of(cell, calibration)
-    return {**step_time.DEFAULT_EFFICIENCY, cell.strategy: calibration["efficiency"][key]} if key else None
+SPREAD_QUANTILE = 0.9  # of the held-out |log(planned / measured)|: the interval's half-width
+SPREAD_FLOOR = 0.05  # no interval narrower than 5% either side: the machine's own noise
+# Half-widths (log) where no calibration covers the cell: the probe's first-principles misses on
+# this machine's twins, and the catalog's peaks on GPUs measured once.
+UNCOVERED = {"probe": 0.4, "catalog": 0.7}
 
 
-def fill_of(cell: CellSpec, calibration: Calibration | None) -> float:
-    return (calibration or {}).get("fill", {}).get(_fill_key(cell), 1.0)
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+MIN_CELLS = 3  # a key's line is used from this many measured cells on; fewer fall back to a coarser key
+
+
+def _step_key(cell: CellSpec, calibration: Calibration | None) -> str | None:
+    """The most specific key with a line fitted on enough cells (held out on the five twins:
+    one or two cells of a key overfit it; from three on each twin's median error is at most 21%);
+    where no key has as many (a GPU measured once), the most specific that has any."""
+    lines = (calibration or {}).get("step", {})
+    found = [k for k in _keys(cell) if k in lines]
+    return next((k for k in found if lines[k][2] >= MIN_CELLS), found[0] if found else None)
+
+
+def describe(cell: CellSpec, calibration: Calibration | None) -> str:
+    """Which calibration a prediction used: its device, cells, runs and dates, and the key."""
+    key = _step_key(cell, calibration)
+    if key is None:
+        return ""
+    src = calibration.get("source", {}).get(device_model(cell), {})
+    when = f", {src['from']}..{src['to']}" if src.get("from") else ""
+    n = calibration["step"][key][2]
+    cells, runs = src.get("cells", "?"), src.get("runs", "?")
+    return f"{device_model(cell)}: {cells} cells of {runs} runs{when}; {n} like it ({key})"
+
+
+def _range(x: float | None, q: float) -> tuple[float, float] | None:
+    return None if x is None else (x * math.exp(-q), x * math.exp(q))
 
 
 def predict(cell: CellSpec, calibration: Calibration | None, compute: str = "local",
-            facts: dict[str, Any] | None = None, fixes: bool = False) -> planner.CellPlan:
-    """The planner's answer with the calibration applied (tokens/s in real tokens)."""
-    key = _key_of(cell, calibration)
-    overhead = calibration["overhead_s"].get(key, 0.0) if key else 0.0
-    plan = planner.predict(cell, facts, compute, efficiency_of(cell, calibration), fixes=fixes, overhead_s=overhead)
-    if plan.tokens_per_s is not None:
-        plan = replace(plan, tokens_per_s=plan.tokens_per_s * fill_of(cell, calibration))
-    return plan
+            facts: dict[str, Any] | None = None, fixes: bool = False,
+            probe: dict[str, Any] | None = None) -> planner.CellPlan:
+    """The planner's answer with the calibration applied, and its intervals: the calibration's
+    held-out spread where it covers the cell, wider where not."""
+    plan = planner.predict(cell, facts, compute, fixes=fixes, probe=probe)
+    if plan.step_s is None:
+        return plan
+    calibration = calibration or {}
+    key = _step_key(cell, calibration)
+    step, startup, eval_s = plan.step_s, plan.startup_s or 0.0, plan.eval_s or 0.0
+    if key is not None:
+        overhead, slope, _ = calibration["step"][key]
+        step = overhead + slope * plan.step_s
+    start_key = next((k for k in _startup_keys(cell) if k in calibration.get("startup", {})), None)
+    if start_key is not None:
+        startup *= calibration["startup"][start_key][0]
+    eval_s *= calibration.get("eval", {}).get(device_model(cell), 1.0)
+    tokens = plan.tokens_per_s * plan.step_s / step
+    n, wall, dollars = cost.wall_and_cost(cell, step, compute, startup, eval_s)
+    spread = calibration.get("spread", {}).get(device_model(cell)) if key else None
+    q_tokens = spread["tokens_per_s"] if spread else UNCOVERED[plan.basis]
+    q_wall = spread["wall_s"] if spread else UNCOVERED[plan.basis]
+    return replace(plan, step_s=step, tokens_per_s=tokens, wall_s=wall, cost_usd=dollars, startup_s=startup,
+                   eval_s=eval_s, calibration=describe(cell, calibration),
+                   tokens_per_s_range=_range(tokens, q_tokens), wall_s_range=_range(wall, q_wall),
+                   cost_usd_range=_range(dollars, q_wall))
 
 
 def _comparable_memory(cell: CellSpec, plan: planner.CellPlan, row: Any) -> float | None:
@@ -184,32 +325,60 @@ def _comparable_memory(cell: CellSpec, plan: planner.CellPlan, row: Any) -> floa
         return None
     runtime = plan.memory_gb.get("runtime", 0.0)
     baseline = row.get("runtime_baseline_gb")
-    if _device(cell) != "cpu":
+    if device_model(cell) != "cpu":
         return plan.total_gb - runtime
     # The resident set's high-water mark: loading counts too.
     return plan.peak_gb - runtime + (runtime if _missing(baseline) else float(baseline))
 
 
-def planned_vs_measured(rows: pd.DataFrame, calibration: Calibration | None = None) -> pd.DataFrame:
+def _planned_memory(cell: CellSpec, plan: dict[str, Any], row: Any) -> float | None:
+    """`_comparable_memory` from a plan.csv row."""
+    total, peak = plan.get("gb_per_rank"), plan.get("peak_gb")
+    if _missing(total) or _missing(peak):
+        return None
+    runtime = 0.0 if _missing(plan.get("runtime")) else float(plan["runtime"])
+    if device_model(cell) != "cpu":
+        return float(total) - runtime
+    baseline = row.get("runtime_baseline_gb")
+    return float(peak) - runtime + (runtime if _missing(baseline) else float(baseline))
+
+
+def planned_vs_measured(rows: pd.DataFrame, calibration: Calibration | None = None,
+                        probes: dict[str, Any] | None = None) -> pd.DataFrame:
     """Per measured cell: planned and measured peak memory, tokens/s, wall time and cost, with
-    the relative error of each (planned / measured - 1)."""
+    the relative error of each (planned / measured - 1), and whether the measured value fell in
+    the planned interval."""
     import pandas as pd
 
     out = []
     for cell, r in measured(rows):
-        plan = predict(as_trained(cell, r), calibration)
-        entry = {"cell_id": r["cell_id"], "model": cell.model, "peft": cell.peft, "strategy": cell.strategy,
-                 "instance": cell.instance, "world_size": cell.world_size, "precision": cell.precision,
-                 "micro_batch": cell.micro_batch}
-        for what, planned, actual in (("mem_gb", _comparable_memory(cell, plan, r), r.get("peak_mem_gb")),
-                                      ("tokens_per_s", plan.tokens_per_s, r.get("tokens_per_s")),
-                                      ("wall_s", plan.wall_s, _as_run(r, "wall_s")),
-                                      ("cost_usd", plan.cost_usd, _as_run(r, "cost_usd"))):
-            actual = None if _missing(actual) else float(actual)
-            entry[f"planned_{what}"], entry[f"measured_{what}"] = planned, actual
-            entry[f"{what}_error"] = planned / actual - 1 if planned is not None and actual else None
-        out.append(entry)
+        plan = predict(as_trained(cell, r), calibration, probe=(probes or {}).get(r["cell_id"]))
+        out.append(score(cell, r, plan))
     return pd.DataFrame(out)
+
+
+def score(cell: CellSpec, r: Any, plan: planner.CellPlan | dict[str, Any]) -> dict[str, Any]:
+    """One cell's plan (a CellPlan, or a row of the plan.csv `start` wrote) against its row."""
+    get = plan.get if isinstance(plan, dict) else lambda k, d=None: getattr(plan, k, d)
+    memory = _comparable_memory(cell, plan, r) if not isinstance(plan, dict) else _planned_memory(cell, plan, r)
+    entry = {"cell_id": r["cell_id"], "model": cell.model, "peft": cell.peft, "strategy": cell.strategy,
+             "instance": cell.instance, "world_size": cell.world_size, "precision": cell.precision,
+             "micro_batch": cell.micro_batch, "basis": get("basis"), "calibration": get("calibration") or ""}
+    ranges = {"tokens_per_s": get("tokens_per_s_range"), "wall_s": get("wall_s_range"),
+              "cost_usd": get("cost_usd_range")}
+    for what, planned, actual in (("mem_gb", memory, r.get("peak_mem_gb")),
+                                  ("tokens_per_s", get("tokens_per_s"), r.get("tokens_per_s")),
+                                  ("wall_s", get("wall_s"), _as_run(r, "wall_s")),
+                                  ("cost_usd", get("cost_usd"), _as_run(r, "cost_usd"))):
+        actual = None if _missing(actual) else float(actual)
+        planned = None if _missing(planned) else float(planned)
+        entry[f"planned_{what}"], entry[f"measured_{what}"] = planned, actual
+        entry[f"{what}_error"] = planned / actual - 1 if planned is not None and actual else None
+        span = ranges.get(what)
+        if span is not None and not any(_missing(x) for x in span) and actual is not None:
+            entry[f"{what}_low"], entry[f"{what}_high"] = span
+            entry[f"{what}_inside"] = bool(span[0] <= actual <= span[1])
+    return entry
 
 
 def show(calibration: Calibration, scored: pd.DataFrame, out=None) -> None:
@@ -221,11 +390,11 @@ def show(calibration: Calibration, scored: pd.DataFrame, out=None) -> None:
     from rich.table import Table
 
     console = Console(file=out or sys.stdout, width=200)
-    fitted = Table(title="Fitted from the runs: per-step overhead and efficiency (MFU at the catalog peak)")
-    for col in ("device | strategy | precision | method", "overhead s", "efficiency"):
+    fitted = Table(title="Fitted from the runs: measured step = overhead + slope x first-principles step")
+    for col in ("device | instance | strategy | precision | method", "overhead s", "slope", "cells"):
         fitted.add_column(col)
-    for key, eff in sorted(calibration["efficiency"].items()):
-        fitted.add_row(key, f"{calibration['overhead_s'][key]:.3g}", f"{eff:.3g}")
+    for key, (overhead, slope, n) in sorted(calibration["step"].items()):
+        fitted.add_row(key, f"{overhead:.3g}", f"{slope:.3g}", str(n))
     console.print(fitted)
     if scored.empty:
         return

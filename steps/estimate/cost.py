@@ -35,11 +35,13 @@ def hourly_usd(cell: CellSpec, compute: str = "local") -> float | None:
     return rate * (cell.world_size if entry.price_per == "device" else cell.nodes)
 
 
-def wall_and_cost(cell: CellSpec, step_s: float, compute: str = "local") -> tuple[int | None, float | None,
-                                                                               float | None]:
-    """(steps, wall seconds, dollars) of the whole cell at `step_s` per step; None where the
-    step count or the price is unknown."""
+def wall_and_cost(cell: CellSpec, step_s: float, compute: str = "local", startup_s: float | None = None,
+                  eval_s: float = 0.0) -> tuple[int | None, float | None, float | None]:
+    """(steps, wall seconds, dollars) of the whole cell at `step_s` per step, after `startup_s`
+    (the catalog's typical start-up where not measured) and with `eval_s` of evaluations; None
+    where the step count or the price is unknown."""
     n = steps_of(cell)
-    wall = n * step_s + STARTUP_S[catalog.device_kind(cell.instance)] if n is not None else None
+    startup = STARTUP_S[catalog.device_kind(cell.instance)] if startup_s is None else startup_s
+    wall = n * step_s + startup + eval_s if n is not None else None
     rate = hourly_usd(cell, compute)
     return n, wall, wall / 3600 * rate if wall is not None and rate is not None else None

@@ -5,9 +5,13 @@ budgets refused), and the plan's table, which `python -m steps.plan` prints and 
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from steps.estimate import calibrate, economy, planner
@@ -29,6 +33,7 @@ class MatrixPlan:
     cost_usd: float | None
     unknown: list[str]  # cells without a time or cost prediction
     saving: economy.Saving | None = None  # under `economy:`, this run against every cell to the end
+    probes: dict[str, Any] = field(default_factory=dict)  # this machine's probe entries, by cell id
 
 
 def plan_matrix(planned: list, facts: dict[str, Any] | None = None, compute: str = "local",
@@ -83,29 +88,41 @@ def apply_settings(spec: MatrixSpec, planned: list, matrix_plan: MatrixPlan) -> 
     return out, matrix_plan
 
 
-def plan_spec(spec: MatrixSpec, check: str = "auto",
-              calibration: calibrate.Calibration | None = None) -> tuple[list, MatrixPlan]:
+def plan_spec(spec: MatrixSpec, check: str = "auto", calibration: calibrate.Calibration | None | bool = True,
+              probe: bool | None = None, echo=print) -> tuple[list, MatrixPlan]:
     """The matrix's cells (refusals from the models' facts and the `plan:` settings applied)
     and their plans.
 
     check: `always` reads the models' facts and runs every pre-launch check (the flow's
     `start`); `auto` reads facts only for models that are not presets (their shape comes from
     there; presets' from the catalog, so a matrix of presets plans without loading torch);
-    `never` reads none.
+    `never` reads none. calibration: True fits the store's (`steps.estimate.store`), False or
+    None plans from first principles, or a calibration to use. probe: time this machine's cells
+    (`steps.estimate.probe`, cached); None: the matrix's `plan.probe`, unless
+    FINETUNE_MATRIX_PROBE=0.
     """
+    from steps.estimate import probe as probing
+    from steps.estimate import store
+
     planned = expand(spec)
     presets = catalog.model_presets()
     needed = check == "always" or (check == "auto" and any(p.cell.model not in presets for p in planned))
     facts: dict[str, Any] = preflight.gather_facts([p.cell for p in planned]) if needed else {"models": {}}
     if needed:
         planned = preflight.check(spec, planned, facts)
-    predict_cell = None
-    if calibration:
-        def predict_cell(cell):
-            return calibrate.predict(cell, calibration, spec.compute, facts["models"], fixes=True)
+    if calibration is True:
+        calibration = store.calibration()
+    if probe is None:
+        probe = spec.plan.probe and os.environ.get("FINETUNE_MATRIX_PROBE", "1") != "0"
+    live = [p.cell for p in planned if not p.refused]
+    probes = probing.profile(live, echo=echo) if probe else {}
+
+    def predict_cell(cell):
+        return calibrate.predict(cell, calibration or None, spec.compute, facts["models"], fixes=True,
+                                 probe=probes.get(cell.cell_id))
     matrix_plan = plan_matrix(planned, facts["models"], spec.compute, predict_cell)
     planned, matrix_plan = apply_settings(spec, planned, matrix_plan)
-    return planned, matrix_plan
+    return planned, replace(matrix_plan, probes=probes)
 
 
 def _gb(x: float | None) -> str:
@@ -118,48 +135,143 @@ def _duration(s: float | None) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def show(planned: list, matrix_plan: MatrixPlan, out=None) -> None:
-    """The plan as a table: one row per cell, memory per rank by part, the verdict and fix,
-    time and cost; the totals under it."""
+def _k(x: float | None, digits: int = 3) -> str:
+    """A rate in few characters: 980, 12.3k, 1.2M."""
+    if x is None:
+        return "?"
+    return f"{x:.0f}" if x < 1e3 else f"{x / 1e3:.{digits}g}k" if x < 1e6 else f"{x / 1e6:.{digits}g}M"
+
+
+CSV_COLUMNS = ("cell_id", "model", "peft", "strategy", "nodes", "gpus", "world_size", "instance", "micro_batch",
+               "grad_accum", "precision", "seq_len", "refused", "weights", "grads", "optim", "activations", "buffers",
+               "runtime", "gb_per_rank", "load_gb", "step_gb", "peak_gb", "device_gb", "verdict", "fix", "step_s",
+               "tokens_per_s", "tokens_per_s_low", "tokens_per_s_high", "steps", "startup_s", "eval_s", "wall_s",
+               "wall_s_low", "wall_s_high", "cost_usd", "cost_usd_low", "cost_usd_high", "basis", "calibration",
+               "note", "probe")
+
+
+def rows(planned: list, matrix_plan: MatrixPlan) -> list[dict[str, Any]]:
+    """The plan as `plan.csv` holds it: one row per cell, every part and every interval."""
+    out = []
+    for p in planned:
+        c, plan = p.cell, matrix_plan.plans.get(p.cell.cell_id)
+        row: dict[str, Any] = {"cell_id": c.cell_id, "model": c.model, "peft": c.peft, "strategy": c.strategy,
+                               "nodes": c.nodes, "gpus": c.gpus, "world_size": c.world_size, "instance": c.instance,
+                               "micro_batch": c.micro_batch, "grad_accum": c.grad_accum, "precision": c.precision,
+                               "seq_len": c.seq_len, "refused": p.refused or ""}
+        if plan is not None:
+            row.update(plan.memory_gb)
+            row.update(gb_per_rank=plan.total_gb, load_gb=plan.load_gb, step_gb=plan.step_gb, peak_gb=plan.peak_gb,
+                       device_gb=plan.device_gb, verdict=plan.verdict, fix=plan.fix or "", step_s=plan.step_s,
+                       tokens_per_s=plan.tokens_per_s, steps=plan.steps, startup_s=plan.startup_s,
+                       eval_s=plan.eval_s, wall_s=plan.wall_s, cost_usd=plan.cost_usd, basis=plan.basis,
+                       calibration=plan.calibration or "", note=plan.note or "")
+            for what in ("tokens_per_s", "wall_s", "cost_usd"):
+                span = getattr(plan, f"{what}_range")
+                if span:
+                    row[f"{what}_low"], row[f"{what}_high"] = span
+        entry = matrix_plan.probes.get(c.cell_id)
+        row["probe"] = json.dumps(entry, sort_keys=True) if entry else ""
+        out.append(row)
+    return out
+
+
+def write_csv(planned: list, matrix_plan: MatrixPlan, path: Path) -> Path:
+    """`plan.csv`: what the table shows and the breakdown by part, each interval, the
+    calibration and probe entry each prediction used."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows(planned, matrix_plan):
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return path
+
+
+def _short_duration(s: float | None) -> str:
+    if s is None:
+        return "?"
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}m" if s < 7200 else f"{s / 3600:.1f}h"
+
+
+def short_id(cell: CellSpec) -> str:
+    """The cell id without what the method, strategy and ranks columns beside it say (its hash
+    still names it: plan.csv and --wide have the whole id)."""
+    middle = f"-{cell.peft}-{cell.strategy}-{cell.nodes}x{cell.gpus}-"
+    if middle not in cell.cell_id:
+        return cell.cell_id
+    model, digest = cell.cell_id.split(middle, 1)
+    return f"{model} {digest[:6]}"
+
+
+def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, width: int | None = None) -> None:
+    """The plan as a table that fits a 120-column terminal: the columns that decide (the
+    breakdown by part with `wide`, and always in plan.csv); the totals and the calibrations used
+    under it."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     title = (f"{matrix_plan.cells} cells: {matrix_plan.runs} run, {matrix_plan.cells - matrix_plan.runs} refused; "
              f"{len(matrix_plan.predicted_oom)} predicted out of memory")
-    table = Table(title=title, show_lines=False)
-    right = ("GB/rank", "load GB", "step", "tokens/s", "wall", "cost $")
-    for col in ("cell", "model", "peft", "strategy", "n x gpus", "instance", "mb x ga", "precision", "seq",
-                "weights", "grads", "optim", "acts", "buffers", "runtime", "GB/rank", "load GB", "step GB", "device GB",
-                "verdict", "cheapest fix", "step", "tokens/s", "wall", "cost $"):
-        table.add_column(col, justify="right" if col in right else "left",
-                         no_wrap=col in ("cell", "cheapest fix", "verdict"))
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    parts = ("weights", "grads", "optim", "acts", "buffers", "runtime", "load GB", "step GB") if wide else ()
+    columns = ("cell", "method", "strategy", "ranks", "mb×ga", *(("model", "instance", "precision", "seq")
+               if wide else ()), *parts, "GB/rank/dev", "verdict", "cheapest fix", "tokens/s", "interval",
+               "wall", "$", *(("basis",) if wide else ()))
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("ranks", "tokens/s", "interval", "wall", "$")
+                         else "left", overflow="fold",
+                         no_wrap=col != "cheapest fix", min_width=10 if col == "cheapest fix" else None)
     for p in planned:
         c = p.cell
-        head = [c.cell_id, c.model, c.peft, c.strategy, f"{c.nodes} x {c.gpus}", c.instance,
-                f"{c.micro_batch} x {c.grad_accum}", c.precision, str(c.seq_len)]
+        head = [c.cell_id if wide else short_id(c), c.peft, c.strategy, str(c.world_size),
+                f"{c.micro_batch}x{c.grad_accum}"]
+        if wide:
+            head += [c.model, c.instance, c.precision, str(c.seq_len)]
         plan = matrix_plan.plans.get(c.cell_id)
         if plan is None or not plan.memory_gb:
             why = f"refused: {p.refused}" if p.refused else (plan.note if plan else "")
-            table.add_row(*head, *[""] * 10, why, *[""] * 5)
+            table.add_row(*head, *[""] * len(parts), "", why, *[""] * (len(columns) - len(head) - len(parts) - 2))
             continue
         m = plan.memory_gb
         style = {"fits": "green", "tight": "yellow", "will not fit": "red"}.get(plan.verdict, "")
-        memory_cells = [_gb(m[k]) for k in ("weights", "grads", "optim", "activations", "buffers", "runtime")]
-        table.add_row(*head, *memory_cells, _gb(plan.total_gb), _gb(plan.load_gb), _gb(plan.step_gb),
-                      _gb(plan.device_gb),
+        memory = [_gb(m[k]) for k in ("weights", "grads", "optim", "activations", "buffers", "runtime")]
+        memory += [_gb(plan.load_gb), _gb(plan.step_gb)]
+        span = plan.tokens_per_s_range
+        table.add_row(*head, *(memory if wide else []), f"{_gb(plan.peak_gb)}/{_gb(plan.device_gb)}",
                       f"[{style}]{plan.verdict}[/]" if style else plan.verdict,
                       plan.fix or ("none found" if plan.verdict == "will not fit" else ""),
-                      "?" if plan.step_s is None else f"{plan.step_s:.3g} s",
-                      "?" if plan.tokens_per_s is None else f"{plan.tokens_per_s:,.0f}", _duration(plan.wall_s),
-                      "?" if plan.cost_usd is None else f"{plan.cost_usd:,.2f}")
-    console = Console(file=out or sys.stdout, width=260)
+                      _k(plan.tokens_per_s), f"{_k(span[0], 2)}-{_k(span[1], 2)}" if span else "",
+                      _short_duration(plan.wall_s), "?" if plan.cost_usd is None else f"{plan.cost_usd:,.2f}",
+                      *((plan.basis + (" + calibrated" if plan.calibration else ""),) if wide else ()))
+    console = Console(file=out or sys.stdout, width=width or (260 if wide else 120))
     console.print(table)
     fitting = matrix_plan.runs - len(matrix_plan.predicted_oom)
     cost = "?" if matrix_plan.cost_usd is None else f"${matrix_plan.cost_usd:,.2f}"
     console.print(f"Cells predicted to fit: {fitting}, one after another {_duration(matrix_plan.wall_s)}, {cost}"
                   + (f" ({len(matrix_plan.unknown)} without a prediction)" if matrix_plan.unknown else ""))
+    console.print(basis_summary(matrix_plan), soft_wrap=False)
     if matrix_plan.saving is not None:
         show_economy(planned, matrix_plan.saving, console)
+
+
+def basis_summary(matrix_plan: MatrixPlan) -> str:
+    """Where the times come from: how many cells the probe timed, which calibrations were used,
+    how many were planned from first principles. Intervals: the calibration's held-out spread."""
+    plans = [p for p in matrix_plan.plans.values() if p.step_s is not None]
+    probed = sum(p.basis == "probe" for p in plans)
+    used: dict[str, int] = {}
+    for p in plans:
+        if p.calibration:
+            source = p.calibration.split(";")[0]
+            used[source] = used.get(source, 0) + 1
+    first = sum(not p.calibration for p in plans)
+    parts = [f"time: {probed} of {len(plans)} cells timed by the probe on this machine"]
+    parts += [f"{n} calibrated on {source}" for source, n in used.items()]
+    if first:
+        parts.append(f"{first} from first principles (no calibration covers them: wider intervals)")
+    return "; ".join(parts) + ". Intervals: the calibration's held-out spread (plan.csv has every column)."
 
 
 def _money(x: float | None) -> str:

@@ -39,6 +39,14 @@ class CellPlan:
     note: str | None = None  # why a prediction is missing
     load_gb: float | None = None  # per rank while the model loads, before any sharding
     step_gb: float | None = None  # per rank at DeepSpeed's optimizer step, where it exceeds training
+    basis: str = "catalog"  # where the time comes from: "probe" (this machine measured) or the catalog's peak
+    startup_s: float | None = None  # launch to the first step
+    eval_s: float | None = None  # the evaluations over the run
+    calibration: str | None = None  # which calibration the time used ("" or None: first principles)
+    # Intervals (low, high) from the calibration's residuals; wide where none covers the cell.
+    tokens_per_s_range: tuple[float, float] | None = None
+    wall_s_range: tuple[float, float] | None = None
+    cost_usd_range: tuple[float, float] | None = None
 
     @property
     def total_gb(self) -> float | None:
@@ -90,9 +98,11 @@ def counts_of(cell: CellSpec, arch: dict[str, Any], facts: dict[str, Any] | None
 
 
 def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: str = "local",
-            efficiency: dict[str, float] | None = None, fixes: bool = True, overhead_s: float = 0.0) -> CellPlan:
+            efficiency: dict[str, float] | None = None, fixes: bool = True, overhead_s: float = 0.0,
+            probe: dict[str, Any] | None = None) -> CellPlan:
     """The planner's answer for one cell (`facts`: the models' facts, for models that are not
-    presets; `efficiency`, `overhead_s`: a calibration's, else the defaults)."""
+    presets; `efficiency`, `overhead_s`: a calibration's, else the defaults; `probe`: this
+    machine's measure of the cell, `steps.estimate.probe`, which replaces the catalog's peak)."""
     arch = arch_of(cell, facts)
     if arch is None:
         return CellPlan(cell.cell_id, note=f"the shape of {cell.model} is not known without its facts")
@@ -104,13 +114,23 @@ def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: str = 
     plan = CellPlan(cell.cell_id, parts, device, load_gb=memory.load_gb(cell, counts, whole),
                     step_gb=memory.step_gb(cell, parts, counts))
     plan = replace(plan, verdict=memory.verdict(plan.peak_gb, device))
-    step, why = step_time.step_seconds(cell, shape, counts, efficiency, overhead_s)
-    if step is not None:
-        n, wall, dollars = cost.wall_and_cost(cell, step, compute)
-        plan = replace(plan, step_s=step, tokens_per_s=cell.global_batch * cell.seq_len / step, steps=n,
-                       wall_s=wall, cost_usd=dollars)
+    measured = step_time.probed(cell, probe or {}, shape.layers)
+    if measured is not None:
+        step, why = measured["step_s"], None
+        n, wall, dollars = cost.wall_and_cost(cell, step, compute, measured["startup_s"], measured["eval_s"])
+        plan = replace(plan, step_s=step, tokens_per_s=measured["tokens_per_step"] / step, steps=n, wall_s=wall,
+                       cost_usd=dollars, basis="probe", startup_s=measured["startup_s"], eval_s=measured["eval_s"])
+    else:
+        step, why = step_time.step_seconds(cell, shape, counts, efficiency, overhead_s)
+        if step is not None:
+            n, wall, dollars = cost.wall_and_cost(cell, step, compute)
+            plan = replace(plan, step_s=step, tokens_per_s=cell.global_batch * cell.seq_len / step, steps=n,
+                           wall_s=wall, cost_usd=dollars, startup_s=cost.STARTUP_S[catalog.device_kind(cell.instance)],
+                           eval_s=0.0)
+    if probe and probe.get("error"):
+        why = f"the probe could not time it ({probe['error'][:200]}); planned from the catalog's peak"
     plan = replace(plan, note=why)
     if fixes and plan.verdict == "will not fit":
-        plan = replace(plan, fix=cheapest_fix(
+        plan = replace(plan, fix=cheapest_fix(  # a changed cell has no probe: its memory is what matters
             cell, lambda changed: predict(changed, facts, compute, efficiency, fixes=False)))
     return plan

@@ -11,6 +11,8 @@ from measured runs (`steps.estimate.calibrate`).
 
 from __future__ import annotations
 
+import math
+import os
 import re
 
 from steps.estimate import params
@@ -102,3 +104,38 @@ def step_seconds(cell: CellSpec, shape: DecoderShape, counts: params.ParamCounts
     if cell.layout.model_split:
         return overhead_s + compute + comm, None  # activations' collectives sit on the critical path
     return overhead_s + max(compute, comm), None  # gradient and weight traffic overlaps backward
+
+
+LAUNCH_S = 1.0  # torchrun's own start and the rendezvous, beside each rank's imports
+
+
+def probed(cell: CellSpec, entry: dict, layers: int) -> dict[str, float] | None:
+    """The cell on this machine from its probe (`steps.estimate.probe`): seconds per optimizer
+    step and real tokens per step, the evaluations' seconds over the run, and the start-up
+    (imports on every rank at once, the model's build, the data); None without a probe."""
+    if not entry or entry.get("error") or entry.get("step_layer_s") is None:
+        return None
+    step = entry["step_base_s"] + layers * entry["step_layer_s"]
+    tokens = entry["row_real_tokens"] * cell.micro_batch * cell.grad_accum * cell.dp_size
+    t = cell.train
+    evals = (int(t.evaluate) + (steps // t.eval_every if t.eval_every and (steps := _steps(cell)) else 0)
+             if t.evaluate else 0)
+    val = cell.data.val_samples or 0
+    micro = math.ceil(val / cell.dp_size / cell.micro_batch) if val else 0
+    eval_s = evals * micro * (entry["ev_base_s"] + layers * entry["ev_layer_s"])
+    cores = os.cpu_count() or 1
+    per = (catalog.instances()[cell.instance].cores_per_device or 1) if cell.instance in catalog.instances() else 1
+    crowd = max(1.0, cell.world_size * per / cores) if catalog.device_kind(cell.instance) == "cpu" else 1.0
+    samples = cell.data.train_samples or PROBE_DATA_SAMPLES
+    startup = ((entry.get("import_s") or 0.0) * crowd + entry["build_base_s"] + layers * entry["build_layer_s"]
+               + entry["data_s"] * max(1.0, samples / PROBE_DATA_SAMPLES) + (LAUNCH_S if cell.world_size > 1 else 0.0))
+    return {"step_s": step, "tokens_per_step": tokens, "eval_s": eval_s, "startup_s": startup}
+
+
+PROBE_DATA_SAMPLES = 512  # what the probe reads of the data (steps.trainer.probe.DATA_SAMPLES)
+
+
+def _steps(cell: CellSpec) -> int | None:
+    from steps.estimate.cost import steps_of
+
+    return steps_of(cell)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # only join reads tables: the other steps start without panda
     import pandas as pd
 
 DEFAULT_MATRIX = REPO_ROOT / "configs" / "matrix" / "default.yaml"
+PLAN_CSV = "plan.csv"
 
 
 def reports_root() -> Path:
@@ -36,16 +37,20 @@ def run_dir(run_id: str) -> Path:
     return reports_root() / str(run_id)
 
 
-def plan(matrix: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def plan(matrix: dict[str, Any], run_id: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Every cell of the matrix (refused ones included: they become `skipped` rows), after the
     checks that need the models and data (`preflight`) and the planner's (`plan:` budgets,
     predicted out-of-memory cells skipped when asked): a problem fails `start`, before any
     cell runs. The plan's table goes to the step's log. Also, under `economy:`, the planner's
     saving as predicted before launch (`Saving.to_dict()`), which the report sets against the
-    measured one."""
+    measured one. The plan (every column, the probe entries, the calibrations used) goes to
+    `plan.csv` in the run's folder, which the report scores against what ran."""
     spec = parse_matrix(plain(matrix))
     planned, planned_matrix = matrix_plan.plan_spec(spec, check="always")
     matrix_plan.show(planned, planned_matrix)
+    if run_id is not None:
+        path = matrix_plan.write_csv(planned, planned_matrix, run_dir(run_id) / PLAN_CSV)
+        print(f"plan: {path}")
     saving = planned_matrix.saving
     return [p.to_dict() for p in planned], (saving.to_dict() if saving is not None else None)
 
@@ -182,8 +187,11 @@ def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
     records = share_quality(records)  # economy: speed cells take their class's quality
     df = results.build_table(run_id, records)
     paths = results.write(df, out_dir)
+    learn(df, out_dir)
     link_cloned_cells(records, out_dir)
     (out_dir / "provenance.json").write_text(json.dumps(meta, indent=2))
+    if (out_dir / PLAN_CSV).exists():  # the plan start printed: the report scores it
+        meta = {**meta, "plan_csv": str(out_dir / PLAN_CSV)}
     from steps.report import build as report  # here: only join draws figures (matplotlib)
 
     blocks = None
@@ -200,6 +208,23 @@ def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
             f"\n\n```\n{error}```\n")
         blocks = None
     return df, {k: str(v) for k, v in paths.items()}, blocks
+
+
+def learn(df: pd.DataFrame, out_dir: Path) -> None:
+    """The run's measured cells into the calibration store, with the probe entries `start`
+    planned them with, so that the next plan is calibrated on them (a store that cannot be
+    written never loses the run)."""
+    from steps.estimate import store
+    from steps.report.planned import plan_of  # the report's reader of plan.csv (pandas: join has it)
+
+    try:
+        plan = plan_of(out_dir)
+        probes = {} if plan is None else {r["cell_id"]: json.loads(r["probe"]) for _, r in plan.iterrows()
+                                           if isinstance(r.get("probe"), str) and r["probe"]}
+        n = store.add_run(df, probes)
+        print(f"calibration store: {n} measured cells of this run added ({store.root()})")
+    except Exception:  # noqa: BLE001
+        print(f"the calibration store was not updated:\n{traceback.format_exc()}", file=sys.stderr)
 
 
 def report_card(blocks: list | None, paths: dict[str, str]) -> list:

@@ -272,6 +272,9 @@ class PlanSettings(Strict):
     skip_predicted_oom: bool = False
     max_cost_usd: PositiveFloat | None = None
     max_hours: PositiveFloat | None = None
+    # Time this machine's cells (local CPU types, local-gpu) with a probe of a few seconds each
+    # before planning them (cached per machine and library versions); false: the catalog's peaks.
+    probe: bool = True
 
 
 class EconomySettings(Strict):

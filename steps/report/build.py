@@ -38,7 +38,7 @@ __all__ = ["Block", "build", "card_components", "combine", "fmt", "main", "read_
            "write_blocks"]
 
 
-def sections(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def sections(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> dict[str, pd.DataFrame]:
     """The derived tables the sections show and the findings quote, by key."""
     sweep = analysis.lr_sweep(df)
     return {"scaling": analysis.scaling(df), "methods": analysis.methods(df), "precisions": analysis.precisions(df),
@@ -46,14 +46,14 @@ def sections(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             "lr_sweep": sweep, "lr_scaling": analysis.lr_scaling(sweep), "batch_fit": analysis.batch_fit(df),
             "equal_tokens": analysis.equal_tokens(df), "goodput": analysis.goodput(df),
             "pareto": analysis.pareto(df), "memory_budget": memory_budget.budget(df),
-            "planned": (plan_table := planned.planned(df)), "planned_errors": planned.errors(plan_table),
+            "planned": (plan_table := planned.planned(df, meta)), "planned_errors": planned.errors(plan_table),
             "settings": analysis.settings(df), "classes": economy.classes(df)}
 
 
 def build(df: pd.DataFrame, meta: dict[str, Any], out_dir: Path) -> list[Block]:
     """The whole report as blocks; the figures are written under out_dir/plots."""
     df = economy.with_classes(analysis.prepare(df))  # each row's class, worked out once
-    tables = sections(df)
+    tables = sections(df, meta)
     counts = ", ".join(f"{n} {k}" for k, n in sorted(df["outcome"].value_counts().items()))
     runs = ", ".join(f"`{r}`" for r in dict.fromkeys(df["run_id"].astype(str)))
     found = findings.all_findings(tables, df)
@@ -163,7 +163,8 @@ def read_results(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     prov = folder / "provenance.json"
     meta = json.loads(prov.read_text()) if prov.exists() else {}
-    return df, {**meta, "source": str(path)}
+    plan = folder / planned.PLAN_CSV  # what start printed: the report scores it
+    return df, {**meta, "source": str(path), "plan_csv": str(plan) if plan.exists() else None}
 
 
 def combine(tables: list[tuple[pd.DataFrame, dict[str, Any]]]) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -178,7 +179,7 @@ def combine(tables: list[tuple[pd.DataFrame, dict[str, Any]]]) -> tuple[pd.DataF
     names = list(dict.fromkeys(m.get("matrix") or "" for m in metas))
     meta = {"matrix": " + ".join(n for n in names if n) or "results",
             "run_id": ", ".join(dict.fromkeys(str(r) for r in df["run_id"])),
-            "sources": [m["source"] for m in metas]}
+            "sources": [m["source"] for m in metas], "plan_csvs": [m.get("plan_csv") for m in metas]}
     if len(metas) == 1:
         meta = {**metas[0], **meta, "run_id": metas[0].get("run_id", meta["run_id"])}
     return df, meta

@@ -139,18 +139,26 @@ SECTIONS: list[Section] = [
             ("precision", "precision", "text"), ("micro_batch", "micro-batch", "int"),
             ("planned_mem_gb", "planned GB", "num"), ("measured_mem_gb", "measured GB", "num"),
             ("mem_gb_error", "memory error", "pct"), ("planned_tokens_per_s", "planned tokens/s", "num"),
+            ("tokens_per_s_low", "low", "num"), ("tokens_per_s_high", "high", "num"),
             ("measured_tokens_per_s", "measured tokens/s", "num"), ("tokens_per_s_error", "tokens/s error", "pct"),
+            ("tokens_in", "inside", "text"),
             ("planned_wall_s", "planned wall s", "s"), ("measured_wall_s", "measured wall s", "s"),
-            ("wall_s_error", "wall error", "pct"), ("cost_usd_error", "cost error", "pct")],
+            ("wall_s_error", "wall error", "pct"), ("wall_in", "inside", "text"),
+            ("cost_usd_error", "cost error", "pct"), ("basis", "time from", "text"),
+            ("calibration", "calibration", "text")],
         needs="cells of preset models that trained to the end",
-        intro="What `python -m steps.plan` predicted before the run, with its default efficiencies (no "
-              "calibration; `--calibrate` fits them from runs like this one), beside what each cell measured; "
-              "error: planned / measured - 1. The planned memory is counted as the measured peak is: on a CPU "
-              "with the runtime (the cell's measured `runtime_baseline_gb` where the table has it), on a GPU "
-              "without the CUDA context; tokens/s counts the step's token slots, padding included.",
+        intro="What `start` printed before this run (the run's `plan.csv`): the probe's times on this machine "
+              "(`basis` probe) or the catalog's peaks, calibrated on the runs the store holds (which, how many "
+              "cells, from when), each with an interval from the calibration's held-out spread (wider where no "
+              "calibration covers the cell); beside what each cell measured, and whether it fell inside. A run "
+              "that kept no plan.csv is planned again from first principles. Error: planned / measured - 1. The "
+              "planned memory is counted as the measured peak is: on a CPU with the runtime (the cell's measured "
+              "`runtime_baseline_gb` where the table has it), on a GPU without the CUDA context; tokens/s counts "
+              "real tokens (no padding).",
         follow_ups=(FollowUp("planned_errors", [
             ("quantity", "quantity", "text"), ("cells", "cells", "int"),
-            ("median_abs_error", "median |error|", "pct"), ("max_abs_error", "largest |error|", "pct")],
+            ("median_abs_error", "median |error|", "pct"), ("max_abs_error", "largest |error|", "pct"),
+            ("inside", "inside its interval", "pct")],
             lead="The planner's error over this run:"),)),
     Section(
         "Instance types: time and cost", "instances", SETTINGS_COLS + [

@@ -3,6 +3,7 @@ Hugging Face causal LM by hub id or local directory (`from_pretrained`)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -61,6 +62,20 @@ def is_random_init(cell: CellSpec) -> bool:
     return catalog.random_init(cell)
 
 
+# The probe (`steps.trainer.probe`) times models of one and two layers of a cell's shape.
+_LAYERS: list[int] = []
+
+
+@contextlib.contextmanager
+def layer_count(n: int):
+    """Models built inside have `n` decoder layers, whatever their configuration says."""
+    _LAYERS.append(n)
+    try:
+        yield
+    finally:
+        _LAYERS.pop()
+
+
 def model_config(cell: CellSpec, vocab_size: int):
     from transformers import AutoConfig
 
@@ -71,6 +86,10 @@ def model_config(cell: CellSpec, vocab_size: int):
         config = AutoConfig.from_pretrained(_source(cell), trust_remote_code=cell.train.trust_remote_code)
     if config.vocab_size < vocab_size:
         raise ValueError(f"model vocab {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    if _LAYERS:
+        config.num_hidden_layers = _LAYERS[-1]
+        if getattr(config, "layer_types", None):  # per-layer attention kinds (newer configs)
+            config.layer_types = config.layer_types[: _LAYERS[-1]]
     return config
 
 

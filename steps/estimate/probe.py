@@ -1,0 +1,165 @@
+"""This machine measured, not assumed: the planner's side of the probe (`steps.trainer.probe`
+times the cells in a subprocess, so that planning imports no torch). Answers are cached per
+machine and library versions, so a second plan of the same shapes costs nothing.
+
+A local cell's probe entry holds its step time as a line in the number of decoder layers
+(`step_base_s + layers * step_layer_s`), an evaluation forward per micro-batch likewise, the
+model's build, the data's real tokens per row, and the trainer's import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from steps import REPO_ROOT
+from steps.plan import catalog
+from steps.plan.schema import CellSpec
+
+LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes")
+PROBE_LR = 1e-5  # the probe's steps must not diverge: the learning rate does not change their time
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FINETUNE_MATRIX_CACHE", Path.home() / ".cache" / "finetune-matrix"))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def machine() -> dict[str, Any]:
+    """What the answers depend on: the CPU, its cores, the GPUs, and the libraries' versions."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpus": [name for name, _ in catalog.local_gpus()],
+            "python": platform.python_version(), "versions": versions}
+
+
+def machine_key(info: dict[str, Any] | None = None) -> str:
+    return hashlib.sha256(json.dumps(info or machine(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def probed(cell: CellSpec) -> bool:
+    """Cells whose device is here: the local CPU types and `local-gpu`."""
+    entry = catalog.instances().get(cell.instance)
+    return entry is not None and (entry.local or entry.local_gpu)
+
+
+def _timed_cell(cell: CellSpec) -> CellSpec:
+    """The cell as the probe trains it: what sets a step's time kept, the rest fixed."""
+    train = cell.train.model_copy(update={"stop_after_steps": None, "evaluate": True, "eval_every": 0,
+                                          "checkpoint_every": 0, "target_loss": None, "max_steps": 10_000,
+                                          "epochs": None, "diverge_factor": None})
+    return cell.model_copy(update={"lr": PROBE_LR, "train": train})
+
+
+def request(cell: CellSpec, copies: int) -> dict[str, Any]:
+    """What the probe times for `cell`; `copies`: single-process cells run side by side."""
+    timed = _timed_cell(cell)
+    entry = catalog.instances()[cell.instance]
+    per = entry.cores_per_device or 1
+    cores = [list(range(i * per, (i + 1) * per)) for i in range(max(1, (os.cpu_count() or 1) // per))]
+    split = cell.layout.mp_size if cell.layout.model_split == "pipeline" else 1
+    body = {"cell": {k: v for k, v in timed.model_dump(mode="json").items() if k != "cell_id"},
+            "device": catalog.device_kind(cell.instance), "threads": per,
+            "copies": copies if cell.world_size == 1 else 1, "cores": cores, "layers": [split, 2 * split]}
+    body["cell"]["cell_id"] = cell.cell_id
+    key_body = {**body, "cell": {k: v for k, v in body["cell"].items() if k != "cell_id"}}
+    return {"key": hashlib.sha256(json.dumps(key_body, sort_keys=True).encode()).hexdigest()[:20], **body}
+
+
+def startup_request(cell: CellSpec) -> dict[str, Any]:
+    modules = ["steps.trainer.main", "transformers.models.auto", "peft"]
+    if cell.layout.deepspeed:
+        modules.append("deepspeed")
+    if cell.peft == "qlora":
+        modules.append("bitsandbytes")
+    return {"key": "startup:" + ",".join(modules), "modules": modules}
+
+
+def _cache_file() -> Path:
+    return cache_root() / "probe" / f"{machine_key()}.json"
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def copies_of(cells: list[CellSpec]) -> int:
+    """How many single-process cells of this machine run side by side: each holds its cores."""
+    local = [c for c in cells if probed(c) and catalog.device_kind(c.instance) == "cpu"]
+    if not local:
+        return 1
+    per = max(catalog.instances()[c.instance].cores_per_device or 1 for c in local)
+    return max(1, min(len(local), (os.cpu_count() or 1) // per))
+
+
+def profile(cells: list[CellSpec], echo=print) -> dict[str, dict[str, Any]]:
+    """Per cell id, the probe's answers for the cells of this machine (measured once per machine,
+    library versions and shape; later plans read the cache)."""
+    copies = copies_of(cells)
+    wanted: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for cell in cells:
+        if probed(cell):
+            wanted[cell.cell_id] = (request(cell, copies), startup_request(cell))
+    if not wanted:
+        return {}
+    path = _cache_file()
+    cache = _read_cache(path)
+    steps = {r["key"]: r for r, _ in wanted.values() if r["key"] not in cache}
+    starts = {s["key"]: s for _, s in wanted.values() if s["key"] not in cache}
+    if steps or starts:
+        echo(f"probing this machine: {len(steps)} cell shapes, {len(starts)} start-ups (cached in {path})")
+        answers = _run({"step": list(steps.values()), "startup": list(starts.values())})
+        cache.update(answers)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        kept = {k: v for k, v in answers.items() if not v.get("error")}  # a failure is tried again next time
+        tmp.write_text(json.dumps({**_read_cache(path), **kept}, indent=1))
+        tmp.replace(path)
+    out = {}
+    for cell_id, (step_req, start_req) in wanted.items():
+        step, start = cache.get(step_req["key"], {}), cache.get(start_req["key"], {})
+        errors = [e for e in (step.get("error"), start.get("error")) if e]
+        out[cell_id] = {"error": "; ".join(errors)} if errors else {
+            **{k: v for k, v in step.items() if k != "kind"}, "import_s": start.get("import_s"),
+            "copies": step_req["copies"], "machine": machine_key()}
+    return out
+
+
+def _run(requests: dict[str, list]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ask, answer = Path(tmp) / "requests.json", Path(tmp) / "answers.json"
+        ask.write_text(json.dumps(requests))
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run([sys.executable, "-m", "steps.trainer.probe", str(ask), str(answer)],
+                              cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=1800)
+        if proc.returncode != 0 or not answer.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            error = "the probe failed: " + " | ".join(tail)
+            return {r["key"]: {"error": error} for items in requests.values() for r in items}
+        return json.loads(answer.read_text())

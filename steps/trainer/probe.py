@@ -1,0 +1,227 @@
+"""The device measured instead of assumed: what the planner needs to know about this machine
+before a cell runs, timed on the cell's own shapes in a few seconds.
+
+    python -m steps.trainer.probe REQUESTS.json ANSWERS.json
+
+The planner (`steps.estimate.probe`) asks, and caches the answers per machine and library
+versions; this module only measures, so that planning itself never imports torch.
+
+- `step`: the cell itself, with its model cut to a few decoder layers (its configuration,
+  adapter, precision and strategy, random weights), trained for a few steps by the trainer's own
+  engine on the cell's own micro-batches (the trainer's data code: real widths, real tokens per
+  row), every rank at once, so that the collectives of its world size over gloo or NCCL, the
+  optimizer and the launches of small kernels are in the time. Two depths: their difference is
+  one layer's share of a micro-batch's forward and backward, of the optimizer step and of an
+  evaluation forward; what is left is the embedding, the head, the loss and the step's fixed cost.
+  A single-process cell is timed as `copies` of it side by side, as the matrix will run them.
+- `startup`: a fresh interpreter importing the trainer (and DeepSpeed where the cell uses it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steps import REPO_ROOT
+from steps.plan.schema import CellSpec
+from steps.trainer import data, modeling
+from steps.trainer.distributed import Dist
+
+WARM, REPS = 3, 10  # untimed steps (the trainer's timing warm-up), timed ones at most
+TIMEOUT_S = 180.0  # a cell whose probe hangs (a collective that never completes) is planned without it
+BUDGET_S = 3.0  # fewer timed repetitions (two at least) where a step is slow
+DATA_SAMPLES = 512  # examples read to learn the widths and real tokens of the cell's rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _splits(cell: CellSpec) -> tuple[data.Splits, data.GlobalBatches, float]:
+    """The cell's first examples as the trainer builds them, its global batches, and the seconds
+    they took."""
+    t0 = time.perf_counter()
+    tok = modeling.load_tokenizer(cell)
+    n = max(min(cell.data.train_samples or DATA_SAMPLES, DATA_SAMPLES), 2 * cell.global_batch)
+    settings = cell.data.model_copy(update={"train_samples": n, "val_samples": min(cell.data.val_samples or 8, 8)})
+    splits = data.build_splits(settings, tok, cell.seq_len)
+    batches = data.GlobalBatches(splits.train, cell.global_batch, cell.train.seed)
+    return splits, batches, time.perf_counter() - t0
+
+
+def _rows(cell: CellSpec, batches: data.GlobalBatches, width: int | None) -> tuple[float, float]:
+    """The mean width the cell's micro-batches are padded to, and its real tokens per row, over
+    its first steps."""
+    widths, real = [], []
+    for step in range(min(batches.steps_per_epoch, 64)):
+        mine = batches.replica_examples(step, 0, cell.dp_size)
+        for k in range(0, len(mine), cell.micro_batch):
+            rows = mine[k : k + cell.micro_batch]
+            widths.append(width or max(len(e.ids) for e in rows))
+            real.extend(len(e.ids) for e in rows)
+    return statistics.mean(widths), statistics.mean(real)
+
+
+def _time(fn, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _rank_env(rank: int, world: int, port: int) -> None:
+    """What torchrun gives a rank (a cell of one process: a group of its own)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _measure(cell: CellSpec, layers: int, splits: data.Splits, batches: data.GlobalBatches, d: Dist,
+             out: Path) -> dict[str, float]:
+    """Seconds of one of the trainer's own optimizer steps (`Loop.step`: its micro-batches built,
+    forward and backward over `grad_accum` of them, the gradients synchronised, clipped and
+    applied, the loss reduced), of one evaluation forward per micro-batch, and of the model's
+    build, with `layers` decoder layers."""
+    from steps.results.metrics import CellMetrics
+    from steps.trainer import distributed
+    from steps.trainer.engines import build_engine
+    from steps.trainer.liveness import Heartbeat
+    from steps.trainer.loop import Diverged, Loop, TrainClock
+    from steps.trainer.progress import Progress
+
+    tok = modeling.load_tokenizer(cell)
+    t0 = time.perf_counter()
+    with modeling.layer_count(layers):
+        engine = build_engine(cell, d, tok.vocab_size, total_steps=10_000)
+    build_s = time.perf_counter() - t0
+    loop = Loop(engine, tok, splits, batches, 10_000, CellMetrics(), out, Heartbeat(out, d.rank), Progress())
+    width, group = engine.eval_shape()
+    evals = [data.to_device(data.collate(splits.train[k * cell.micro_batch : (k + 1) * cell.micro_batch],
+                                         tok.pad_id, width), d.device) for k in range(group)]
+    steps, ev = [], []
+    clock, deadline = TrainClock(0.0), time.perf_counter() + BUDGET_S
+    engine.train()
+    for rep in range(WARM + REPS):
+        try:
+            t_step = _time(lambda n=rep + 1: loop.step(n, clock, log=False), d.device)
+        except Diverged:  # random weights at the cell's learning rate: the time still counts
+            t_step = loop.progress.timed_s / max(loop.progress.timed_steps, 1) if rep >= WARM else 0.0
+        engine.eval()
+        t_ev = _time(lambda: engine.eval_step(evals, tok.eos_id), d.device)
+        engine.train()
+        if rep >= WARM:
+            steps.append(t_step)
+            ev.append(t_ev / group)
+            # Every rank stops at the same step (the next one would wait in a collective).
+            late = float(rep >= WARM + 1 and time.perf_counter() > deadline)
+            if distributed.all_reduce_max([late], d.device)[0]:
+                break
+    # The mean, as the trainer reports its timed steps: the odd slow step counts.
+    return {"step": statistics.mean(steps), "ev": statistics.mean(ev), "build": build_s}
+
+
+def _step_rank(rank: int, request: dict[str, Any], ports: list[int], answer: str) -> None:
+    """One process of the probe: a rank of the cell, or one of `copies` cells side by side."""
+    from steps.trainer import distributed
+
+    cell = CellSpec.model_validate(request["cell"])
+    cores = request.get("cores") or []
+    if cores:
+        os.sched_setaffinity(0, cores[rank % len(cores)])
+    torch.set_num_threads(int(request.get("threads") or 1))
+    alone = cell.world_size == 1  # a copy: its own group of one
+    _rank_env(0 if alone else rank, cell.world_size, ports[rank] if alone else ports[0])
+    d = distributed.init(timeout_s=600, gpu=request.get("device") == "gpu")
+    splits, batches, data_s = _splits(cell)
+    first, second = request["layers"]
+    from steps.trainer.engines import build_engine
+
+    with modeling.layer_count(first):  # the first build loads the model's classes: not a build's cost
+        build_engine(cell, d, modeling.load_tokenizer(cell).vocab_size, total_steps=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        one, two = (_measure(cell, n, splits, batches, d, Path(tmp)) for n in (first, second))
+        width, real = _rows(cell, batches, cell.seq_len if cell.layout.model_split == "pipeline" else None)
+    out: dict[str, float] = {"row_width": width, "row_real_tokens": real, "data_s": data_s}
+    for part in ("step", "ev", "build"):
+        layer = max(two[part] - one[part], 0.0) / (second - first)
+        out[f"{part}_layer_s"], out[f"{part}_base_s"] = layer, max(one[part] - first * layer, 0.0)
+    if rank == 0:
+        Path(answer).write_text(json.dumps(out))
+    distributed.shutdown()
+
+
+def step(request: dict[str, Any]) -> dict[str, float]:
+    """A decoder layer's share and the rest of the cell's step on this device: all the cell's
+    ranks at once (or `copies` single-process cells side by side, as a matrix runs them)."""
+    import torch.multiprocessing as mp
+
+    cell = CellSpec.model_validate(request["cell"])
+    procs = cell.world_size if cell.world_size > 1 else int(request.get("copies") or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        answer = os.path.join(tmp, "answer.json")
+        context = mp.start_processes(_step_rank, args=(request, [_free_port() for _ in range(procs)], answer),
+                                     nprocs=procs, join=False, start_method="spawn")
+        deadline = time.monotonic() + TIMEOUT_S
+        try:
+            while not context.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the probe of this cell took over {TIMEOUT_S:.0f} s")
+        finally:
+            for proc in context.processes:
+                if proc.is_alive():
+                    proc.kill()
+        return json.loads(Path(answer).read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def startup(request: dict[str, Any]) -> dict[str, float]:
+    """Seconds a fresh interpreter takes to import the trainer (the quicker of two: the second
+    reads warm files, as a matrix's cells do)."""
+    modules = ", ".join(request.get("modules") or ["steps.trainer.main"])
+    runs = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {modules}"], cwd=REPO_ROOT, check=True,
+                       capture_output=True, timeout=300)
+        runs.append(time.perf_counter() - t0)
+    return {"import_s": min(runs)}
+
+
+KINDS = {"step": step, "startup": startup}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    requests = json.loads(Path(args[0]).read_text())
+    answers: dict[str, dict[str, Any]] = {}
+    for kind, items in requests.items():
+        for item in items:
+            try:
+                answers[item["key"]] = {"kind": kind, **KINDS[kind](item)}
+            except Exception as exc:  # noqa: BLE001 - an unmeasurable shape is planned without its probe
+                answers[item["key"]] = {"kind": kind, "error": f"{type(exc).__name__}: {exc}"}
+            print(f"probe {kind} {item['key'][:12]}: {json.dumps(answers[item['key']])[:200]}",
+                  file=sys.stderr, flush=True)
+    Path(args[1]).write_text(json.dumps(answers, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
