@@ -216,13 +216,14 @@ def fit(recs: list[Record] | pd.DataFrame) -> Calibration:
     """Per key (device, instance, strategy, precision, method; then coarser), a line from the
     first-principles step time (the probe's, or the catalog's peak) to the measured one; the
     start-up's and the evaluations' measured share of their prediction; and how far the fit
-    misses a run it did not see (each run's cells predicted from the other runs): the spread
+    misses a run it did not see (each of the latest runs' cells predicted from the others): the spread
     that sets the intervals. `recs`: `records(...)`, or a results table (no probe entries)."""
     recs = records(recs) if not isinstance(recs, list) else recs
     calibration = _fit(recs)
     residuals: dict[str, dict[str, list[float]]] = {}
-    runs = sorted({r.run for r in recs})
-    for run in runs if len(runs) > 1 else []:
+    dates = {r.run: r.date or "" for r in recs}
+    runs = sorted(dates, key=lambda run: (dates[run], run))
+    for run in runs[-HELD_OUT_RUNS:] if len(runs) > 1 else []:
         others = _fit([r for r in recs if r.run != run])
         for rec in (r for r in recs if r.run == run):
             plan = predict(rec.cell, others, probe=rec.probe, fixes=False)
@@ -248,6 +249,7 @@ def fit(recs: list[Record] | pd.DataFrame) -> Calibration:
     return calibration
 
 
+HELD_OUT_RUNS = 5  # the latest runs each held out once for the spread (each is a fit of the rest)
 SPREAD_QUANTILE = 0.9  # of the held-out |log(planned / measured)|: the interval's half-width
 SPREAD_FLOOR = 0.05  # no interval narrower than 5% either side: the machine's own noise
 # Half-widths (log) where no calibration covers the cell: the probe's first-principles misses on

@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         rows, probes = calibrate.read_runs(args.calibrate), calibrate.run_probes(args.calibrate)
         calibration = calibrate.fit(calibrate.records(rows, probes))
         calibrate.show(calibration, calibrate.planned_vs_measured(rows, calibration, probes))
+    if args.save_calibration and calibration is True:  # the store's fit, as this plan uses it
+        from steps.estimate import store
+
+        calibration = store.calibration() or False
     if args.save_calibration and isinstance(calibration, dict):
         Path(args.save_calibration).write_text(json.dumps(calibration, indent=1))
     try:

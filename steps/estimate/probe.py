@@ -26,6 +26,7 @@ from steps.plan import catalog
 from steps.plan.schema import CellSpec
 
 LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes")
+VERSION = 2  # what the probe measures and how: a change invalidates every cached answer
 PROBE_LR = 1e-5  # the probe's steps must not diverge: the learning rate does not change their time
 
 
@@ -53,7 +54,7 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpus": [name for name, _ in catalog.local_gpus()],
-            "python": platform.python_version(), "versions": versions}
+            "python": platform.python_version(), "versions": versions, "probe": VERSION}
 
 
 def machine_key(info: dict[str, Any] | None = None) -> str:
@@ -155,7 +156,9 @@ def _run(requests: dict[str, list]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ask, answer = Path(tmp) / "requests.json", Path(tmp) / "answers.json"
         ask.write_text(json.dumps(requests))
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        # The launcher's allocator setting for local CPU cells (the user's own wins): the probe
+        # must pay for each step's fresh mappings as the cells do.
+        env = {**catalog.CPU_MALLOC_ENV, **os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run([sys.executable, "-m", "steps.trainer.probe", str(ask), str(answer)],
                               cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=1800)
         if proc.returncode != 0 or not answer.exists():

@@ -93,8 +93,11 @@ def load(folders: list[Path] | None = None) -> list[dict[str, Any]]:
     entries = []
     for folder in folders if folders is not None else [root(), SHIPPED]:
         for path in sorted(Path(folder).glob("*.jsonl")):
-            entries.extend(_read(path))
+            entries.extend(_read(path)[-RECENT:])
     return entries
+
+
+RECENT = 120  # entries per device the fit reads, the latest (a plan refits them: about a second)
 
 
 def records(entries: list[dict[str, Any]]) -> list[calibrate.Record]:

@@ -36,12 +36,7 @@ from steps.results.metrics import (
 )
 
 KILL_GRACE_S = 5.0
-# glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), so the
-# whole model a rank loads before sharding, and every step's activations, come back from the
-# heap and stay in the resident set after they are freed: an FSDP rank's peak looked twice its
-# live memory. A fixed threshold keeps large blocks in mmap, returned to the system when freed,
-# so a CPU cell's peak resident set (and its `memory_cap_gb`) is the memory it needs.
-CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+CPU_MALLOC_ENV = catalog.CPU_MALLOC_ENV  # see there: the probe runs with it too
 STACK_DUMP_WAIT_S = 2.0
 POLL_S = 0.25
 

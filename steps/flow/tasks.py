@@ -177,6 +177,21 @@ def link_cloned_cells(records: list[tuple[dict, dict]], out_dir: Path) -> None:
             here.symlink_to(Path(there).resolve(), target_is_directory=True)
 
 
+def keep_plan(records: list[tuple[dict, dict]], out_dir: Path) -> None:
+    """A resumed run's `start` is cloned, not run: its plan.csv is the origin run's (found
+    beside the cells it cloned), copied into this run's folder."""
+    import shutil
+
+    if (out_dir / PLAN_CSV).exists():
+        return
+    for _, m in records:
+        there = Path(m["out_dir"]).parent.parent / PLAN_CSV if m.get("out_dir") else None
+        if there is not None and there.exists():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(there, out_dir / PLAN_CSV)
+            return
+
+
 def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
          meta: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, str], list | None]:
     """The results table, provenance and report; also the report's blocks, which the `end`
@@ -189,6 +204,7 @@ def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
     paths = results.write(df, out_dir)
     learn(df, out_dir)
     link_cloned_cells(records, out_dir)
+    keep_plan(records, out_dir)
     (out_dir / "provenance.json").write_text(json.dumps(meta, indent=2))
     if (out_dir / PLAN_CSV).exists():  # the plan start printed: the report scores it
         meta = {**meta, "plan_csv": str(out_dir / PLAN_CSV)}

@@ -72,6 +72,17 @@ class Instance(Strict):
         return self.name == LOCAL_GPU
 
 
+# How a local CPU cell's processes allocate (the launcher's environment, and the probe's, which
+# must time steps as the cells will run them). glibc raises its mmap threshold to the size of
+# each large block freed (up to 32 MB), so the whole model a rank loads before sharding, and
+# every step's activations, come back from the heap and stay in the resident set after they are
+# freed: an FSDP rank's peak looked twice its live memory. A fixed threshold keeps large blocks in
+# mmap, returned to the system when freed, so a CPU cell's peak resident set (and its
+# `memory_cap_gb`) is the memory it needs; each step then maps its activations afresh, which
+# costs time the probe has to see.
+CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def _read_yaml(path: Path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return yaml.safe_load(fh)
