@@ -68,6 +68,9 @@ def _as_run(row: Any, key: str) -> Any:
     return row.get(key) if _missing(ran) else ran
 
 
+PLAN_CSV = "plan.csv"  # the plan `start` printed, in the run's folder (`matrix_plan.write_csv`)
+
+
 def run_probes(paths: list[str | Path]) -> dict[str, Any]:
     """The probe entries runs were planned with, by cell id: each run folder's plan.csv (what
     `start` printed), or a twin's probe.json."""
@@ -78,8 +81,8 @@ def run_probes(paths: list[str | Path]) -> dict[str, Any]:
         folder = p if p.is_dir() else p.parent
         if (folder / "probe.json").exists():
             out.update(json.loads((folder / "probe.json").read_text()).get("cells", {}))
-        if (folder / "plan.csv").exists():
-            with open(folder / "plan.csv", newline="", encoding="utf-8") as fh:
+        if (folder / PLAN_CSV).exists():
+            with open(folder / PLAN_CSV, newline="", encoding="utf-8") as fh:
                 out.update({r["cell_id"]: json.loads(r["probe"]) for r in csv.DictReader(fh) if r.get("probe")})
     return out
 
@@ -106,16 +109,22 @@ def device_model(cell: CellSpec) -> str:
     return found.group(1) if found and name != "cpu" else name
 
 
-def _keys(cell: CellSpec) -> list[str]:
+def _keys(cell: CellSpec, depth: str | None = None) -> list[str]:
     """From the most specific to the device: the CPU type's cores per rank (local-cpu,
     local-cpu-2c) where the device is this machine's CPU, the strategy, precision and method,
-    then the fast paths (compiled layers, Liger, the chunked loss, the fused optimizer)."""
+    then the fast paths (compiled layers, Liger, the chunked loss, the fused optimizer). A probed
+    cell's `depth` (timed whole or extrapolated from cuts, `planner.CellPlan.depth`) splits the
+    two specific levels: the twins' 8-layer cells extrapolated from cuts ran about 1.35x their
+    plan, those timed whole about 1.0x."""
     device = device_model(cell)
     where = cell.instance if device == "cpu" else "gpu"
     t = cell.train
     paths = f"compile={t.compile},liger={t.liger},loss={t.loss},fused={t.fused_optimizer}"
     base = f"{device}|{where}|{cell.strategy}|{cell.precision}|{cell.peft}"
-    return [f"{base}|{paths}", base, f"{device}|{where}|{cell.strategy}", f"{device}|{where}", device]
+    broad = [f"{device}|{where}|{cell.strategy}", f"{device}|{where}"]
+    specific = [f"{base}|{paths}", base]
+    split = [x for k in specific for x in ((f"{k}|{depth}", k) if depth else (k,))]
+    return [*split, *broad, device]
 
 
 def _startup_keys(cell: CellSpec) -> list[str]:
@@ -125,8 +134,7 @@ def _startup_keys(cell: CellSpec) -> list[str]:
 
 def measured(rows: pd.DataFrame) -> list[tuple[CellSpec, Any]]:
     """The rows that trained with a step time (`ok`, or a speed cell's steps), as (cell, row)."""
-    ok = rows[(rows["outcome"] == "ok") & rows["step_s"].notna() & rows["tokens_per_s"].notna()]
-    return [(cell_of_row(r), r) for _, r in ok.iterrows()]
+    return [(cell_of_row(r), r) for _, r in rows.iterrows() if _trained(r)]
 
 
 @dataclass(frozen=True)
@@ -191,14 +199,14 @@ def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return 0.0, statistics.median(y / x for x, y in points)
 
 
-def _fit(recs: list[Record]) -> Calibration:
+def _fit(recs: list[Record], first: list[planner.CellPlan]) -> Calibration:
+    """The lines and shares of `recs`, each beside its first-principles plan (`first`)."""
     steps: dict[str, list[tuple[float, float]]] = {}
     starts: dict[str, list[float]] = {}
     evals: dict[str, list[float]] = {}
-    for rec in recs:
-        plan = _first_principles(rec)
+    for rec, plan in zip(recs, first, strict=True):
         if plan.step_s:
-            for key in _keys(rec.cell):
+            for key in _keys(rec.cell, plan.depth):
                 steps.setdefault(key, []).append((plan.step_s, float(rec.row["step_s"])))
         overhead = rec.row.get("overhead_s")
         if plan.startup_s and not _missing(overhead):
@@ -219,14 +227,16 @@ def fit(recs: list[Record] | pd.DataFrame) -> Calibration:
     misses a run it did not see (each of the latest runs' cells predicted from the others): the spread
     that sets the intervals. `recs`: `records(...)`, or a results table (no probe entries)."""
     recs = records(recs) if not isinstance(recs, list) else recs
-    calibration = _fit(recs)
+    first = [_first_principles(r) for r in recs]  # once: every fit below reads them
+    calibration = _fit(recs, first)
     residuals: dict[str, dict[str, list[float]]] = {}
     dates = {r.run: r.date or "" for r in recs}
     runs = sorted(dates, key=lambda run: (dates[run], run))
     for run in runs[-HELD_OUT_RUNS:] if len(runs) > 1 else []:
-        others = _fit([r for r in recs if r.run != run])
-        for rec in (r for r in recs if r.run == run):
-            plan = predict(rec.cell, others, probe=rec.probe, fixes=False)
+        rest = [i for i, r in enumerate(recs) if r.run != run]
+        others = _fit([recs[i] for i in rest], [first[i] for i in rest])
+        for rec, fp in ((r, p) for r, p in zip(recs, first, strict=True) if r.run == run):
+            plan = apply(rec.cell, fp, others)
             if not plan.calibration:
                 continue
             into = residuals.setdefault(device_model(rec.cell), {"tokens_per_s": [], "wall_s": []})
@@ -265,18 +275,18 @@ def _quantile(values: list[float], q: float) -> float:
 MIN_CELLS = 3  # a key's line is used from this many measured cells on; fewer fall back to a coarser key
 
 
-def _step_key(cell: CellSpec, calibration: Calibration | None) -> str | None:
+def _step_key(cell: CellSpec, calibration: Calibration | None, depth: str | None = None) -> str | None:
     """The most specific key with a line fitted on enough cells (held out on the five twins:
     one or two cells of a key overfit it; from three on each twin's median error is at most 21%);
     where no key has as many (a GPU measured once), the most specific that has any."""
     lines = (calibration or {}).get("step", {})
-    found = [k for k in _keys(cell) if k in lines]
+    found = [k for k in _keys(cell, depth) if k in lines]
     return next((k for k in found if lines[k][2] >= MIN_CELLS), found[0] if found else None)
 
 
-def describe(cell: CellSpec, calibration: Calibration | None) -> str:
+def describe(cell: CellSpec, calibration: Calibration | None, depth: str | None = None) -> str:
     """Which calibration a prediction used: its device, cells, runs and dates, and the key."""
-    key = _step_key(cell, calibration)
+    key = _step_key(cell, calibration, depth)
     if key is None:
         return ""
     src = calibration.get("source", {}).get(device_model(cell), {})
@@ -295,11 +305,16 @@ def predict(cell: CellSpec, calibration: Calibration | None, compute: str = "loc
             probe: dict[str, Any] | None = None) -> planner.CellPlan:
     """The planner's answer with the calibration applied, and its intervals: the calibration's
     held-out spread where it covers the cell, wider where not."""
-    plan = planner.predict(cell, facts, compute, fixes=fixes, probe=probe)
+    return apply(cell, planner.predict(cell, facts, compute, fixes=fixes, probe=probe), calibration, compute)
+
+
+def apply(cell: CellSpec, plan: planner.CellPlan, calibration: Calibration | None,
+          compute: str = "local") -> planner.CellPlan:
+    """A first-principles plan of `cell` calibrated, with its intervals."""
     if plan.step_s is None:
         return plan
     calibration = calibration or {}
-    key = _step_key(cell, calibration)
+    key = _step_key(cell, calibration, plan.depth)
     step, startup, eval_s = plan.step_s, plan.startup_s or 0.0, plan.eval_s or 0.0
     if key is not None:
         overhead, slope, _ = calibration["step"][key]
@@ -314,35 +329,34 @@ def predict(cell: CellSpec, calibration: Calibration | None, compute: str = "loc
     q_tokens = spread["tokens_per_s"] if spread else UNCOVERED[plan.basis]
     q_wall = spread["wall_s"] if spread else UNCOVERED[plan.basis]
     return replace(plan, step_s=step, tokens_per_s=tokens, wall_s=wall, cost_usd=dollars, startup_s=startup,
-                   eval_s=eval_s, calibration=describe(cell, calibration),
+                   eval_s=eval_s, calibration=describe(cell, calibration, plan.depth),
                    tokens_per_s_range=_range(tokens, q_tokens), wall_s_range=_range(wall, q_wall),
                    cost_usd_range=_range(dollars, q_wall))
 
 
 def _comparable_memory(cell: CellSpec, plan: planner.CellPlan, row: Any) -> float | None:
-    """The plan's memory as the cell's measured peak counts it: on a GPU CUDA's peak allocated
-    holds no context; on a CPU the resident set's high-water mark holds the runtime (the cell's
-    own measured baseline where the table has one) and the model's load."""
+    """The plan's memory as the cell's measured peak counts it (`_as_peak`)."""
     if plan.total_gb is None:
         return None
-    runtime = plan.memory_gb.get("runtime", 0.0)
-    baseline = row.get("runtime_baseline_gb")
-    if device_model(cell) != "cpu":
-        return plan.total_gb - runtime
-    # The resident set's high-water mark: loading counts too.
-    return plan.peak_gb - runtime + (runtime if _missing(baseline) else float(baseline))
+    return _as_peak(cell, plan.total_gb, plan.peak_gb, plan.memory_gb.get("runtime", 0.0), row)
 
 
 def _planned_memory(cell: CellSpec, plan: dict[str, Any], row: Any) -> float | None:
     """`_comparable_memory` from a plan.csv row."""
-    total, peak = plan.get("gb_per_rank"), plan.get("peak_gb")
+    total, peak, runtime = plan.get("gb_per_rank"), plan.get("peak_gb"), plan.get("runtime")
     if _missing(total) or _missing(peak):
         return None
-    runtime = 0.0 if _missing(plan.get("runtime")) else float(plan["runtime"])
+    return _as_peak(cell, float(total), float(peak), 0.0 if _missing(runtime) else float(runtime), row)
+
+
+def _as_peak(cell: CellSpec, total: float, peak: float, runtime: float, row: Any) -> float:
+    """On a GPU CUDA's peak allocated holds no context; on a CPU the resident set's high-water
+    mark holds the runtime (the cell's own measured baseline where the table has one) and the
+    model's load."""
     if device_model(cell) != "cpu":
-        return float(total) - runtime
+        return total - runtime
     baseline = row.get("runtime_baseline_gb")
-    return float(peak) - runtime + (runtime if _missing(baseline) else float(baseline))
+    return peak - runtime + (runtime if _missing(baseline) else float(baseline))
 
 
 def planned_vs_measured(rows: pd.DataFrame, calibration: Calibration | None = None,

@@ -115,7 +115,7 @@ def plan_spec(spec: MatrixSpec, check: str = "auto", calibration: calibrate.Cali
     if probe is None:
         probe = spec.plan.probe and os.environ.get("FINETUNE_MATRIX_PROBE", "1") != "0"
     live = [p.cell for p in planned if not p.refused]
-    probes = probing.profile(live, echo=echo) if probe else {}
+    probes = probing.profile(live, echo=echo, facts=facts["models"]) if probe else {}
 
     def predict_cell(cell):
         return calibrate.predict(cell, calibration or None, spec.compute, facts["models"], fixes=True,
@@ -146,8 +146,8 @@ CSV_COLUMNS = ("cell_id", "model", "peft", "strategy", "nodes", "gpus", "world_s
                "grad_accum", "precision", "seq_len", "refused", "weights", "grads", "optim", "activations", "buffers",
                "runtime", "gb_per_rank", "load_gb", "step_gb", "peak_gb", "device_gb", "verdict", "fix", "step_s",
                "tokens_per_s", "tokens_per_s_low", "tokens_per_s_high", "steps", "startup_s", "eval_s", "wall_s",
-               "wall_s_low", "wall_s_high", "cost_usd", "cost_usd_low", "cost_usd_high", "basis", "calibration",
-               "note", "probe")
+               "wall_s_low", "wall_s_high", "cost_usd", "cost_usd_low", "cost_usd_high", "basis", "depth",
+               "calibration", "note", "probe")
 
 
 def rows(planned: list, matrix_plan: MatrixPlan) -> list[dict[str, Any]]:
@@ -165,7 +165,7 @@ def rows(planned: list, matrix_plan: MatrixPlan) -> list[dict[str, Any]]:
                        device_gb=plan.device_gb, verdict=plan.verdict, fix=plan.fix or "", step_s=plan.step_s,
                        tokens_per_s=plan.tokens_per_s, steps=plan.steps, startup_s=plan.startup_s,
                        eval_s=plan.eval_s, wall_s=plan.wall_s, cost_usd=plan.cost_usd, basis=plan.basis,
-                       calibration=plan.calibration or "", note=plan.note or "")
+                       depth=plan.depth or "", calibration=plan.calibration or "", note=plan.note or "")
             for what in ("tokens_per_s", "wall_s", "cost_usd"):
                 span = getattr(plan, f"{what}_range")
                 if span:

@@ -40,6 +40,7 @@ class CellPlan:
     load_gb: float | None = None  # per rank while the model loads, before any sharding
     step_gb: float | None = None  # per rank at DeepSpeed's optimizer step, where it exceeds training
     basis: str = "catalog"  # where the time comes from: "probe" (this machine measured) or the catalog's peak
+    depth: str | None = None  # probed: "exact" (the probe timed the whole depth) or "extrapolated"
     startup_s: float | None = None  # launch to the first step
     eval_s: float | None = None  # the evaluations over the run
     calibration: str | None = None  # which calibration the time used ("" or None: first principles)
@@ -119,7 +120,8 @@ def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: str = 
         step, why = measured["step_s"], None
         n, wall, dollars = cost.wall_and_cost(cell, step, compute, measured["startup_s"], measured["eval_s"])
         plan = replace(plan, step_s=step, tokens_per_s=measured["tokens_per_step"] / step, steps=n, wall_s=wall,
-                       cost_usd=dollars, basis="probe", startup_s=measured["startup_s"], eval_s=measured["eval_s"])
+                       cost_usd=dollars, basis="probe", startup_s=measured["startup_s"], eval_s=measured["eval_s"],
+                       depth=measured["depth"])
     else:
         step, why = step_time.step_seconds(cell, shape, counts, efficiency, overhead_s)
         if step is not None:

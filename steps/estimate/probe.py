@@ -21,17 +21,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from steps import REPO_ROOT
+from steps import REPO_ROOT, cache_root
 from steps.plan import catalog
 from steps.plan.schema import CellSpec
 
 LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes")
-VERSION = 2  # what the probe measures and how: a change invalidates every cached answer
+VERSION = 3  # what the probe measures and how: a change invalidates every cached answer
 PROBE_LR = 1e-5  # the probe's steps must not diverge: the learning rate does not change their time
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FINETUNE_MATRIX_CACHE", Path.home() / ".cache" / "finetune-matrix"))
 
 
 def cpu_model() -> str:
@@ -75,19 +71,39 @@ def _timed_cell(cell: CellSpec) -> CellSpec:
     return cell.model_copy(update={"lr": PROBE_LR, "train": train})
 
 
-def request(cell: CellSpec, copies: int) -> dict[str, Any]:
+# A model of up to this many parameters is timed at its own depth (beside a one-layer cut):
+# extrapolated from cuts of one and two layers, the twins' 8-layer cells ran about 1.35x the
+# cuts' time per layer (their weights outgrow the caches two layers fit in). Larger models
+# are cut, and the calibration learns their extrapolation apart (`planner.CellPlan.depth`).
+WHOLE_PARAMS = {"cpu": 150e6, "gpu": 1.5e9}
+
+
+def depths(cell: CellSpec, facts: dict[str, Any] | None = None) -> tuple[int, int]:
+    """The two depths the probe times the cell's model at: one layer (per pipeline stage) and
+    two, or the model's own depth where it is small enough to time whole."""
+    from steps.estimate import params, planner, step_time
+
+    split = step_time.cuts(cell)[0]
+    arch = planner.arch_of(cell, facts)
+    if arch is not None:
+        layers = int(arch.get("num_hidden_layers") or 0)
+        total = params.counts(arch, cell.peft, cell.train.lora.r, cell.train.lora.target_modules).total
+        if layers > 2 * split and total <= WHOLE_PARAMS[catalog.device_kind(cell.instance)]:
+            return split, layers
+    return step_time.cuts(cell)
+
+
+def request(cell: CellSpec, copies: int, facts: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the probe times for `cell`; `copies`: single-process cells run side by side."""
     timed = _timed_cell(cell)
     entry = catalog.instances()[cell.instance]
     per = entry.cores_per_device or 1
     cores = [list(range(i * per, (i + 1) * per)) for i in range(max(1, (os.cpu_count() or 1) // per))]
-    split = cell.layout.mp_size if cell.layout.model_split == "pipeline" else 1
     body = {"cell": {k: v for k, v in timed.model_dump(mode="json").items() if k != "cell_id"},
             "device": catalog.device_kind(cell.instance), "threads": per,
-            "copies": copies if cell.world_size == 1 else 1, "cores": cores, "layers": [split, 2 * split]}
-    body["cell"]["cell_id"] = cell.cell_id
-    key_body = {**body, "cell": {k: v for k, v in body["cell"].items() if k != "cell_id"}}
-    return {"key": hashlib.sha256(json.dumps(key_body, sort_keys=True).encode()).hexdigest()[:20], **body}
+            "copies": copies if cell.world_size == 1 else 1, "cores": cores, "layers": list(depths(cell, facts))}
+    key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]  # the shape, not the id
+    return {"key": key, **body, "cell": {**body["cell"], "cell_id": cell.cell_id}}
 
 
 def startup_request(cell: CellSpec) -> dict[str, Any]:
@@ -119,14 +135,15 @@ def copies_of(cells: list[CellSpec]) -> int:
     return max(1, min(len(local), (os.cpu_count() or 1) // per))
 
 
-def profile(cells: list[CellSpec], echo=print) -> dict[str, dict[str, Any]]:
+def profile(cells: list[CellSpec], echo=print, facts: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Per cell id, the probe's answers for the cells of this machine (measured once per machine,
-    library versions and shape; later plans read the cache)."""
+    library versions and shape; later plans read the cache). `facts`: the models' facts, for
+    the shapes of models that are not presets."""
     copies = copies_of(cells)
     wanted: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for cell in cells:
         if probed(cell):
-            wanted[cell.cell_id] = (request(cell, copies), startup_request(cell))
+            wanted[cell.cell_id] = (request(cell, copies, facts), startup_request(cell))
     if not wanted:
         return {}
     path = _cache_file()
@@ -148,7 +165,7 @@ def profile(cells: list[CellSpec], echo=print) -> dict[str, dict[str, Any]]:
         errors = [e for e in (step.get("error"), start.get("error")) if e]
         out[cell_id] = {"error": "; ".join(errors)} if errors else {
             **{k: v for k, v in step.items() if k != "kind"}, "import_s": start.get("import_s"),
-            "copies": step_req["copies"], "machine": machine_key()}
+            "copies": step_req["copies"], "layers": step_req["layers"], "machine": machine_key()}
     return out
 
 
@@ -166,3 +183,46 @@ def _run(requests: dict[str, list]) -> dict[str, Any]:
             error = "the probe failed: " + " | ".join(tail)
             return {r["key"]: {"error": error} for items in requests.values() for r in items}
         return json.loads(answer.read_text())
+
+
+def probe_runs(folders: list[Path], echo=print) -> list[Path]:
+    """Each run folder's measured cells probed on this machine, written beside its results as
+    `probe.json` (what the study twins keep: the held-out tests plan them with it)."""
+    import datetime
+
+    import pandas as pd
+
+    from steps.estimate import calibrate
+
+    written = []
+    for folder in folders:
+        cells = [r.cell for r in calibrate.records(pd.read_parquet(folder / "results.parquet"))]
+        echo(f"{folder.name}: {len(cells)} measured cells")
+        entries = profile(cells, echo=echo)
+        failed = sorted(k for k, v in entries.items() if v.get("error"))
+        if failed:
+            echo(f"{folder.name}: {len(failed)} probes failed, {folder / 'probe.json'} kept as it was: "
+                 + entries[failed[0]]["error"])
+            continue
+        out = folder / "probe.json"
+        out.write_text(json.dumps({"machine": {k: v for k, v in machine().items() if k != "probe"},
+                                   "probe": VERSION, "measured": datetime.date.today().isoformat(),
+                                   "cells": entries}, indent=1, sort_keys=True) + "\n")
+        written.append(out)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m steps.estimate.probe",
+                                     description="Probe the measured cells of run folders on this machine and "
+                                                 "write each folder's probe.json (the study twins').")
+    parser.add_argument("folders", nargs="+", type=Path, help="run folders holding results.parquet")
+    args = parser.parse_args(argv)
+    probe_runs(args.folders)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

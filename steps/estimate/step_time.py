@@ -15,7 +15,7 @@ import math
 import os
 import re
 
-from steps.estimate import params
+from steps.estimate import cost, params
 from steps.estimate.activations import DecoderShape
 from steps.plan import catalog
 from steps.plan.schema import CellSpec
@@ -109,6 +109,14 @@ def step_seconds(cell: CellSpec, shape: DecoderShape, counts: params.ParamCounts
 LAUNCH_S = 1.0  # torchrun's own start and the rendezvous, beside each rank's imports
 
 
+def cuts(cell: CellSpec) -> tuple[int, int]:
+    """One layer (per pipeline stage) and two: the depths the probe times a model too large to
+    time whole at (`steps.estimate.probe.depths`), and those of every probe entry before the
+    probe's `VERSION` 3, which has no `layers`."""
+    split = cell.layout.mp_size if cell.layout.model_split == "pipeline" else 1
+    return split, 2 * split
+
+
 def probed(cell: CellSpec, entry: dict, layers: int) -> dict[str, float] | None:
     """The cell on this machine from its probe (`steps.estimate.probe`): seconds per optimizer
     step and real tokens per step, the evaluations' seconds over the run, and the start-up
@@ -118,7 +126,7 @@ def probed(cell: CellSpec, entry: dict, layers: int) -> dict[str, float] | None:
     step = entry["step_base_s"] + layers * entry["step_layer_s"]
     tokens = entry["row_real_tokens"] * cell.micro_batch * cell.grad_accum * cell.dp_size
     t = cell.train
-    evals = (int(t.evaluate) + (steps // t.eval_every if t.eval_every and (steps := _steps(cell)) else 0)
+    evals = (int(t.evaluate) + (steps // t.eval_every if t.eval_every and (steps := cost.steps_of(cell)) else 0)
              if t.evaluate else 0)
     val = cell.data.val_samples or 0
     micro = math.ceil(val / cell.dp_size / cell.micro_batch) if val else 0
@@ -129,13 +137,10 @@ def probed(cell: CellSpec, entry: dict, layers: int) -> dict[str, float] | None:
     samples = cell.data.train_samples or PROBE_DATA_SAMPLES
     startup = ((entry.get("import_s") or 0.0) * crowd + entry["build_base_s"] + layers * entry["build_layer_s"]
                + entry["data_s"] * max(1.0, samples / PROBE_DATA_SAMPLES) + (LAUNCH_S if cell.world_size > 1 else 0.0))
-    return {"step_s": step, "tokens_per_step": tokens, "eval_s": eval_s, "startup_s": startup}
+    # A model deeper than the probe's deeper cut is extrapolated (`probe.WHOLE_PARAMS`); the
+    # calibration learns those apart from the cells the probe timed whole.
+    depth = "exact" if layers <= (entry.get("layers") or cuts(cell))[1] else "extrapolated"
+    return {"step_s": step, "tokens_per_step": tokens, "eval_s": eval_s, "startup_s": startup, "depth": depth}
 
 
 PROBE_DATA_SAMPLES = 512  # what the probe reads of the data (steps.trainer.probe.DATA_SAMPLES)
-
-
-def _steps(cell: CellSpec) -> int | None:
-    from steps.estimate.cost import steps_of
-
-    return steps_of(cell)

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steps import REPO_ROOT
+from steps import REPO_ROOT, reports_root
 from steps.estimate import calibrate
 from steps.plan.settings import leaf_paths
 
@@ -31,8 +31,7 @@ MEASURED = ("outcome", "step_s", "tokens_per_s", "overhead_s", "eval_s", "wall_s
 
 
 def root() -> Path:
-    reports = Path(os.environ.get("FINETUNE_MATRIX_REPORTS", REPO_ROOT / "reports"))
-    return reports / "calibration"
+    return reports_root() / "calibration"
 
 
 def slug(device: str) -> str:

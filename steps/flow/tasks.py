@@ -6,15 +6,14 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steps import REPO_ROOT
-from steps.estimate import matrix_plan
+from steps import REPO_ROOT, reports_root
+from steps.estimate import calibrate, matrix_plan
 from steps.flow import compute, launcher
 from steps.plan import catalog, equivalence
 from steps.plan.matrix import parse_matrix, plain
@@ -25,11 +24,7 @@ if TYPE_CHECKING:  # only join reads tables: the other steps start without panda
     import pandas as pd
 
 DEFAULT_MATRIX = REPO_ROOT / "configs" / "matrix" / "default.yaml"
-PLAN_CSV = "plan.csv"
-
-
-def reports_root() -> Path:
-    return Path(os.environ.get("FINETUNE_MATRIX_REPORTS", REPO_ROOT / "reports")).resolve()
+PLAN_CSV = calibrate.PLAN_CSV
 
 
 def run_dir(run_id: str) -> Path:
@@ -231,13 +226,9 @@ def learn(df: pd.DataFrame, out_dir: Path) -> None:
     planned them with, so that the next plan is calibrated on them (a store that cannot be
     written never loses the run)."""
     from steps.estimate import store
-    from steps.report.planned import plan_of  # the report's reader of plan.csv (pandas: join has it)
 
     try:
-        plan = plan_of(out_dir)
-        probes = {} if plan is None else {r["cell_id"]: json.loads(r["probe"]) for _, r in plan.iterrows()
-                                           if isinstance(r.get("probe"), str) and r["probe"]}
-        n = store.add_run(df, probes)
+        n = store.add_run(df, calibrate.run_probes([out_dir]))
         print(f"calibration store: {n} measured cells of this run added ({store.root()})")
     except Exception:  # noqa: BLE001
         print(f"the calibration store was not updated:\n{traceback.format_exc()}", file=sys.stderr)

@@ -13,7 +13,7 @@ import pandas as pd
 from steps.estimate import calibrate
 
 WHAT = ("mem_gb", "tokens_per_s", "wall_s", "cost_usd")
-PLAN_CSV = "plan.csv"
+PLAN_CSV = calibrate.PLAN_CSV
 
 
 def plan_of(folder: Path | str) -> pd.DataFrame | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from steps import cache_root
 from steps.plan import catalog
 from steps.plan.schema import ALL_LINEAR, CellSpec
 from steps.trainer.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
@@ -100,10 +101,6 @@ def _source(cell: CellSpec) -> str:
     if not preset.source:
         raise ValueError(f"preset {cell.model!r} has no `source` to load pretrained weights from; use init: random")
     return preset.source
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FINETUNE_MATRIX_CACHE", Path.home() / ".cache" / "finetune-matrix"))
 
 
 def draw_device(cell: CellSpec, device: torch.device) -> torch.device:

@@ -38,7 +38,7 @@ from steps.trainer.distributed import Dist
 
 WARM, REPS = 3, 10  # untimed steps (the trainer's timing warm-up), timed ones at most
 TIMEOUT_S = 180.0  # a cell whose probe hangs (a collective that never completes) is planned without it
-BUDGET_S = 3.0  # fewer timed repetitions (two at least) where a step is slow
+BUDGET_S = 6.0  # fewer timed repetitions (two at least) where the two depths' steps are slow
 DATA_SAMPLES = 512  # examples read to learn the widths and real tokens of the cell's rows
 
 
@@ -86,48 +86,72 @@ def _rank_env(rank: int, world: int, port: int) -> None:
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def _measure(cell: CellSpec, layers: int, splits: data.Splits, batches: data.GlobalBatches, d: Dist,
-             out: Path) -> dict[str, float]:
-    """Seconds of one of the trainer's own optimizer steps (`Loop.step`: its micro-batches built,
-    forward and backward over `grad_accum` of them, the gradients synchronised, clipped and
-    applied, the loss reduced), of one evaluation forward per micro-batch, and of the model's
-    build, with `layers` decoder layers."""
-    from steps.results.metrics import CellMetrics
-    from steps.trainer import distributed
-    from steps.trainer.engines import build_engine
-    from steps.trainer.liveness import Heartbeat
-    from steps.trainer.loop import Diverged, Loop, TrainClock
-    from steps.trainer.progress import Progress
+class _Depth:
+    """The cell's engine with `layers` decoder layers, its loop and its evaluation batches."""
 
-    tok = modeling.load_tokenizer(cell)
-    t0 = time.perf_counter()
-    with modeling.layer_count(layers):
-        engine = build_engine(cell, d, tok.vocab_size, total_steps=10_000)
-    build_s = time.perf_counter() - t0
-    loop = Loop(engine, tok, splits, batches, 10_000, CellMetrics(), out, Heartbeat(out, d.rank), Progress())
-    width, group = engine.eval_shape()
-    evals = [data.to_device(data.collate(splits.train[k * cell.micro_batch : (k + 1) * cell.micro_batch],
-                                         tok.pad_id, width), d.device) for k in range(group)]
-    steps, ev = [], []
-    clock, deadline = TrainClock(0.0), time.perf_counter() + BUDGET_S
-    engine.train()
-    for rep in range(WARM + REPS):
+    def __init__(self, cell: CellSpec, layers: int, splits: data.Splits, batches: data.GlobalBatches, d: Dist,
+                 out: Path):
+        from steps.results.metrics import CellMetrics
+        from steps.trainer.engines import build_engine
+        from steps.trainer.liveness import Heartbeat
+        from steps.trainer.loop import Loop
+        from steps.trainer.progress import Progress
+
+        self.tok, self.device, self.micro = modeling.load_tokenizer(cell), d.device, cell.micro_batch
+        t0 = time.perf_counter()
+        with modeling.layer_count(layers):
+            self.engine = build_engine(cell, d, self.tok.vocab_size, total_steps=10_000)
+        self.build_s = time.perf_counter() - t0
+        self.loop = Loop(self.engine, self.tok, splits, batches, 10_000, CellMetrics(), out, Heartbeat(out, d.rank),
+                         Progress())
+        width, self.group = self.engine.eval_shape()
+        self.evals = [data.to_device(data.collate(splits.train[k * self.micro : (k + 1) * self.micro],
+                                                  self.tok.pad_id, width), d.device) for k in range(self.group)]
+        self.steps: list[float] = []
+        self.ev: list[float] = []
+        self.engine.train()
+
+    def rep(self, n: int, clock, keep: bool) -> None:
+        """One of the trainer's own optimizer steps (`Loop.step`: its micro-batches built, forward
+        and backward over `grad_accum` of them, the gradients synchronised, clipped and applied,
+        the loss reduced) and one evaluation forward per micro-batch, timed."""
+        from steps.trainer.loop import Diverged
+
+        progress = self.loop.progress
         try:
-            t_step = _time(lambda n=rep + 1: loop.step(n, clock, log=False), d.device)
+            t_step = _time(lambda: self.loop.step(n, clock, log=False), self.device)
         except Diverged:  # random weights at the cell's learning rate: the time still counts
-            t_step = loop.progress.timed_s / max(loop.progress.timed_steps, 1) if rep >= WARM else 0.0
-        engine.eval()
-        t_ev = _time(lambda: engine.eval_step(evals, tok.eos_id), d.device)
-        engine.train()
-        if rep >= WARM:
-            steps.append(t_step)
-            ev.append(t_ev / group)
-            # Every rank stops at the same step (the next one would wait in a collective).
-            late = float(rep >= WARM + 1 and time.perf_counter() > deadline)
-            if distributed.all_reduce_max([late], d.device)[0]:
-                break
-    # The mean, as the trainer reports its timed steps: the odd slow step counts.
-    return {"step": statistics.mean(steps), "ev": statistics.mean(ev), "build": build_s}
+            t_step = progress.timed_s / max(progress.timed_steps, 1) if keep else 0.0
+        self.engine.eval()
+        t_ev = _time(lambda: self.engine.eval_step(self.evals, self.tok.eos_id), self.device)
+        self.engine.train()
+        if keep:
+            self.steps.append(t_step)
+            self.ev.append(t_ev / self.group)
+
+    def result(self) -> dict[str, float]:
+        # The mean, as the trainer reports its timed steps: the odd slow step counts.
+        return {"step": statistics.mean(self.steps), "ev": statistics.mean(self.ev), "build": self.build_s}
+
+
+def _measure(cell: CellSpec, depths: tuple[int, int], splits: data.Splits, batches: data.GlobalBatches, d: Dist,
+             out: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds of a step, of an evaluation forward per micro-batch and of the build at both
+    depths. Their repetitions alternate, so that a load that comes and goes on the machine
+    slows both alike and stays out of their difference (a layer's share)."""
+    from steps.trainer import distributed
+    from steps.trainer.loop import TrainClock
+
+    pair = [_Depth(cell, n, splits, batches, d, out / str(n)) for n in depths]
+    clock, deadline = TrainClock(0.0), time.perf_counter() + BUDGET_S
+    for rep in range(WARM + REPS):
+        for depth in pair:
+            depth.rep(rep + 1, clock, keep=rep >= WARM)
+        # Every rank stops at the same step (the next one would wait in a collective).
+        late = float(rep >= WARM + 1 and time.perf_counter() > deadline)
+        if rep >= WARM and distributed.all_reduce_max([late], d.device)[0]:
+            break
+    return pair[0].result(), pair[1].result()
 
 
 def _step_rank(rank: int, request: dict[str, Any], ports: list[int], answer: str) -> None:
@@ -149,7 +173,7 @@ def _step_rank(rank: int, request: dict[str, Any], ports: list[int], answer: str
     with modeling.layer_count(first):  # the first build loads the model's classes: not a build's cost
         build_engine(cell, d, modeling.load_tokenizer(cell).vocab_size, total_steps=10)
     with tempfile.TemporaryDirectory() as tmp:
-        one, two = (_measure(cell, n, splits, batches, d, Path(tmp)) for n in (first, second))
+        one, two = _measure(cell, (first, second), splits, batches, d, Path(tmp))
         width, real = _rows(cell, batches, cell.seq_len if cell.layout.model_split == "pipeline" else None)
     out: dict[str, float] = {"row_width": width, "row_real_tokens": real, "data_s": data_s}
     for part in ("step", "ev", "build"):
