@@ -36,7 +36,7 @@ from steps.plan.schema import CellSpec
 from steps.trainer import data, modeling
 from steps.trainer.distributed import Dist
 
-WARM, REPS = 3, 10  # untimed steps (the trainer's timing warm-up), timed ones at most
+WARM, REPS = 5, 20  # untimed steps (the trainer's timing warm-up), timed ones at most
 TIMEOUT_S = 180.0  # a cell whose probe hangs (a collective that never completes) is planned without it
 BUDGET_S = 6.0  # fewer timed repetitions (two at least) where the two depths' steps are slow
 DATA_SAMPLES = 512  # examples read to learn the widths and real tokens of the cell's rows
