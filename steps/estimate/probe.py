@@ -84,14 +84,14 @@ def depths(cell: CellSpec, facts: dict[str, Any] | None = None) -> tuple[int, in
     two, or the model's own depth where it is small enough to time whole."""
     from steps.estimate import params, planner, step_time
 
-    split = step_time.cuts(cell)[0]
+    first, second = step_time.cuts(cell)
     arch = planner.arch_of(cell, facts)
     if arch is not None:
         layers = int(arch.get("num_hidden_layers") or 0)
         total = params.counts(arch, cell.peft, cell.train.lora.r, cell.train.lora.target_modules).total
-        if layers > 2 * split and total <= WHOLE_PARAMS[catalog.device_kind(cell.instance)]:
-            return split, layers
-    return step_time.cuts(cell)
+        if layers > second and total <= WHOLE_PARAMS[catalog.device_kind(cell.instance)]:
+            return first, layers
+    return first, second
 
 
 def request(cell: CellSpec, copies: int, facts: dict[str, Any] | None = None) -> dict[str, Any]:

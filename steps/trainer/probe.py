@@ -89,15 +89,15 @@ def _rank_env(rank: int, world: int, port: int) -> None:
 class _Depth:
     """The cell's engine with `layers` decoder layers, its loop and its evaluation batches."""
 
-    def __init__(self, cell: CellSpec, layers: int, splits: data.Splits, batches: data.GlobalBatches, d: Dist,
-                 out: Path):
+    def __init__(self, cell: CellSpec, layers: int, tok, splits: data.Splits, batches: data.GlobalBatches,
+                 d: Dist, out: Path):
         from steps.results.metrics import CellMetrics
         from steps.trainer.engines import build_engine
         from steps.trainer.liveness import Heartbeat
         from steps.trainer.loop import Loop
         from steps.trainer.progress import Progress
 
-        self.tok, self.device, self.micro = modeling.load_tokenizer(cell), d.device, cell.micro_batch
+        self.tok, self.device, micro = tok, d.device, cell.micro_batch
         t0 = time.perf_counter()
         with modeling.layer_count(layers):
             self.engine = build_engine(cell, d, self.tok.vocab_size, total_steps=10_000)
@@ -105,8 +105,8 @@ class _Depth:
         self.loop = Loop(self.engine, self.tok, splits, batches, 10_000, CellMetrics(), out, Heartbeat(out, d.rank),
                          Progress())
         width, self.group = self.engine.eval_shape()
-        self.evals = [data.to_device(data.collate(splits.train[k * self.micro : (k + 1) * self.micro],
-                                                  self.tok.pad_id, width), d.device) for k in range(self.group)]
+        self.evals = [data.to_device(data.collate(splits.train[k * micro : (k + 1) * micro], tok.pad_id, width),
+                                     d.device) for k in range(self.group)]
         self.steps: list[float] = []
         self.ev: list[float] = []
         self.engine.train()
@@ -134,15 +134,15 @@ class _Depth:
         return {"step": statistics.mean(self.steps), "ev": statistics.mean(self.ev), "build": self.build_s}
 
 
-def _measure(cell: CellSpec, depths: tuple[int, int], splits: data.Splits, batches: data.GlobalBatches, d: Dist,
-             out: Path) -> tuple[dict[str, float], dict[str, float]]:
+def _measure(cell: CellSpec, depths: tuple[int, int], tok, splits: data.Splits, batches: data.GlobalBatches,
+             d: Dist, out: Path) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds of a step, of an evaluation forward per micro-batch and of the build at both
     depths. Their repetitions alternate, so that a load that comes and goes on the machine
     slows both alike and stays out of their difference (a layer's share)."""
     from steps.trainer import distributed
     from steps.trainer.loop import TrainClock
 
-    pair = [_Depth(cell, n, splits, batches, d, out / str(n)) for n in depths]
+    pair = [_Depth(cell, n, tok, splits, batches, d, out / str(n)) for n in depths]
     clock, deadline = TrainClock(0.0), time.perf_counter() + BUDGET_S
     for rep in range(WARM + REPS):
         for depth in pair:
@@ -170,10 +170,11 @@ def _step_rank(rank: int, request: dict[str, Any], ports: list[int], answer: str
     first, second = request["layers"]
     from steps.trainer.engines import build_engine
 
+    tok = modeling.load_tokenizer(cell)  # once for the builds (the data's own load is in data_s)
     with modeling.layer_count(first):  # the first build loads the model's classes: not a build's cost
-        build_engine(cell, d, modeling.load_tokenizer(cell).vocab_size, total_steps=10)
+        build_engine(cell, d, tok.vocab_size, total_steps=10)
     with tempfile.TemporaryDirectory() as tmp:
-        one, two = _measure(cell, (first, second), splits, batches, d, Path(tmp))
+        one, two = _measure(cell, (first, second), tok, splits, batches, d, Path(tmp))
         width, real = _rows(cell, batches, cell.seq_len if cell.layout.model_split == "pipeline" else None)
     out: dict[str, float] = {"row_width": width, "row_real_tokens": real, "data_s": data_s}
     for part in ("step", "ev", "build"):
