@@ -27,7 +27,6 @@ from steps.plan.schema import CellSpec
 
 LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes")
 VERSION = 3  # what the probe measures and how: a change invalidates every cached answer
-PROBE_LR = 1e-5  # the probe's steps must not diverge: the learning rate does not change their time
 
 
 def cpu_model() -> str:
@@ -63,14 +62,6 @@ def probed(cell: CellSpec) -> bool:
     return entry is not None and (entry.local or entry.local_gpu)
 
 
-def _timed_cell(cell: CellSpec) -> CellSpec:
-    """The cell as the probe trains it: what sets a step's time kept, the rest fixed."""
-    train = cell.train.model_copy(update={"stop_after_steps": None, "evaluate": True, "eval_every": 0,
-                                          "checkpoint_every": 0, "target_loss": None, "max_steps": 10_000,
-                                          "epochs": None, "diverge_factor": None})
-    return cell.model_copy(update={"lr": PROBE_LR, "train": train})
-
-
 # A model of up to this many parameters is timed at its own depth (beside a one-layer cut):
 # extrapolated from cuts of one and two layers, the twins' 8-layer cells ran about 1.35x their
 # plan, those of 2 layers (timed whole) about 1.0x. Timed whole, those of studies 1-3 came to
@@ -96,7 +87,9 @@ def depths(cell: CellSpec, facts: dict[str, Any] | None = None) -> tuple[int, in
 
 def request(cell: CellSpec, copies: int, facts: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the probe times for `cell`; `copies`: single-process cells run side by side."""
-    timed = _timed_cell(cell)
+    from steps.estimate import step_time
+
+    timed = step_time.timed(cell)
     entry = catalog.instances()[cell.instance]
     per = entry.cores_per_device or 1
     cores = [list(range(i * per, (i + 1) * per)) for i in range(max(1, (os.cpu_count() or 1) // per))]

@@ -20,6 +20,18 @@ from steps.estimate.activations import DecoderShape
 from steps.plan import catalog
 from steps.plan.schema import CellSpec
 
+PROBE_LR = 1e-5  # the probe's steps must not diverge: the learning rate does not change their time
+
+
+def timed(cell: CellSpec) -> CellSpec:
+    """The cell as its step time sees it (what the probe trains, what `calibrate.shape` hashes):
+    what sets a step's time kept, the learning rate and how long it trains fixed."""
+    train = cell.train.model_copy(update={"stop_after_steps": None, "evaluate": True, "eval_every": 0,
+                                          "checkpoint_every": 0, "target_loss": None, "max_steps": 10_000,
+                                          "epochs": None, "diverge_factor": None})
+    return cell.model_copy(update={"lr": PROBE_LR, "train": train})
+
+
 # Model-FLOPs utilisation a strategy reaches on a GPU at a sensible batch (defaults; calibrated
 # from measured runs, see `steps.estimate.calibrate`).
 DEFAULT_EFFICIENCY = {"single": 0.35, "ddp": 0.33, "zero1": 0.32, "zero2": 0.32, "fsdp": 0.30, "zero3": 0.28,
