@@ -166,8 +166,12 @@ def _watch(proc: subprocess.Popen, cell: CellSpec, out_dir: Path, start: float,
     `hang_after_s` once training has started (its stacks dumped into the log first). Returns
     why it was stopped."""
     hang_after = cell.train.hang_after_s
-    while proc.poll() is None:
-        time.sleep(POLL_S)
+    while True:
+        try:  # back the moment it exits: wall_s ends there, not at the next poll
+            proc.wait(timeout=POLL_S)
+            return None
+        except subprocess.TimeoutExpired:
+            pass
         if time.perf_counter() - start > cell.train.timeout_s:
             _stop(proc)
             return "timeout"
@@ -176,7 +180,6 @@ def _watch(proc: subprocess.Popen, cell: CellSpec, out_dir: Path, start: float,
             dump_stacks(out_dir)
             _stop(proc)
             return "hang"
-    return None
 
 
 def _result(cell: CellSpec, out_dir: Path, code: int | None, stopped: str | None,
