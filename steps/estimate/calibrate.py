@@ -114,7 +114,7 @@ def shape(cell: CellSpec) -> str:
     """What sets the cell's step time, as a hash: every setting but its id, matrix, learning
     rate, seeds and how long it trains (`step_time.timed`), so that the cells of a
     learning-rate sweep, and a matrix run again, share it."""
-    body = step_time.timed(cell).model_dump(mode="json", exclude={"cell_id", "matrix"})
+    body = step_time.timed(cell).model_dump(mode="json", exclude={"cell_id", "matrix", "track", "track_context"})
     body["train"].pop("seed", None)
     body["data"].pop("seed", None)
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
@@ -350,7 +350,9 @@ def apply(cell: CellSpec, plan: planner.CellPlan, calibration: Calibration | Non
     tokens = plan.tokens_per_s * plan.step_s / step
     n, wall, dollars = cost.wall_and_cost(cell, step, compute, startup, eval_s)
     spreads = calibration.get("spread", {})
-    spread = (spreads.get(_spread_key(cell, calibration, plan.depth)) or spreads.get(device_model(cell))) if key else None
+    spread = None
+    if key:
+        spread = spreads.get(_spread_key(cell, calibration, plan.depth)) or spreads.get(device_model(cell))
     q_tokens = spread["tokens_per_s"] if spread else UNCOVERED[plan.basis]
     q_wall = spread["wall_s"] if spread else UNCOVERED[plan.basis]
     return replace(plan, step_s=step, tokens_per_s=tokens, wall_s=wall, cost_usd=dollars, startup_s=startup,
