@@ -38,7 +38,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile $(filter-out /dev/null,$(L
 		$(BIN)/pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
 	DS_BUILD_OPS=0 $(INSTALL) -q -c $(LOCK) --no-build-isolation "deepspeed>=0.17"
-	$(INSTALL) -q -c $(LOCK) -e ".[dev]"
+	$(INSTALL) -q -c $(LOCK) -e ".[dev,track]"
 	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $@
 

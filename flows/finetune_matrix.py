@@ -38,7 +38,7 @@ class FinetuneMatrixFlow(FlowSpec):
     @step
     def start(self):
         """Expand the matrix (validated when the flow was loaded) into cells."""
-        self.cells, self.planned_saving = runs.plan(self.matrix, current.run_id)
+        self.cells, self.planned_saving = runs.plan(self.matrix, current.run_id, current.flow_name)
         print(f"{len(self.cells)} cells; results go to {runs.run_dir(current.run_id)}")
         self.next(self.launch, foreach="cells")
 
@@ -50,6 +50,7 @@ class FinetuneMatrixFlow(FlowSpec):
         self.nodes, self.port = runs.placement(self.input, self.matrix)
         self.next(self.train, num_parallel=self.nodes)
 
+    @card(type="blank", id="live", refresh_interval=max(1, int(cards.LIVE_EVERY_S)))
     @parallel
     @step
     def train(self):
@@ -59,7 +60,7 @@ class FinetuneMatrixFlow(FlowSpec):
         self.metrics, self.log = runs.train_node(
             {"cell": self.cell, "refused": self.refused, "economy": self.economy}, runs.run_dir(current.run_id),
             self.node, current.parallel.main_ip, self.port, self.matrix,
-            (current.run_id, current.retry_count, current.origin_run_id))
+            (current.run_id, current.retry_count, current.origin_run_id), current.pathspec, current.card["live"])
         runs.fail_if_error(self.metrics, runs.run_dir(current.run_id), self.matrix, current.retry_count)
         self.next(self.gather)
 

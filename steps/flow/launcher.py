@@ -111,7 +111,8 @@ def last_progress(out_dir: Path, since: float) -> float | None:
 
 
 def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 0,
-             master_addr: str = "127.0.0.1", port: int | None = None, resume: bool = False) -> CellMetrics:
+             master_addr: str = "127.0.0.1", port: int | None = None, resume: bool = False,
+             on_poll=None) -> CellMetrics:
     """Run this node's part of a cell to completion, time limit or hang; return its metrics.
 
     `wall_s` is launch to exit as seen from here (process start-up included). Node 0 holds
@@ -140,7 +141,7 @@ def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 
         prefix = rank_prefix(0) if cell.world_size == 1 else ""
         pump = threading.Thread(target=_pump, args=(proc.stdout, log, echo, prefix), daemon=True)
         pump.start()
-        stopped = _watch(proc, cell, out_dir, start, started_at)
+        stopped = _watch(proc, cell, out_dir, start, started_at, on_poll)
         pump.join(timeout=KILL_GRACE_S)
     wall = time.perf_counter() - start
     m = _result(cell, out_dir, proc.returncode, stopped, node_rank)
@@ -161,10 +162,10 @@ def _clear_working_files(out_dir: Path) -> None:
 
 
 def _watch(proc: subprocess.Popen, cell: CellSpec, out_dir: Path, start: float,
-           started_at: float) -> str | None:
+           started_at: float, on_poll=None) -> str | None:
     """Wait for the trainer; stop it at the time limit or when no rank has progressed for
     `hang_after_s` once training has started (its stacks dumped into the log first). Returns
-    why it was stopped."""
+    why it was stopped. `on_poll`: called at each poll (the train step's live card)."""
     hang_after = cell.train.hang_after_s
     while True:
         try:  # back the moment it exits: wall_s ends there, not at the next poll
@@ -172,6 +173,12 @@ def _watch(proc: subprocess.Popen, cell: CellSpec, out_dir: Path, start: float,
             return None
         except subprocess.TimeoutExpired:
             pass
+        if on_poll is not None:
+            try:
+                on_poll()
+            except Exception as exc:  # noqa: BLE001 - a card must not stop the cell
+                print(f"warning: the live card could not be drawn ({type(exc).__name__}: {exc})", flush=True)
+                on_poll = None
         if time.perf_counter() - start > cell.train.timeout_s:
             _stop(proc)
             return "timeout"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from steps import REPO_ROOT, reports_root
 from steps.estimate import calibrate, matrix_plan
-from steps.flow import compute, launcher
+from steps.flow import compute, launcher, tracking
 from steps.plan import catalog, equivalence
 from steps.plan.matrix import parse_matrix, plain
 from steps.plan.schema import CellSpec
@@ -32,22 +32,29 @@ def run_dir(run_id: str) -> Path:
     return reports_root() / str(run_id)
 
 
-def plan(matrix: dict[str, Any], run_id: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def plan(matrix: dict[str, Any], run_id: str | None = None,
+         flow: str = "FinetuneMatrixFlow") -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Every cell of the matrix (refused ones included: they become `skipped` rows), after the
     checks that need the models and data (`preflight`) and the planner's (`plan:` budgets,
     predicted out-of-memory cells skipped when asked): a problem fails `start`, before any
     cell runs. The plan's table goes to the step's log. Also, under `economy:`, the planner's
     saving as predicted before launch (`Saving.to_dict()`), which the report sets against the
     measured one. The plan (every column, the probe entries, the calibrations used) goes to
-    `plan.csv` in the run's folder, which the report scores against what ran."""
+    `plan.csv` in the run's folder, which the report scores against what ran. The trackers
+    (`track:`) are checked and the MLflow parent run opened: each cell carries its context."""
     spec = parse_matrix(plain(matrix))
     planned, planned_matrix = matrix_plan.plan_spec(spec, check="always")
+    context = tracking.start(spec, str(run_id or "local"), flow)
     matrix_plan.show(planned, planned_matrix)
     if run_id is not None:
         path = matrix_plan.write_csv(planned, planned_matrix, run_dir(run_id) / PLAN_CSV)
         print(f"plan: {path}")
     saving = planned_matrix.saving
-    return [p.to_dict() for p in planned], (saving.to_dict() if saving is not None else None)
+    cells = [p.to_dict() for p in planned]
+    if context is not None:
+        for c in cells:
+            c["cell"]["track_context"] = context.model_dump(mode="json")
+    return cells, (saving.to_dict() if saving is not None else None)
 
 
 class CellFailed(RuntimeError):
@@ -69,13 +76,24 @@ def node_dir(out_root: Path, cell: CellSpec, node_index: int) -> Path:
 def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
                main_ip: str = "127.0.0.1", port: int | None = None,
                matrix: dict[str, Any] | None = None, run: tuple[str, int, str | None] | None = None,
-               ) -> tuple[dict[str, Any], str]:
+               pathspec: str | None = None, card: Any = None) -> tuple[dict[str, Any], str]:
     """Run this node's share of a cell; returns its metrics and its log. With `compute:
-    sagemaker` the cell is one training job (`run`: run id, attempt, origin run id)."""
+    sagemaker` the cell is one training job (`run`: run id, attempt, origin run id).
+    `pathspec`: the task's, which the cell's tracker runs are tagged with; `card`: the task's
+    live card (node 0 draws the cell's progress on it while it trains)."""
     cell = equivalence.run_spec(planned)  # a speed cell trains its speed steps
+    if pathspec and cell.track_context is not None:
+        cell = cell.model_copy(update={"track_context": cell.track_context.model_copy(update={"pathspec": pathspec})})
     if planned["refused"]:
         return launcher.skipped_metrics(cell, planned["refused"]).to_dict(), ""
-    m, log = _train_node(cell, out_root, node_index, main_ip, port, matrix, run)
+    live = None
+    if card is not None and node_index == 0 and (matrix is None or matrix["compute"] != "sagemaker"):
+        from steps.flow.cards import LiveCard
+
+        live = LiveCard(card, planned["cell"], node_dir(out_root, cell, node_index))
+    m, log = _train_node(cell, out_root, node_index, main_ip, port, matrix, run, live)
+    if live is not None:
+        live.finish(m.to_dict())
     economy = planned.get("economy") or {}
     m.update(economy_role=economy.get("role"), quality_class=economy.get("quality_class"),
              quality_from=economy.get("quality_from"))
@@ -83,7 +101,8 @@ def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
 
 
 def _train_node(cell: CellSpec, out_root: Path, node_index: int, main_ip: str, port: int | None,
-                matrix: dict[str, Any] | None, run: tuple[str, int, str | None] | None) -> tuple[CellMetrics, str]:
+                matrix: dict[str, Any] | None, run: tuple[str, int, str | None] | None,
+                on_poll=None) -> tuple[CellMetrics, str]:
     out = node_dir(out_root, cell, node_index)
     out.mkdir(parents=True, exist_ok=True)
     if matrix is not None and matrix["compute"] == "sagemaker":
@@ -93,8 +112,9 @@ def _train_node(cell: CellSpec, out_root: Path, node_index: int, main_ip: str, p
         with _running(out):
             return submit.run_cell(cell, out, plain(matrix)["remote"], run_id, attempt, origin)
     with _running(out):
-        m = launcher.run_cell(cell, out, node_rank=node_index, master_addr=main_ip, port=port)
+        m = launcher.run_cell(cell, out, node_rank=node_index, master_addr=main_ip, port=port, on_poll=on_poll)
     if node_index == 0:
+        tracking.close_cell(cell, out, m.to_dict())
         m.cost_usd = catalog.cost_usd(cell.instance, m.wall_s, cell.nodes, cell.world_size)
     return m, (out / "train.log").read_text(errors="replace")
 
@@ -218,6 +238,8 @@ def join(run_id: str, records: list[tuple[dict, dict]], out_dir: Path,
             f"table is in `results.parquet`. Rebuild it with\n`python -m steps.report {out_dir} --out {out_dir}`."
             f"\n\n```\n{error}```\n")
         blocks = None
+    if records:  # the MLflow parent run (`track:`) gets the table and the report
+        tracking.finish(CellSpec.model_validate(records[0][0]), paths)
     return df, {k: str(v) for k, v in paths.items()}, blocks
 
 

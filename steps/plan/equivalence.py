@@ -34,9 +34,9 @@ NOT_NUMERIC_TRAIN = frozenset({path.split(".")[1] for path in RUN_LIMITS} | {
     "fused_optimizer", "compile", "liger", "loss", "loss_chunk", "attn_implementation",
     "gradient_checkpointing",
 })
-# Axes that cannot: where the cell runs and how its global batch is split.
+# Axes that cannot: where the cell runs and how its global batch is split (and where it logs).
 NOT_NUMERIC_AXES = frozenset({"cell_id", "matrix", "strategy", "instance", "nodes", "gpus", "micro_batch",
-                              "grad_accum"})
+                              "grad_accum", "track", "track_context"})
 
 
 def class_settings(cell: CellSpec) -> dict[str, Any]:

@@ -33,7 +33,8 @@ from steps.plan.schema import (
 from steps.plan.settings import RUN_LIMITS, flatten, get, merge, put, unknown_path_problem
 
 # Settings that change how a cell is run, not what it measures: kept out of its id.
-_ID_EXCLUDE = {"cell_id": True, "matrix": True, "train": {path.split(".")[1] for path in RUN_LIMITS}}
+_ID_EXCLUDE = {"cell_id": True, "matrix": True, "track": True, "track_context": True,
+               "train": {path.split(".")[1] for path in RUN_LIMITS}}
 
 
 def _reference_problems(data: dict) -> list[str]:
@@ -334,7 +335,7 @@ def expand(spec: MatrixSpec) -> list[PlannedCell]:
         settings = {AXIS_FIELD[axis]: v for axis, v in zip(AXES, values)}
         if settings["strategy"] == "single":
             settings.update(nodes=1, gpus=1)
-        settings.update(sections, matrix=spec.name)
+        settings.update(sections, matrix=spec.name, track=spec.track.model_dump())
         cid = cell_id(settings)
         if cid not in planned:
             cell = CellSpec.model_validate({**settings, "cell_id": cid})

@@ -277,6 +277,51 @@ class PlanSettings(Strict):
     probe: bool = True
 
 
+class MlflowTrack(Strict):
+    """An MLflow tracking server (or a `file:`/`sqlite:` store): a parent run per matrix run,
+    the cells as its children."""
+
+    tracking_uri: str = Field(min_length=1)
+    experiment: str = Field(min_length=1)
+
+
+class WandbTrack(Strict):
+    """A Weights & Biases project: one run per cell, grouped by the matrix run. `offline` keeps
+    the run files in the cell's folder (`wandb sync` uploads them); `disabled` logs nothing."""
+
+    project: str = Field(min_length=1)
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+class TensorboardTrack(Strict):
+    """Event files under `dir`/<run id>/<cell id> (relative paths: from the checkout)."""
+
+    dir: str = Field(min_length=1)
+
+
+class TrackSettings(Strict):
+    """The trackers each cell logs to while it trains (any of the three, or none): its settings
+    as parameters, its curves at their steps, its final metrics under the results table's names."""
+
+    mlflow: MlflowTrack | None = None
+    wandb: WandbTrack | None = None
+    tensorboard: TensorboardTrack | None = None
+
+    def any(self) -> bool:
+        return any((self.mlflow, self.wandb, self.tensorboard))
+
+
+class TrackContext(Strict):
+    """What the flow tells a cell's trackers: the matrix run it belongs to (set by `start`)."""
+
+    run_id: str
+    pathspec: str = ""
+    git_commit: str | None = None
+    mlflow_parent: str | None = None  # the MLflow parent run's id
+    mlflow_experiment_id: str | None = None
+
+
 class EconomySettings(Strict):
     """Pay once per answer. Every cell trains `speed_steps` steps (tokens/s, MFU, memory, step
     time); with `quality: shared` each equivalence class (cells whose losses the strategy
@@ -374,6 +419,8 @@ class MatrixSpec(Strict):
     plan: PlanSettings = Field(default_factory=PlanSettings)
     # Short speed cells and one quality run per equivalence class; None: every cell to the end.
     economy: EconomySettings | None = None
+    # MLflow, Weights & Biases, TensorBoard: where each cell logs while it trains.
+    track: TrackSettings = Field(default_factory=TrackSettings)
 
     _axis_lists = field_validator(*AXES, mode="before")(lambda cls, v: _as_list(v))
     _sweep_lists = field_validator("sweep", mode="before")(lambda cls, v: _sweep_lists(v))
@@ -397,6 +444,9 @@ class CellSpec(Strict):
     seq_len: PositiveInt
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    # Where it logs while it trains, and the matrix run it belongs to (not part of its id).
+    track: TrackSettings = Field(default_factory=TrackSettings)
+    track_context: TrackContext | None = None
 
     @property
     def world_size(self) -> int:

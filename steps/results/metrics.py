@@ -22,6 +22,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
 Outcome = Literal["running", "ok", "oom", "diverged", "error", "timeout", "hang", "skipped"]
 
+
+def mlflow_status(outcome: str) -> str:
+    """A cell's outcome as its MLflow run's status: ok FINISHED; stopped by the launcher (hang,
+    timeout) KILLED; oom, diverged, error FAILED (the tag `outcome` says which)."""
+    return {"ok": "FINISHED", "hang": "KILLED", "timeout": "KILLED"}.get(outcome, "FAILED")
+
 # Working files the trainer leaves for the launcher's hang watch, in the cell's folder: one
 # heartbeat file per rank, and rank 0's curve so far (one JSON point per line).
 HEARTBEAT_DIR = "heartbeat"

@@ -24,9 +24,11 @@ from steps.trainer.limits import inject_fault
 from steps.trainer.liveness import Heartbeat
 from steps.trainer.progress import Progress
 from steps.trainer.tokenizer import Tokenizer
+from steps.trainer.track import Trackers
 
 
-def train(cell: CellSpec, d: Dist, m: CellMetrics, out: Path, resume: bool, beat: Heartbeat) -> None:
+def train(cell: CellSpec, d: Dist, m: CellMetrics, out: Path, resume: bool, beat: Heartbeat,
+          trackers: Trackers | None = None) -> None:
     """Train the cell and summarize it into `m`, which is filled as it goes: a failure still
     reports what was measured until then."""
     tok = modeling.load_tokenizer(cell)
@@ -51,7 +53,7 @@ def train(cell: CellSpec, d: Dist, m: CellMetrics, out: Path, resume: bool, beat
     if resume and (folder := checkpoint.latest(out)) is not None:
         start, progress = checkpoint.load(engine, folder, d)
         m.resumed_from_step = start
-    loop = Loop(engine, tok, splits, batches, total_steps, m, out, beat, progress)
+    loop = Loop(engine, tok, splits, batches, total_steps, m, out, beat, progress, trackers)
     try:
         loop.run(start)
         loop.finish()
@@ -105,7 +107,8 @@ class Loop:
     """The steps of one run on this rank, and what happens between them."""
 
     def __init__(self, engine: Engine, tok: Tokenizer, splits: data.Splits, batches: data.GlobalBatches,
-                 total_steps: int, m: CellMetrics, out: Path, beat: Heartbeat, progress: Progress):
+                 total_steps: int, m: CellMetrics, out: Path, beat: Heartbeat, progress: Progress,
+                 trackers: Trackers | None = None):
         self.engine, self.cell, self.d = engine, engine.cell, engine.d
         self.tok, self.splits, self.batches, self.total_steps = tok, splits, batches, total_steps
         # The last step this run trains: an economy speed cell stops early on the full run's schedule.
@@ -114,6 +117,7 @@ class Loop:
         self.width = engine.eval_shape()[0]  # pipelines pad every batch to one width
         self.log_every = max(1, total_steps // 20)
         self.gpu = measure.GpuSampler(self.d.device)  # NVML, during the timed steps only
+        self.track = trackers or Trackers()  # rank 0's MLflow / W&B / TensorBoard runs
 
     def run(self, start: int) -> None:
         """Steps start+1 .. last_step (numbered from 1), evaluating, checking the target and
@@ -173,6 +177,8 @@ class Loop:
         point = LossPoint(step=n, loss=loss, lr=lr, tokens=tokens, time_s=clock.now())
         self.progress.add_step(point, dt, warm=n <= cell.train.timing_warmup_steps, seq_tokens=real,
                                sequences=sum(len(b["input_ids"]) for b in micro))
+        if self.track.active:
+            self.track.step(point, self.progress.tokens_per_s or tokens / dt, measure.peak_memory_gb(d.device))
         check_divergence(cell, n, loss, self.progress.loss_curve[0].loss)
         if d.is_main and log:
             rate = self.progress.tokens_per_s if self.progress.timed_s else tokens / dt
@@ -199,9 +205,11 @@ class Loop:
             counts = [a + b for a, b in zip(counts, engine.eval_step(micro, self.tok.eos_id), strict=True)]
         engine.train()
         loss_sum, n_tokens, n_correct, n_exact, n_answered = distributed.all_reduce_sum(counts, d.device)
-        return ValPoint(step=step, time_s=time_s, val_loss=loss_sum / max(n_tokens, 1),
+        point = ValPoint(step=step, time_s=time_s, val_loss=loss_sum / max(n_tokens, 1),
                         accuracy=n_exact / n_answered if self.splits.has_answers and n_answered else None,
                         token_accuracy=n_correct / max(n_tokens, 1))
+        self.track.evaluate(point)
+        return point
 
     def finish(self) -> None:
         """The final evaluation (on the curve too) and the trained adapter."""

@@ -26,7 +26,7 @@ from steps.plan import catalog, compat
 from steps.plan.schema import CellSpec, validate
 from steps.results import metrics
 from steps.results.metrics import EXIT_ERROR, EXIT_OK, EXIT_OOM, CellMetrics
-from steps.trainer import distributed, limits, loop, measure
+from steps.trainer import distributed, limits, loop, measure, track
 from steps.trainer.distributed import Dist
 from steps.trainer.liveness import Heartbeat, RankPrefix
 
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
     beat = Heartbeat(out, rank)
     m = CellMetrics()
     d = None
+    trackers = track.Trackers()  # none until the cell is read
     code = EXIT_OK
     try:
         cell = load_cell(args.cell)
@@ -97,8 +98,9 @@ def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
         m.update(versions=metrics.versions(), device=measure.device_name(d.device))
         libraries = ("transformers", "peft", *(("deepspeed",) if cell.layout.deepspeed else ()))
         baseline = measure.runtime_gb(d.device, libraries)
+        trackers = track.Trackers(cell, out, d.is_main)
         try:
-            loop.train(cell, d, m, out, args.resume, beat)
+            loop.train(cell, d, m, out, args.resume, beat, trackers)
             m.outcome = "ok"
         except loop.Diverged as exc:  # a result: every rank stops at the same step
             m.update(outcome="diverged", error=str(exc), diverged_at_step=exc.step)
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
         record_peak_memory(m, d, baseline)
     except BaseException as exc:  # noqa: BLE001 - every failure must become a result
         code = record_failure(m, exc, d)
+    trackers.finish(m.outcome or "error", m.to_dict(), m.loss_curve[-1].step if m.loss_curve else 0,
+                    m.adapter_dir or None)
     m.trainer_wall_s = time.perf_counter() - t_start
     # Launch to exit as this process sees it (interpreter start and imports included); the
     # launcher replaces it with its own measure, which includes torchrun.

@@ -1,0 +1,124 @@
+"""The flow's side of the trackers (`track:`): `start` checks each one can be reached and opens
+the matrix run's MLflow parent run; a cell the launcher stopped (hang, timeout) gets its
+tracker run closed with that outcome; `join` logs the results table and the report to the
+parent. The cells' own runs are the trainer's (`steps.trainer.track`). No torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from steps import REPO_ROOT
+from steps.plan.schema import CellSpec, MatrixSpec, TrackContext
+from steps.results.metrics import mlflow_status
+
+TRACK_FILE = "track.json"  # what steps.trainer.track writes into the cell's folder
+# An unreachable server answers within seconds, not after MLflow's default retries (minutes).
+CHECK_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class TrackerUnreachable(ValueError):
+    """A tracker the matrix names cannot be used: the run fails in `start`, before any cell."""
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit() -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def start(spec: MatrixSpec, run_id: str, flow: str) -> TrackContext | None:
+    """Every tracker checked (all problems at once) and the MLflow parent run opened; the
+    context each cell's trainer logs under. None where the matrix tracks nothing."""
+    track = spec.track
+    if not track.any():
+        return None
+    problems, parent, experiment = [], None, None
+    if track.mlflow is not None:
+        saved = {k: os.environ.get(k) for k in CHECK_ENV}
+        os.environ.update(CHECK_ENV)
+        try:
+            client = _client(track.mlflow.tracking_uri)
+            found = client.get_experiment_by_name(track.mlflow.experiment)
+            experiment = found.experiment_id if found else client.create_experiment(track.mlflow.experiment)
+            parent = client.create_run(experiment, run_name=f"{spec.name}-{run_id}", tags={
+                "metaflow_run_id": run_id, "metaflow_pathspec": f"{flow}/{run_id}", "matrix": spec.name,
+                **({"git_commit": c} if (c := git_commit()) else {})}).info.run_id
+        except Exception as exc:  # noqa: BLE001 - whatever the client raises, say what to check
+            problems.append(f"track.mlflow: cannot reach the tracking server at {track.mlflow.tracking_uri!r} "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check that `mlflow server` "
+                            "runs there and that this machine can reach it")
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    if track.tensorboard is not None:
+        root = Path(track.tensorboard.dir)
+        root = root if root.is_absolute() else REPO_ROOT / root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-check-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            problems.append(f"track.tensorboard.dir: cannot write to {str(root)!r} ({exc.strerror})")
+    if track.wandb is not None and track.wandb.mode == "online" and not _wandb_key():
+        problems.append("track.wandb: mode 'online' needs a W&B API key (WANDB_API_KEY or `wandb login`); "
+                        "allowed modes: online, offline, disabled")
+    if problems:
+        raise TrackerUnreachable("the matrix's trackers cannot be used:\n  " + "\n  ".join(problems))
+    return TrackContext(run_id=str(run_id), pathspec=f"{flow}/{run_id}", git_commit=git_commit(),
+                        mlflow_parent=parent, mlflow_experiment_id=experiment)
+
+
+def _wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def close_cell(cell: CellSpec, out_dir: Path, metrics: dict[str, Any]) -> None:
+    """A cell whose trainer was stopped (hang, timeout) could not close its MLflow run: close
+    it with the cell's outcome (its curve so far is what the trainer sent)."""
+    if cell.track.mlflow is None:
+        return
+    try:
+        ids = json.loads((Path(out_dir) / TRACK_FILE).read_text())["mlflow"]
+    except (OSError, ValueError, KeyError):
+        return
+    outcome = metrics.get("outcome") or "error"
+    try:
+        client = _client(ids["tracking_uri"])
+        if client.get_run(ids["run_id"]).info.status == "RUNNING":
+            client.set_tag(ids["run_id"], "outcome", outcome)
+            client.set_terminated(ids["run_id"], status=mlflow_status(outcome))
+    except Exception as exc:  # noqa: BLE001 - a tracker never fails a cell
+        print(f"warning: track.mlflow: could not close the cell's run ({type(exc).__name__}: {exc})")
+
+
+def finish(cell: CellSpec, paths: dict[str, Any]) -> None:
+    """The results table and the report on the MLflow parent run (`cell`: any cell of the run,
+    which carries its context), which is then closed."""
+    context = cell.track_context
+    if context is None or not context.mlflow_parent or cell.track.mlflow is None:
+        return
+    try:
+        client = _client(cell.track.mlflow.tracking_uri)
+        for key in ("parquet", "csv", "html", "report"):
+            if paths.get(key) and Path(paths[key]).exists():
+                client.log_artifact(context.mlflow_parent, str(paths[key]))
+        client.set_terminated(context.mlflow_parent, status="FINISHED")
+    except Exception as exc:  # noqa: BLE001 - the results are saved: a tracker must not lose the run
+        print(f"warning: track.mlflow: could not log the results to the parent run ({type(exc).__name__}: {exc})")
