@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,10 @@ def mlflow_server(root: Path):
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
+        while time.monotonic() < deadline:  # until the app answers, not only the port
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
             if proc.poll() is not None:
                 raise RuntimeError((root / "server.log").read_text()[-2000:])
             time.sleep(0.5)
@@ -212,3 +214,24 @@ def test_a_tracking_server_killed_while_the_cell_trains_leaves_the_cell_ok_with_
     log = proc.stdout + proc.stderr
     assert log.count("warning: track.mlflow failed") == 1, log[-3000:]
     assert "the cell goes on without it, its metrics are in metrics.json" in log
+
+
+def test_a_hung_cell_s_run_is_closed_killed_with_its_curve_so_far(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from steps.flow import launcher, tracking
+
+    with mlflow_server(tmp_path / "mlflow") as (uri, _):
+        cell = make_cell(train={"max_steps": 50, "hang_after_s": 3, "fault": {"kind": "hang", "at_step": 20}},
+                         track={"mlflow": {"tracking_uri": uri, "experiment": "hung"}})
+        out = tmp_path / "cell"
+        m = launcher.run_cell(cell, out, echo=False)
+        assert m.outcome == "hang" and len(m.loss_curve) == 19
+        tracking.close_cell(cell, out, m.to_dict())
+        client = MlflowClient(tracking_uri=uri)
+        run_id = json.loads((out / "track.json").read_text())["mlflow"]["run_id"]
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED" and run.data.tags["outcome"] == "hang"
+        history = sorted(client.get_metric_history(run_id, "loss"), key=lambda h: h.step)
+        assert [h.step for h in history] == list(range(1, 20))
+        assert [h.value for h in history] == pytest.approx([p.loss for p in m.loss_curve], rel=1e-6)

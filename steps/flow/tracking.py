@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,9 @@ def _wandb_key() -> bool:
 
 
 def close_cell(cell: CellSpec, out_dir: Path, metrics: dict[str, Any]) -> None:
-    """A cell whose trainer was stopped (hang, timeout) could not close its MLflow run: close
-    it with the cell's outcome (its curve so far is what the trainer sent)."""
+    """A cell whose trainer was stopped (hang, timeout) or killed could not close its MLflow
+    run with its outcome: its curve so far topped up from what the launcher kept (the steps the
+    trainer had not sent yet), and the run closed with the cell's outcome."""
     if cell.track.mlflow is None:
         return
     try:
@@ -101,11 +103,25 @@ def close_cell(cell: CellSpec, out_dir: Path, metrics: dict[str, Any]) -> None:
     outcome = metrics.get("outcome") or "error"
     try:
         client = _client(ids["tracking_uri"])
-        if client.get_run(ids["run_id"]).info.status == "RUNNING":
+        run = client.get_run(ids["run_id"])
+        # A trainer stopped by the launcher closes its run as an error: the launcher's word wins.
+        if run.info.status != mlflow_status(outcome) or run.data.tags.get("outcome") != outcome:
+            _top_up(client, ids["run_id"], metrics)
             client.set_tag(ids["run_id"], "outcome", outcome)
             client.set_terminated(ids["run_id"], status=mlflow_status(outcome))
     except Exception as exc:  # noqa: BLE001 - a tracker never fails a cell
         print(f"warning: track.mlflow: could not close the cell's run ({type(exc).__name__}: {exc})")
+
+
+def _top_up(client: Any, run_id: str, metrics: dict[str, Any]) -> None:
+    from mlflow.entities import Metric
+
+    sent = max((m.step for m in client.get_metric_history(run_id, "loss")), default=0)
+    now = int(time.time() * 1000)
+    rest = [Metric(key, float(p[key]), now, int(p["step"])) for p in metrics.get("loss_curve") or []
+            if p["step"] > sent for key in ("loss", "lr") if p.get(key) is not None]
+    for i in range(0, len(rest), 900):
+        client.log_batch(run_id, metrics=rest[i : i + 900])
 
 
 def finish(cell: CellSpec, paths: dict[str, Any]) -> None:
