@@ -139,7 +139,9 @@ def test_a_two_cell_flow_logs_a_parent_run_with_its_cells_as_children(tmp_path):
     from tests.test_flow import run_flow
 
     with mlflow_server(tmp_path / "mlflow") as (uri, _):
-        matrix = {**FLOW_MATRIX, "track": {"mlflow": {"tracking_uri": uri, "experiment": "flow"}}}
+        matrix = {**FLOW_MATRIX, "track": {"mlflow": {"tracking_uri": uri, "experiment": "flow"},
+                                           "tensorboard": {"dir": str(tmp_path / "tb")},
+                                           "wandb": {"project": "flow", "mode": "offline"}}}
         status, pathspec, output = run_flow(tmp_path, matrix, max_workers=2)
         assert status == "successful", output[-4000:]
         namespace(None)
@@ -162,6 +164,21 @@ def test_a_two_cell_flow_logs_a_parent_run_with_its_cells_as_children(tmp_path):
             assert child.data.metrics["val_loss"] == pytest.approx(row["val_loss"], rel=1e-6)
             assert "adapter/adapter_config.json" in [a.path for a in client.list_artifacts(child.info.run_id, "adapter")]
         assert {"results.parquet", "report.html"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+        # the same matrix's TensorBoard folders and W&B offline runs hold the same curves
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        from tests.wandb_log import run_of
+
+        run_id = pathspec.split("/")[1]
+        for cid, row in df.iterrows():
+            curve = [(p["step"], p["loss"]) for p in json.loads(row["loss_curve"])]
+            events = EventAccumulator(str(tmp_path / "tb" / run_id / cid))
+            events.Reload()
+            assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("loss")] == curve
+            (offline,) = (tmp_path / "reports" / run_id / "cells" / cid / "wandb").glob("offline-run-*/run-*.wandb")
+            kept = run_of(offline)
+            assert kept["config"]["train.lora.r"] == int(row["train.lora.r"]) and kept["summary"]["outcome"] == "ok"
+            assert [(h["_step"], pytest.approx(h["loss"], rel=1e-6)) for h in kept["history"] if "loss" in h] == curve
         assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
