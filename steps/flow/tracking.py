@@ -33,8 +33,12 @@ def _client(uri: str):
 
 
 def git_commit() -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    return proc.stdout.strip() or None if proc.returncode == 0 else None
+    """The checkout's commit (None without git or outside a clone, as in a remote image)."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
 
 
 def start(spec: MatrixSpec, run_id: str, flow: str) -> TrackContext | None:
@@ -53,7 +57,7 @@ def start(spec: MatrixSpec, run_id: str, flow: str) -> TrackContext | None:
             experiment = found.experiment_id if found else client.create_experiment(track.mlflow.experiment)
             parent = client.create_run(experiment, run_name=f"{spec.name}-{run_id}", tags={
                 "metaflow_run_id": run_id, "metaflow_pathspec": f"{flow}/{run_id}", "matrix": spec.name,
-                **({"git_commit": c} if (c := git_commit()) else {})}).info.run_id
+                **({"git_commit": commit} if (commit := git_commit()) else {})}).info.run_id
         except Exception as exc:  # noqa: BLE001 - whatever the client raises, say what to check
             problems.append(f"track.mlflow: cannot reach the tracking server at {track.mlflow.tracking_uri!r} "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check that `mlflow server` "
