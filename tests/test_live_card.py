@@ -16,9 +16,9 @@ import urllib.request
 import pytest
 import yaml
 
+from steps.flow.launcher import free_port
 from tests.conftest import METAFLOW_ROOT, REPO
 from tests.test_report_browser import CHROMIUM, FLAGS
-from tests.test_track import _free_port
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make setup installs it)")]
@@ -67,7 +67,7 @@ def test_card_server_shows_a_training_cell_s_loss_curve_growing(tmp_path):
     path = tmp_path / "matrix.yaml"
     path.write_text(yaml.safe_dump(LONG))
     env = {**os.environ, "FINETUNE_MATRIX_REPORTS": str(tmp_path / "reports"), "FINETUNE_MATRIX_LIVE_CARD_S": "2"}
-    port = _free_port()
+    port = free_port()
     base = [sys.executable, FLOW, "--config", "matrix", str(path)]
     with contextlib.ExitStack() as stack:
         run_log, server_log = (stack.enter_context(open(tmp_path / n, "w")) for n in ("run.log", "server.log"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -15,22 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from steps.flow.launcher import free_port
 from tests.conftest import make_cell, torchrun_trainer
 
 pytest.importorskip("mlflow")
 pytestmark = pytest.mark.slow  # each trains for real, beside a tracking server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def mlflow_server(root: Path):
     """`mlflow server` on a free loopback port with a SQLite backend; its URI."""
-    port = _free_port()
+    port = free_port()
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -189,7 +183,7 @@ def test_an_unreachable_tracking_server_fails_start_naming_track_mlflow(tmp_path
 
     from tests.conftest import REPO
 
-    matrix = {**FLOW_MATRIX, "track": {"mlflow": {"tracking_uri": f"http://127.0.0.1:{_free_port()}",
+    matrix = {**FLOW_MATRIX, "track": {"mlflow": {"tracking_uri": f"http://127.0.0.1:{free_port()}",
                                                   "experiment": "nowhere"}}}
     path = tmp_path / "matrix.yaml"
     path.write_text(yaml.safe_dump(matrix))

@@ -251,7 +251,8 @@ def fit(recs: list[Record] | pd.DataFrame) -> Calibration:
             plan = apply(rec.cell, fp, others)
             if not plan.calibration:
                 continue
-            into = residuals.setdefault(_spread_key(rec.cell, others, fp.depth), {"tokens_per_s": [], "wall_s": []})
+            used = _step_key(rec.cell, others, fp.depth)
+            into = residuals.setdefault(_spread_key(rec.cell, used), {"tokens_per_s": [], "wall_s": []})
             into["tokens_per_s"].append(abs(math.log(plan.tokens_per_s / float(rec.row["tokens_per_s"]))))
             wall = _as_run(rec.row, "wall_s")
             if plan.wall_s and not _missing(wall):
@@ -299,12 +300,12 @@ def _step_key(cell: CellSpec, calibration: Calibration | None, depth: str | None
                 found[0] if found else None)
 
 
-def _spread_key(cell: CellSpec, calibration: Calibration | None, depth: str | None) -> str:
-    """The spread a plan's interval takes: a shape planned from its own measurements misses by
-    a run's noise (`<device>|shape`), one planned through cells like it by more (`<device>`):
-    a store of repeats must not narrow the interval of a shape it never saw."""
-    key = _step_key(cell, calibration, depth) or ""
-    return f"{device_model(cell)}|shape" if "|shape=" in key else device_model(cell)
+def _spread_key(cell: CellSpec, key: str | None) -> str:
+    """The spread a plan's interval takes, given the step key it was planned with: a shape
+    planned from its own measurements misses by a run's noise (`<device>|shape`), one planned
+    through cells like it by more (`<device>`): a store of repeats must not narrow the interval
+    of a shape it never saw."""
+    return f"{device_model(cell)}|shape" if key and "|shape=" in key else device_model(cell)
 
 
 def describe(cell: CellSpec, calibration: Calibration | None, depth: str | None = None) -> str:
@@ -352,7 +353,7 @@ def apply(cell: CellSpec, plan: planner.CellPlan, calibration: Calibration | Non
     spreads = calibration.get("spread", {})
     spread = None
     if key:
-        spread = spreads.get(_spread_key(cell, calibration, plan.depth)) or spreads.get(device_model(cell))
+        spread = spreads.get(_spread_key(cell, key)) or spreads.get(device_model(cell))
     q_tokens = spread["tokens_per_s"] if spread else UNCOVERED[plan.basis]
     q_wall = spread["wall_s"] if spread else UNCOVERED[plan.basis]
     return replace(plan, step_s=step, tokens_per_s=tokens, wall_s=wall, cost_usd=dollars, startup_s=startup,

@@ -6,13 +6,12 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import subprocess
 import sys
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steps import REPO_ROOT, reports_root
+from steps import REPO_ROOT, git_commit, reports_root
 from steps.estimate import calibrate, matrix_plan
 from steps.flow import compute, launcher, tracking
 from steps.plan import catalog, equivalence
@@ -171,11 +170,7 @@ def provenance(run_id: str, flow: str, matrix: dict[str, Any],
     """What made the run: its matrix, commit and versions, and `economy:`'s predicted saving."""
     matrix = plain(matrix)
     blob = json.dumps(matrix, sort_keys=True, default=str).encode()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = git_commit()
     return {"run_id": run_id, "flow": flow, "matrix": matrix.get("name", ""),
             "matrix_sha256": hashlib.sha256(blob).hexdigest(), "git_commit": commit,
             "versions": versions(), "matrix_spec": matrix,

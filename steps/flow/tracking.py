@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from steps import REPO_ROOT
+from steps import REPO_ROOT, git_commit
 from steps.plan.schema import CellSpec, MatrixSpec, TrackContext
-from steps.results.metrics import mlflow_status
+from steps.results.metrics import TRACK_FILE, mlflow_status
 
-TRACK_FILE = "track.json"  # what steps.trainer.track writes into the cell's folder
 # An unreachable server answers within seconds, not after MLflow's default retries (minutes).
 CHECK_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -32,22 +30,13 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def git_commit() -> str | None:
-    """The checkout's commit (None without git or outside a clone, as in a remote image)."""
-    try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
-
-
 def start(spec: MatrixSpec, run_id: str, flow: str) -> TrackContext | None:
     """Every tracker checked (all problems at once) and the MLflow parent run opened; the
     context each cell's trainer logs under. None where the matrix tracks nothing."""
     track = spec.track
     if not track.any():
         return None
-    problems, parent, experiment = [], None, None
+    problems, parent, experiment, commit = [], None, None, git_commit()
     if track.mlflow is not None:
         saved = {k: os.environ.get(k) for k in CHECK_ENV}
         os.environ.update(CHECK_ENV)
@@ -57,7 +46,7 @@ def start(spec: MatrixSpec, run_id: str, flow: str) -> TrackContext | None:
             experiment = found.experiment_id if found else client.create_experiment(track.mlflow.experiment)
             parent = client.create_run(experiment, run_name=f"{spec.name}-{run_id}", tags={
                 "metaflow_run_id": run_id, "metaflow_pathspec": f"{flow}/{run_id}", "matrix": spec.name,
-                **({"git_commit": commit} if (commit := git_commit()) else {})}).info.run_id
+                **({"git_commit": commit} if commit else {})}).info.run_id
         except Exception as exc:  # noqa: BLE001 - whatever the client raises, say what to check
             problems.append(f"track.mlflow: cannot reach the tracking server at {track.mlflow.tracking_uri!r} "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check that `mlflow server` "
@@ -80,7 +69,7 @@ def start(spec: MatrixSpec, run_id: str, flow: str) -> TrackContext | None:
                         "allowed modes: online, offline, disabled")
     if problems:
         raise TrackerUnreachable("the matrix's trackers cannot be used:\n  " + "\n  ".join(problems))
-    return TrackContext(run_id=str(run_id), pathspec=f"{flow}/{run_id}", git_commit=git_commit(),
+    return TrackContext(run_id=str(run_id), pathspec=f"{flow}/{run_id}", git_commit=commit,
                         mlflow_parent=parent, mlflow_experiment_id=experiment)
 
 

@@ -33,6 +33,7 @@ def mlflow_status(outcome: str) -> str:
 HEARTBEAT_DIR = "heartbeat"
 TRAINING = "training"  # a heartbeat file's second line once its rank trains
 PARTIAL_CURVES = "partial.jsonl"
+TRACK_FILE = "track.json"  # the cell's MLflow run (id, server), for the flow to close a stopped cell's run
 
 
 def rank_prefix(rank: int) -> str:

@@ -177,11 +177,11 @@ class Loop:
         point = LossPoint(step=n, loss=loss, lr=lr, tokens=tokens, time_s=clock.now())
         self.progress.add_step(point, dt, warm=n <= cell.train.timing_warmup_steps, seq_tokens=real,
                                sequences=sum(len(b["input_ids"]) for b in micro))
+        rate = self.progress.tokens_per_s if self.progress.timed_s else tokens / dt
         if self.track.active:
-            self.track.step(point, self.progress.tokens_per_s or tokens / dt, measure.peak_memory_gb(d.device))
+            self.track.step(point, rate, measure.peak_memory_gb(d.device))
         check_divergence(cell, n, loss, self.progress.loss_curve[0].loss)
         if d.is_main and log:
-            rate = self.progress.tokens_per_s if self.progress.timed_s else tokens / dt
             print(f"step {n}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} tok/s {rate:,.0f}", flush=True)
 
     def evaluate(self, step: int, time_s: float) -> ValPoint:

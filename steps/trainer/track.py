@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from steps.plan.schema import CellSpec
-from steps.results.metrics import LossPoint, ValPoint, mlflow_status
+from steps.plan.schema import AXIS_FIELD, CellSpec
+from steps.results.metrics import TRACK_FILE, LossPoint, ValPoint, mlflow_status
 
-TRACK_FILE = "track.json"
 RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 FLUSH_S = 1.0  # metrics buffered at most this long before they go to the server
@@ -33,8 +32,7 @@ def params_of(cell: CellSpec) -> dict[str, Any]:
     table has them."""
     from steps.plan.settings import flatten
 
-    axes = {k: getattr(cell, k) for k in ("model", "peft", "strategy", "instance", "nodes", "gpus", "lr",
-                                          "micro_batch", "grad_accum", "precision", "seq_len")}
+    axes = {field: getattr(cell, field) for field in AXIS_FIELD.values()}
     return {"cell_id": cell.cell_id, "matrix": cell.matrix, **axes, **flatten(cell)}
 
 
@@ -51,8 +49,6 @@ class Tracker(Protocol):
     name: str
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def flush(self) -> None: ...
 
     def finish(self, outcome: str, final: dict[str, float], adapter: str | None) -> None: ...
 
@@ -136,9 +132,6 @@ class TensorboardTracker:
             if v is not None:
                 self.writer.add_scalar(k, float(v), step)
 
-    def flush(self) -> None:
-        self.writer.flush()
-
     def finish(self, outcome: str, final: dict[str, float], adapter: str | None) -> None:
         step = int(final.get("step", 0))
         self.log({f"final/{k}": v for k, v in final.items() if k != "step"}, step)
@@ -163,9 +156,6 @@ class WandbTracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
-
-    def flush(self) -> None:
-        pass  # the W&B service process writes as it goes
 
     def finish(self, outcome: str, final: dict[str, float], adapter: str | None) -> None:
         if adapter:
