@@ -20,6 +20,10 @@ _python = Path(sys.executable).parent / "python"
 if _python.exists() and shutil.which("python") != str(_python):
     os.environ["PATH"] = os.pathsep.join([str(_python.parent), os.environ.get("PATH", "")])
 
+from steps.flow import priority  # noqa: E402
+
+priority.for_this_process(sys.argv)  # Metaflow's tasks and card processes yield to the cells' ranks
+
 from metaflow import Config, FlowSpec, card, current, parallel, step  # noqa: E402
 
 from steps.flow import cards  # noqa: E402
@@ -50,7 +54,7 @@ class FinetuneMatrixFlow(FlowSpec):
         self.nodes, self.port = runs.placement(self.input, self.matrix)
         self.next(self.train, num_parallel=self.nodes)
 
-    @card(type="blank", id="live", refresh_interval=max(1, int(cards.LIVE_EVERY_S)))
+    @card(type="blank", id="live", refresh_interval=1)  # paced by cards.LiveCard
     @parallel
     @step
     def train(self):
@@ -60,7 +64,8 @@ class FinetuneMatrixFlow(FlowSpec):
         self.metrics, self.log = runs.train_node(
             {"cell": self.cell, "refused": self.refused, "economy": self.economy}, runs.run_dir(current.run_id),
             self.node, current.parallel.main_ip, self.port, self.matrix,
-            (current.run_id, current.retry_count, current.origin_run_id), current.pathspec, current.card["live"])
+            (current.run_id, current.retry_count, current.origin_run_id), current.pathspec, current.card["live"],
+            in_task=True)
         runs.fail_if_error(self.metrics, runs.run_dir(current.run_id), self.matrix, current.retry_count)
         self.next(self.gather)
 

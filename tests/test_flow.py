@@ -109,6 +109,8 @@ def test_matrix_runs_end_to_end_and_reads_back_through_the_client(tmp_path):
     logs = {cid: (out / "cells" / cid / "train.log").read_text().splitlines()[1] for cid in df["cell_id"]}
     ports = {line.split("port ")[1].split(",")[0] for line in logs.values()}
     assert len(ports) == 4
+    # The ranks run at the flow's own priority; Metaflow's other tasks and card processes below it.
+    assert {line.split("nice ")[1] for line in logs.values()} == {str(os.getpriority(os.PRIO_PROCESS, 0))}
     if len(os.sched_getaffinity(0)) >= 2:
         singles = [t["metrics"].data for t in train_tasks if t["cell"].data["strategy"] == "single"]
         a, b = sorted(singles, key=lambda m: m["started_at"])

@@ -88,10 +88,13 @@ def test_card_server_shows_a_training_cell_s_loss_curve_growing(tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
             page = browser.new_page()
             seen = []
-            for _ in range(30):  # until the curve has points, then once more after a few seconds
+            # Until the curve has points, then until a reload shows more: the card is redrawn from a
+            # thread of low priority (steps/flow/priority.py), later when the machine is busy.
+            for _ in range(40):
                 page.goto(f"http://127.0.0.1:{port}/card/{card['card']}", wait_until="load")
                 seen.append(page.evaluate(POINTS))
-                if len([n for n in seen if n > 0]) >= 2:
+                grown = [n for n in seen if n > 0]
+                if len(grown) >= 2 and grown[-1] > grown[0]:
                     break
                 time.sleep(3)
             page.screenshot(path=str(tmp_path / "live.png"), full_page=True)

@@ -70,20 +70,40 @@ def cell_card(cell: dict[str, Any], metrics: dict[str, Any]) -> list:
     return parts
 
 
-# How often the train step's card is redrawn while the cell trains: each redraw is a Metaflow
-# card process (about a second of one core), so not so often that it slows a local cell.
-LIVE_EVERY_S = float(os.environ.get("FINETUNE_MATRIX_LIVE_CARD_S", "10"))
+# How often the train step's card is redrawn while the cell trains. Each redraw is two Metaflow
+# card processes of about half a second of one core each, started from a thread of low priority
+# (`priority`). Where the cell trains on this machine's CPU, cores its ranks (or the cells beside
+# it) hold would pay for them anyway: its ranks step together, and a process that shares a core
+# with one slows them all (the last DDP cell of `make run`, redrawn every 10 s, stepped 10-15%
+# slower than the first). Such a cell is redrawn every minute (Metaflow's own default), under 1%
+# of a core. FINETUNE_MATRIX_LIVE_CARD_S sets one interval for every cell.
+LIVE_EVERY_S = 10.0
+LIVE_EVERY_CPU_S = 60.0
+
+
+def live_every_s(cell: dict[str, Any]) -> float:
+    """The live card's redraw interval for `cell` (see LIVE_EVERY_S)."""
+    if os.environ.get("FINETUNE_MATRIX_LIVE_CARD_S"):
+        return float(os.environ["FINETUNE_MATRIX_LIVE_CARD_S"])
+    from steps.plan import catalog
+
+    instance = catalog.instances().get(cell["instance"])
+    return LIVE_EVERY_CPU_S if instance is not None and instance.local else LIVE_EVERY_S
 
 
 class LiveCard:
     """The train step's card while the cell trains (Metaflow's card refresh): the loss curve,
     tokens/s and memory so far, from the curves rank 0 appends step by step and the trainer
-    processes' resident memory, so `card server` and the Metaflow UI show a running cell."""
+    processes' resident memory, so `card server` and the Metaflow UI show a running cell.
+    Drawn every `every_s` from its own thread until `finish`; a card that cannot be drawn is
+    one warning in the log, never the cell's failure."""
 
-    def __init__(self, card: Any, cell: dict[str, Any], out_dir: Any, every_s: float = LIVE_EVERY_S):
+    def __init__(self, card: Any, cell: dict[str, Any], out_dir: Any, every_s: float | None = None):
+        import threading
+
         from metaflow.cards import Markdown, VegaChart
 
-        self.card, self.out, self.every, self.last = card, out_dir, every_s, 0.0
+        self.card, self.out, self.every = card, out_dir, every_s or live_every_s(cell)
         self.title = f"{cell['cell_id']}: training"
         self.chart = VegaChart(loss_chart_spec({}, self.title))
         self.stats = Markdown("starting: no step yet")
@@ -91,17 +111,22 @@ class LiveCard:
                              f"{cell['nodes']}x{cell['gpus']} on {cell['instance']} · lr {cell['lr']:g}"))
         card.append(self.chart)
         card.append(self.stats)
-        card.refresh(force=True)
+        self.stopped = threading.Event()
+        self.drawing = threading.Lock()  # one redraw at a time: the thread's or `finish`'s
+        self.thread = threading.Thread(target=self._run, name="live-card", daemon=True)
+        self.thread.start()
 
-    def __call__(self) -> None:
-        """Redraw if `every_s` has passed (the launcher calls it at each poll)."""
-        import time
+    def _run(self) -> None:
+        from steps.flow import priority
 
-        now = time.monotonic()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        self.update()
+        priority.lower(thread_only=True)  # this thread, and the card processes it starts
+        try:
+            with self.drawing:
+                self.card.refresh(force=True)
+            while not self.stopped.wait(self.every):
+                self.update()
+        except Exception as exc:  # noqa: BLE001 - a card must not stop the cell
+            print(f"warning: the live card could not be drawn ({type(exc).__name__}: {exc})", flush=True)
 
     def update(self) -> None:
         from pathlib import Path
@@ -113,22 +138,32 @@ class LiveCard:
         if not loss:
             return
         curves = {"loss_curve": [p.model_dump() for p in loss], "val_curve": [p.model_dump() for p in val]}
-        self.chart.update(loss_chart_spec(curves, self.title))
         span = loss[-1].time_s - loss[0].time_s
         rate = sum(p.tokens for p in loss[1:]) / span if span > 0 else None
         memory = _resident_gb(launcher.trainer_pids(Path(self.out)))
-        self.stats.update(f"step **{loss[-1].step}** · loss {loss[-1].loss:.4f} · tokens/s {fmt(rate)} · "
-                          f"memory {fmt(memory)} GB (rank processes' resident set)"
-                          + (f" · val loss {val[-1].val_loss:.4f} at step {val[-1].step}" if val else ""))
-        self.card.refresh(force=True)  # the page itself redrawn: a reload shows the new points
+        with self.drawing:
+            if self.stopped.is_set():
+                return
+            self.chart.update(loss_chart_spec(curves, self.title))
+            self.stats.update(f"step **{loss[-1].step}** · loss {loss[-1].loss:.4f} · tokens/s {fmt(rate)} · "
+                              f"memory {fmt(memory)} GB (rank processes' resident set)"
+                              + (f" · val loss {val[-1].val_loss:.4f} at step {val[-1].step}" if val else ""))
+            self.card.refresh(force=True)  # the page itself redrawn: a reload shows the new points
 
     def finish(self, metrics: dict[str, Any]) -> None:
         """The whole curve and how the cell ended (the gather step's card has every number)."""
-        self.chart.update(loss_chart_spec(metrics, self.title.replace("training", metrics.get("outcome") or "ended")))
-        self.stats.update(f"**outcome: {metrics.get('outcome')}** · steps {len(metrics.get('loss_curve') or [])} · "
-                          f"tokens/s {fmt(metrics.get('tokens_per_s'))} · "
-                          f"peak memory {fmt(metrics.get('peak_mem_gb'))} GB")
-        self.card.refresh(force=True)
+        self.stopped.set()
+        title = self.title.replace("training", metrics.get("outcome") or "ended")
+        try:
+            with self.drawing:
+                self.chart.update(loss_chart_spec(metrics, title))
+                self.stats.update(f"**outcome: {metrics.get('outcome')}** · "
+                                  f"steps {len(metrics.get('loss_curve') or [])} · "
+                                  f"tokens/s {fmt(metrics.get('tokens_per_s'))} · "
+                                  f"peak memory {fmt(metrics.get('peak_mem_gb'))} GB")
+                self.card.refresh(force=True)
+        except Exception as exc:  # noqa: BLE001 - as in `_run`
+            print(f"warning: the live card could not be drawn ({type(exc).__name__}: {exc})", flush=True)
 
 
 def _resident_gb(pids: list[int]) -> float | None:

@@ -112,11 +112,12 @@ def last_progress(out_dir: Path, since: float) -> float | None:
 
 def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 0,
              master_addr: str = "127.0.0.1", port: int | None = None, resume: bool = False,
-             on_poll=None) -> CellMetrics:
+             keep_devices: bool = False) -> CellMetrics:
     """Run this node's part of a cell to completion, time limit or hang; return its metrics.
 
     `wall_s` is launch to exit as seen from here (process start-up included). Node 0 holds
     global rank 0, which writes the cell's metrics; other nodes report their exit only.
+    `keep_devices`: the cell's cores or GPUs stay held until this process exits (a flow task).
     """
     out_dir = Path(out_dir)
     cell_file = write_cell(cell, out_dir)
@@ -126,10 +127,10 @@ def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 
     cmd = trainer_command(cell, cell_file, out_dir, port, node_rank, master_addr, resume)
     stopped = None  # "timeout" or "hang"
     queued = time.perf_counter()
-    with _devices(cell) as (cores, gpus), open(out_dir / "train.log", "w", encoding="utf-8") as log:
+    with _devices(cell, keep_devices) as (cores, gpus), open(out_dir / "train.log", "w", encoding="utf-8") as log:
         env = _environment(cell, cores, port, gpus)
         log.write(f"$ {' '.join(cmd)}\n# node {node_rank}, port {port}, cores {cores}, "
-                  f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
+                  f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, nice {os.getpriority(os.PRIO_PROCESS, 0)}"
                   + (f", CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if gpus else "") + "\n")
         log.flush()
         start, started_at = time.perf_counter(), time.time()
@@ -141,7 +142,7 @@ def run_cell(cell: CellSpec, out_dir: Path, echo: bool = True, node_rank: int = 
         prefix = rank_prefix(0) if cell.world_size == 1 else ""
         pump = threading.Thread(target=_pump, args=(proc.stdout, log, echo, prefix), daemon=True)
         pump.start()
-        stopped = _watch(proc, cell, out_dir, start, started_at, on_poll)
+        stopped = _watch(proc, cell, out_dir, start, started_at)
         pump.join(timeout=KILL_GRACE_S)
     wall = time.perf_counter() - start
     m = _result(cell, out_dir, proc.returncode, stopped, node_rank)
@@ -162,10 +163,10 @@ def _clear_working_files(out_dir: Path) -> None:
 
 
 def _watch(proc: subprocess.Popen, cell: CellSpec, out_dir: Path, start: float,
-           started_at: float, on_poll=None) -> str | None:
+           started_at: float) -> str | None:
     """Wait for the trainer; stop it at the time limit or when no rank has progressed for
     `hang_after_s` once training has started (its stacks dumped into the log first). Returns
-    why it was stopped. `on_poll`: called at each poll (the train step's live card)."""
+    why it was stopped."""
     hang_after = cell.train.hang_after_s
     while True:
         try:  # back the moment it exits: wall_s ends there, not at the next poll
@@ -173,12 +174,6 @@ def _watch(proc: subprocess.Popen, cell: CellSpec, out_dir: Path, start: float,
             return None
         except subprocess.TimeoutExpired:
             pass
-        if on_poll is not None:
-            try:
-                on_poll()
-            except Exception as exc:  # noqa: BLE001 - a card must not stop the cell
-                print(f"warning: the live card could not be drawn ({type(exc).__name__}: {exc})", flush=True)
-                on_poll = None
         if time.perf_counter() - start > cell.train.timeout_s:
             _stop(proc)
             return "timeout"
@@ -248,15 +243,15 @@ def dump_stacks(out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _devices(cell: CellSpec):
+def _devices(cell: CellSpec, keep: bool = False):
     """(cores, GPUs) this cell holds while it runs: local CPU cells their cores, `local-gpu`
     cells their GPUs; elsewhere each task owns its machine ([], [])."""
     instance = catalog.instances().get(cell.instance)
     if instance is not None and instance.local:
-        with cpu_slots.reserve(cell.gpus, instance.cores_per_device) as cores:  # this node's processes
+        with cpu_slots.reserve(cell.gpus, instance.cores_per_device, keep=keep) as cores:  # this node's processes
             yield cores, []
     elif instance is not None and instance.local_gpu:
-        with cpu_slots.reserve_gpus(cell.gpus, instance.devices_per_node) as gpus:
+        with cpu_slots.reserve_gpus(cell.gpus, instance.devices_per_node, keep=keep) as gpus:
             yield [], gpus
     else:
         yield [], []

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from steps import REPO_ROOT, git_commit, reports_root
 from steps.estimate import calibrate, matrix_plan
-from steps.flow import compute, launcher, tracking
+from steps.flow import compute, cpu_slots, launcher, priority, tracking
 from steps.plan import catalog, equivalence
 from steps.plan.matrix import parse_matrix, plain
 from steps.plan.schema import CellSpec
@@ -75,11 +75,13 @@ def node_dir(out_root: Path, cell: CellSpec, node_index: int) -> Path:
 def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
                main_ip: str = "127.0.0.1", port: int | None = None,
                matrix: dict[str, Any] | None = None, run: tuple[str, int, str | None] | None = None,
-               pathspec: str | None = None, card: Any = None) -> tuple[dict[str, Any], str]:
+               pathspec: str | None = None, card: Any = None, in_task: bool = False) -> tuple[dict[str, Any], str]:
     """Run this node's share of a cell; returns its metrics and its log. With `compute:
     sagemaker` the cell is one training job (`run`: run id, attempt, origin run id).
     `pathspec`: the task's, which the cell's tracker runs are tagged with; `card`: the task's
-    live card (node 0 draws the cell's progress on it while it trains)."""
+    live card (node 0 draws the cell's progress on it while it trains). `in_task`: called by
+    the flow's `train` task, which keeps the cell's cores until it exits and, once the trainer
+    has exited, yields the CPU to the cells still training (`priority`)."""
     cell = equivalence.run_spec(planned)  # a speed cell trains its speed steps
     if pathspec and cell.track_context is not None:
         cell = cell.model_copy(update={"track_context": cell.track_context.model_copy(update={"pathspec": pathspec})})
@@ -90,7 +92,9 @@ def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
         from steps.flow.cards import LiveCard
 
         live = LiveCard(card, planned["cell"], node_dir(out_root, cell, node_index))
-    m, log = _train_node(cell, out_root, node_index, main_ip, port, matrix, run, live)
+    m, log = _train_node(cell, out_root, node_index, main_ip, port, matrix, run, in_task)
+    if in_task:
+        priority.lower()  # what is left of this task (card, artifacts) is bookkeeping
     if live is not None:
         live.finish(m.to_dict())
     economy = planned.get("economy") or {}
@@ -101,7 +105,7 @@ def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
 
 def _train_node(cell: CellSpec, out_root: Path, node_index: int, main_ip: str, port: int | None,
                 matrix: dict[str, Any] | None, run: tuple[str, int, str | None] | None,
-                on_poll=None) -> tuple[CellMetrics, str]:
+                keep_devices: bool = False) -> tuple[CellMetrics, str]:
     out = node_dir(out_root, cell, node_index)
     out.mkdir(parents=True, exist_ok=True)
     if matrix is not None and matrix["compute"] == "sagemaker":
@@ -111,7 +115,8 @@ def _train_node(cell: CellSpec, out_root: Path, node_index: int, main_ip: str, p
         with _running(out):
             return submit.run_cell(cell, out, plain(matrix)["remote"], run_id, attempt, origin)
     with _running(out):
-        m = launcher.run_cell(cell, out, node_rank=node_index, master_addr=main_ip, port=port, on_poll=on_poll)
+        m = launcher.run_cell(cell, out, node_rank=node_index, master_addr=main_ip, port=port,
+                              keep_devices=keep_devices)
     if node_index == 0:
         tracking.close_cell(cell, out, m.to_dict())
         m.cost_usd = catalog.cost_usd(cell.instance, m.wall_s, cell.nodes, cell.world_size)
@@ -135,8 +140,10 @@ def wait_for_running(out_root: Path, echo=print) -> int:
 
     Metaflow's local runtime stops every running task when one fails: a cell that fails for
     real waits for the cells already running beside it, so their results are kept and
-    `resume` re-runs only what failed.
+    `resume` re-runs only what failed. The cores this task kept go back first: a cell beside it
+    may be waiting for them.
     """
+    cpu_slots.release_kept()
     busy = []
     for lock in sorted(Path(out_root).glob("cells/*/.running")):
         with contextlib.suppress(FileNotFoundError), open(lock) as fh:

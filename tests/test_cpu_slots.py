@@ -1,0 +1,103 @@
+"""CPU slots and priorities for real: a flow task keeps its cell's cores until it exits, and the
+flow's own work runs below the cells' ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from steps.flow import cpu_slots, priority
+from tests.conftest import REPO
+
+CORES = len(os.sched_getaffinity(0))
+
+
+@pytest.fixture
+def slots(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_MATRIX_SLOTS_DIR", str(tmp_path))
+    yield tmp_path
+    cpu_slots.release_kept()
+
+
+def _reserve_in_thread(ranks: int) -> tuple[threading.Thread, list]:
+    got: list = []
+
+    def take():
+        with cpu_slots.reserve(ranks, per_rank=1, poll_s=0.05) as cores:
+            got.append((time.monotonic(), cores))
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_a_kept_reservation_holds_the_cores_until_its_process_exits(slots):
+    hold_s = 1.5
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from steps.flow import cpu_slots
+        with cpu_slots.reserve({CORES}, per_rank=1, keep=True) as cores:
+            pass
+        print("held", cores, flush=True)
+        time.sleep({hold_s})
+        """)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        line = holder.stdout.readline()
+        assert line.startswith("held [0"), line
+        asked = time.monotonic()
+        thread, got = _reserve_in_thread(1)
+        thread.join(timeout=30)
+        assert holder.poll() is not None, "a core was given while the process that kept it still ran"
+        (when, cores), = got
+        assert len(cores) == 1 and when - asked > 0.5 * hold_s
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_reserving_again_gives_back_what_this_process_kept(slots):
+    with cpu_slots.reserve(CORES, per_rank=1, keep=True) as first:
+        assert len(first) == CORES
+    thread, got = _reserve_in_thread(CORES)  # the same process's next cell: no deadlock on itself
+    thread.join(timeout=10)
+    assert got and got[0][1] == first
+    # Without keep the cores are free at once for another reservation.
+    thread, got = _reserve_in_thread(CORES)
+    thread.join(timeout=10)
+    assert got and got[0][1] == first
+
+
+@pytest.mark.parametrize(("argv", "bookkeeping"), [
+    (["flows/finetune_matrix.py", "--quiet", "--metadata", "local", "step", "gather", "--run-id", "1"], True),
+    (["flows/finetune_matrix.py", "--quiet", "--metadata", "local", "step", "start", "--run-id", "1"], False),
+    (["flows/finetune_matrix.py", "--quiet", "--metadata", "local", "step", "train", "--run-id", "1"], False),
+    (["flows/finetune_matrix.py", "--quiet", "--datastore-root", "/x", "card", "create", "1/train/5"], True),
+    (["flows/finetune_matrix.py", "card", "server"], False),
+    (["flows/finetune_matrix.py", "run"], False),
+    (["flows/finetune_matrix.py", "resume"], False),
+])
+def test_which_processes_of_the_flow_yield_to_the_cells(argv, bookkeeping):
+    assert priority.is_bookkeeping(argv) is bookkeeping
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority is Linux's")
+def test_a_lowered_thread_starts_its_processes_below_the_rest_of_its_process():
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = {}
+
+    def card_thread():
+        priority.lower(thread_only=True)
+        seen["thread"] = int(subprocess.run(["nice"], capture_output=True, text=True).stdout)
+
+    thread = threading.Thread(target=card_thread)
+    thread.start()
+    thread.join()
+    assert seen["thread"] == max(before, priority.NICE)
+    assert int(subprocess.run(["nice"], capture_output=True, text=True).stdout) == before
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
