@@ -20,6 +20,12 @@ _python = Path(sys.executable).parent / "python"
 if _python.exists() and shutil.which("python") != str(_python):
     os.environ["PATH"] = os.pathsep.join([str(_python.parent), os.environ.get("PATH", "")])
 
+# A matrix's cells are its foreach: Metaflow's guard against a foreach of over 100 branches by
+# mistake (--max-num-splits) would refuse ordinary matrices (5 models x 4 methods x 8 strategies
+# is 160 cells) after their plan; `start` prints the count before any cell runs.
+for _command in ("RUN", "RESUME"):
+    os.environ.setdefault(f"METAFLOW_{_command}_MAX_NUM_SPLITS", "100000")
+
 from steps.flow import priority  # noqa: E402
 
 priority.for_this_process(sys.argv)  # Metaflow's tasks and card processes yield to the cells' ranks
@@ -42,8 +48,9 @@ class FinetuneMatrixFlow(FlowSpec):
     @step
     def start(self):
         """Expand the matrix (validated when the flow was loaded) into cells."""
-        self.cells, self.planned_saving = runs.plan(self.matrix, current.run_id, current.flow_name)
-        print(f"{len(self.cells)} cells; results go to {runs.run_dir(current.run_id)}")
+        self.cells, self.skipped, self.planned_saving = runs.plan(self.matrix, current.run_id, current.flow_name)
+        print(f"{len(self.cells)} cells to run, {len(self.skipped)} refused; results go to "
+              f"{runs.run_dir(current.run_id)}")
         self.next(self.launch, foreach="cells")
 
     @step
@@ -73,7 +80,7 @@ class FinetuneMatrixFlow(FlowSpec):
     @step
     def gather(self, inputs):
         """The cell's result (node 0 measures it), all nodes' logs, and the cell's card."""
-        self.cell, self.planned_saving = inputs[0].cell, inputs[0].planned_saving
+        self.cell, self.planned_saving, self.skipped = inputs[0].cell, inputs[0].planned_saving, inputs[0].skipped
         self.metrics, self.log = nodes.gather([
             (i.node, getattr(i, "metrics", None), getattr(i, "log", ""), getattr(i, "failure", None))
             for i in inputs])
@@ -86,7 +93,8 @@ class FinetuneMatrixFlow(FlowSpec):
         """One results table (Parquet, CSV, artifact) and the report, under reports/<run id>/."""
         meta = runs.provenance(current.run_id, current.flow_name, self.matrix, inputs[0].planned_saving)
         self.results, self.paths, self.report_blocks = runs.join(
-            current.run_id, [(i.cell, i.metrics) for i in inputs], runs.run_dir(current.run_id), meta)
+            current.run_id, [(i.cell, i.metrics) for i in inputs] + inputs[0].skipped, runs.run_dir(current.run_id),
+            meta)
         self.provenance = meta
         self.next(self.end)
 
@@ -100,4 +108,5 @@ class FinetuneMatrixFlow(FlowSpec):
 
 
 if __name__ == "__main__":
-    FinetuneMatrixFlow()
+    with runs.problems_last(sys.argv):
+        FinetuneMatrixFlow()

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 
@@ -12,8 +10,6 @@ from tests.conftest import METAFLOW_ROOT
 from tests.test_flow import FLOW
 
 pytestmark = pytest.mark.slow
-
-GOOD_ROW = {"instruction": "Repeat the word", "input": "tea", "output": "tea"}
 
 
 # The three failing cells and one that finishes (the other four add nothing to these checks).
@@ -25,12 +21,26 @@ def _four(outcomes: dict[tuple, str]) -> dict[tuple, str]:
             if not (k[0] == "ddp" and k[2] == 4) and not (k[0] == "single" and k[2] == 2)}
 
 
+def save_model(folder, weights: bool = True) -> None:
+    """A small Llama saved as a Hugging Face folder; without `weights`, its weights file is not one
+    (a download cut short): its config reads, so the checks before launch let it through (they do
+    not load weights), and the trainer finds out."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=300)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    if not weights:
+        (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+
+
 def failing_matrix(tmp_path, **extra) -> dict:
     """8 cells (`exclude=FOUR` keeps 4); three forced to fail: one OOMs, one hangs (rank 1 stops at step 3, rank 0 waits
-    in its all-reduce), one reads a data file too short for one global batch (it parses, so the checks before launch
-    let it through; the trainer finds out)."""
-    data = tmp_path / "instructions.jsonl"
-    data.write_text("\n".join([json.dumps(GOOD_ROW)] * 3) + "\n")
+    in its all-reduce), one loads a model folder whose weights file is broken."""
+    data = tmp_path / "model"
+    save_model(data, weights=False)
     return {
         "name": "failures", "models": "llama-debug", "peft": "lora", "strategy": ["single", "ddp"],
         "gpus": 2, "lr": [3e-3, 1e-2], "micro_batch": [2, 4], "seq_len": 256,
@@ -42,10 +52,12 @@ def failing_matrix(tmp_path, **extra) -> dict:
              "train": {"fault": {"kind": "oom", "at_step": 3}}},
             {"strategy": "ddp", "lr": 1e-2, "micro_batch": 2,
              "train": {"fault": {"kind": "hang", "at_step": 3, "rank": 1}, "hang_after_s": 8}},
-            {"strategy": "single", "lr": 1e-2, "micro_batch": 4,
-             "data": {"task": "instructions", "path": str(data)}},
+            {"strategy": "single", "lr": 1e-2, "micro_batch": 4, "models": str(data)},
         ],
         **extra,
+        # That cell replaces the debug model's at its point of the grid.
+        "exclude": [*extra.get("exclude", []),
+                    {"models": ["llama-debug"], "strategy": ["single"], "lr": [1e-2], "micro_batch": [4]}],
     }, data
 
 
@@ -86,8 +98,8 @@ def test_only_the_raising_cell_fails_and_resume_reruns_it_alone(tmp_path):
         trains = list(run["train"])
         failed = [t for t in trains if not t.successful]
         assert len(failed) == 1, output[-3000:]
-        assert failed[0]["cell"].data["data"]["path"] == str(data)
-        assert "fewer than one global batch" in failed[0]["metrics"].data["error"]
+        assert failed[0]["cell"].data["model"] == str(data)
+        assert "Error while deserializing header" in failed[0]["metrics"].data["error"]
         assert failed[0].current_attempt == 1  # retried once (retries: 1), then failed the run
         done = {t["cell"].data["cell_id"]: t.pathspec for t in trains if t.successful}
         assert len(done) == 3, "the cells running beside the failing one were stopped"
@@ -100,7 +112,7 @@ def test_only_the_raising_cell_fails_and_resume_reruns_it_alone(tmp_path):
         assert "hang_after_s=8" in hm["error"]
         assert "(most recent call first)" in hung["log"].data and "in inject_fault" in hung["log"].data  # stacks dumped
 
-    data.write_text("\n".join([json.dumps(GOOD_ROW)] * 64) + "\n")  # the cause, removed
+    save_model(data)  # the cause, removed
     with _runner(tmp_path, None) as runner:
         second = runner.resume(origin_run_id=run.id, max_workers=8)
         assert second.status == "successful", (second.stdout + second.stderr)[-3000:]
@@ -108,7 +120,7 @@ def test_only_the_raising_cell_fails_and_resume_reruns_it_alone(tmp_path):
     resumed = Run(second.run.pathspec)
     trains = list(resumed["train"])
     rerun = [t for t in trains if t.origin_pathspec is None]
-    assert [t["cell"].data["data"]["path"] for t in rerun] == [str(data)]
+    assert [t["cell"].data["model"] for t in rerun] == [str(data)]
     cloned = {t["cell"].data["cell_id"]: t.origin_pathspec for t in trains if t.origin_pathspec}
     assert cloned == done
     df = resumed["join"].task["results"].data
@@ -128,7 +140,7 @@ def test_record_errors_finishes_with_the_error_in_its_row(tmp_path):
         df = result.run["join"].task["results"].data
     assert len(df) == 4 and _outcomes(df) == _four(_expected("error"))
     row = df[df["outcome"] == "error"].iloc[0]
-    assert row["error"].startswith("ValueError: data has 2 training samples, fewer than one global batch (4)")
+    assert row["error"].startswith("SafetensorError: Error while deserializing header")
     # The report of a run with failed cells: built, every cell in it, the failures listed.
     out = tmp_path / "reports" / result.run.id
     report = (out / "report.md").read_text()

@@ -93,11 +93,20 @@ def _spec(extra: str = ""):
 
 
 def test_predicted_out_of_memory_cells_become_skipped_rows_when_asked():
-    planned, mplan = matrix_plan.plan_spec(_spec(), check="never")
+    planned, mplan = matrix_plan.plan_spec(_spec("plan: {try_predicted_oom: true}\n"), check="never")
     assert not any(p.refused for p in planned)
     # A100 40 GB, micro-batch 8 x 1024: full fine-tuning of both, and LoRA on the 7B
     assert [cid.rsplit("-", 1)[0] for cid in mplan.predicted_oom] == [
         "tinyllama-1.1b-full-single-1x1", "llama-2-7b-full-single-1x1", "llama-2-7b-lora-single-1x1"]
+    # By default only the cell predicted far beyond its memory (full 7B: 187 GB, 4.7x) is refused;
+    # the close calls (1.1x, 1.5x) are launched, and end `oom` if the plan was right.
+    planned, _ = matrix_plan.plan_spec(_spec(), check="never")
+    (far,) = [p for p in planned if p.refused]
+    assert far.cell.cell_id == mplan.predicted_oom[1]
+    assert far.refused.startswith("predicted out of memory: 186.9 GB per rank > 40.0 GB (weights 27.0, ")
+    assert far.refused.endswith("; 4.7x what a rank may use, refused before launch: use an instance with more memory "
+                                "per device than p4d.24xlarge or make the cell smaller, or set "
+                                "plan.try_predicted_oom: true to launch it anyway")
     planned, _ = matrix_plan.plan_spec(_spec("plan: {skip_predicted_oom: true}\n"), check="never")
     skipped = {p.cell.cell_id: p.refused for p in planned if p.refused}
     assert list(skipped) == mplan.predicted_oom
@@ -110,7 +119,8 @@ def test_a_matrix_over_its_budget_is_refused_before_it_runs():
     cost = sum(p.cost_usd for p in mplan.plans.values())
     assert mplan.cost_usd == pytest.approx(sum(p.cost_usd for p in fitting))
     with pytest.raises(ConfigError) as err:
-        matrix_plan.plan_spec(_spec("plan: {max_cost_usd: 1.0, max_hours: 0.01}\n"), check="never")
+        matrix_plan.plan_spec(_spec("plan: {max_cost_usd: 1.0, max_hours: 0.01, try_predicted_oom: true}\n"),
+                              check="never")
     assert err.value.problems == [
         f"plan.max_cost_usd: the cells that would run are predicted to cost ${cost:,.2f}, over the budget of $1.00 "
         "(`python -m steps.plan` shows each cell)",
@@ -219,13 +229,14 @@ def test_the_flow_s_start_skips_predicted_oom_cells_and_prints_the_plan(capsys):
     from steps.flow import tasks
 
     matrix = {"name": "capped", "models": "llama-debug", "peft": "lora", "strategy": "single", "lr": 1e-3,
-              "micro_batch": [4, 512], "seq_len": 256, "train": {"max_steps": 2, "memory_cap_gb": 1.2},
+              "micro_batch": [4, 512], "seq_len": 256, "train": {"max_steps": 3, "memory_cap_gb": 1.2},
               "plan": {"skip_predicted_oom": True}}
-    cells, saving = tasks.plan(matrix)
+    cells, skipped, saving = tasks.plan(matrix)
     assert saving is None  # no economy: section
-    refused = {c["cell"]["micro_batch"]: c["refused"] for c in cells}
-    assert refused[4] is None
-    assert refused[512].startswith("predicted out of memory: ") and "> 1.2 GB" in refused[512]
+    assert [(c["cell"]["micro_batch"], c["refused"]) for c in cells] == [(4, None)]  # the foreach: cells that run
+    ((cell, metrics),) = skipped  # a refused cell starts no task: its row as the table will have it
+    assert cell["micro_batch"] == 512 and metrics["outcome"] == "skipped"
+    assert metrics["error"].startswith("predicted out of memory: ") and "> 1.2 GB" in metrics["error"]
     out = capsys.readouterr().out
     assert "2 cells: 2 run, 0 refused; 1 predicted out of memory" in out and "Cells predicted to fit: 1" in out
 

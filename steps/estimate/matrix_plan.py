@@ -52,17 +52,70 @@ def plan_matrix(planned: list, facts: dict[str, Any] | None = None, compute: str
                       sum(costs) if costs else None, unknown)
 
 
+FAR_OVER = 2.0  # a cell predicted to need this many times its memory is refused (plan.try_predicted_oom)
+
+
+def far_over(cell: CellSpec, plan: CellPlan) -> str | None:
+    """Why a cell predicted far beyond its memory is not launched; None for the close calls
+    (the planner's memory is within 8% of what this machine measures, 4% of an H100's)."""
+    if plan.peak_gb is None or not plan.device_gb or plan.peak_gb <= FAR_OVER * plan.device_gb:
+        return None
+    capped = cell.train.memory_cap_gb is not None and cell.train.memory_cap_gb <= plan.device_gb
+    change = (f"raise train.memory_cap_gb ({cell.train.memory_cap_gb:g})" if capped
+              else f"use an instance with more memory per device than {cell.instance}")
+    return (f"{plan.reason()}; {plan.peak_gb / plan.device_gb:.1f}x what a rank may use, refused before launch: "
+            f"{change} or make the cell smaller, or set plan.try_predicted_oom: true to launch it anyway")
+
+
+def times_out(cell: CellSpec, plan: CellPlan) -> str | None:
+    """A cell whose planned wall time, at the fast end of its interval, is over its time limit
+    would end `timeout` after spending it: refused with the plan instead. (Not under `economy:`,
+    whose speed cells train only their first steps.)"""
+    fastest = plan.wall_s_range[0] if plan.wall_s_range else None
+    if fastest is None or fastest <= cell.train.timeout_s:
+        return None
+    return (f"planned to take {_duration(plan.wall_s)} (at least {_duration(fastest)}: {plan.steps} steps, start-up "
+            f"and evaluations), over train.timeout_s={cell.train.timeout_s:g}: it would end `timeout`; raise "
+            f"train.timeout_s or lower train.max_steps")
+
+
+def step_problems(planned: list, plans: dict[str, CellPlan]) -> list[str]:
+    """Step counts that make a setting meaningless: a timing warm-up that leaves no timed step
+    (no tokens/s), a learning-rate warm-up longer than the run (lr never reached)."""
+    problems: dict[str, str] = {}
+    for p in planned:
+        plan, t = plans.get(p.cell.cell_id), p.cell.train
+        steps = plan.steps if plan is not None else None
+        if steps is None:
+            continue
+        if t.timing_warmup_steps >= steps:
+            problems.setdefault(f"timing{t.timing_warmup_steps}/{steps}", (
+                f"train.timing_warmup_steps: {t.timing_warmup_steps} leaves no timed step of the {steps} the cell "
+                f"trains ({p.cell.cell_id}), so it measures no tokens/s; use timing_warmup_steps < {steps}, or "
+                f"train longer"))
+        if t.lr_warmup_steps > steps:
+            problems.setdefault(f"lr{t.lr_warmup_steps}/{steps}", (
+                f"train.lr_warmup_steps: {t.lr_warmup_steps} is longer than the {steps} steps the cell trains "
+                f"({p.cell.cell_id}): its learning rate would never reach lr; use lr_warmup_steps <= {steps}"))
+    return list(problems.values())
+
+
 def apply_settings(spec: MatrixSpec, planned: list, matrix_plan: MatrixPlan) -> tuple[list, MatrixPlan]:
-    """The matrix's `plan:` settings: predicted out-of-memory cells become `skipped` rows
-    (`skip_predicted_oom`); then `economy:`'s roles (each class's quality run and its speed
+    """The matrix's `plan:` settings: cells predicted far beyond their memory (`far_over`), and
+    with `skip_predicted_oom` every predicted out-of-memory cell, become `skipped` rows with the
+    estimate; then `economy:`'s roles (each class's quality run and its speed
     cells); a predicted total over `max_cost_usd` or `max_hours` (the economy run's, under
     `economy:`) is refused with a `ConfigError` before anything runs."""
     settings = spec.plan
     out = []
     for p in planned:
         plan = matrix_plan.plans.get(p.cell.cell_id)
-        if settings.skip_predicted_oom and plan is not None and plan.verdict == "will not fit":
-            p = replace(p, refused=plan.reason())
+        if plan is not None and plan.verdict == "will not fit":
+            far = None if settings.try_predicted_oom else far_over(p.cell, plan)
+            if far or settings.skip_predicted_oom:
+                p = replace(p, refused=far or plan.reason())
+        if plan is not None and not p.refused and spec.economy is None:
+            p = replace(p, refused=times_out(p.cell, plan))
         out.append(p)
     skipped = {p.cell.cell_id for p in out if p.refused}
     kept = [plan for cid, plan in matrix_plan.plans.items() if cid not in skipped]
@@ -70,7 +123,7 @@ def apply_settings(spec: MatrixSpec, planned: list, matrix_plan: MatrixPlan) -> 
         steps = {cid: plan.steps for cid, plan in matrix_plan.plans.items()}
         out = economy.assign(out, matrix_plan.plans, spec.economy, steps)
         matrix_plan = replace(matrix_plan, saving=economy.saving(out, matrix_plan.plans))
-    problems = []
+    problems = step_problems([p for p in out if not p.refused], matrix_plan.plans)
     if matrix_plan.saving is None:
         dollars = sum(p.cost_usd or 0.0 for p in kept)
         hours = sum(p.wall_s or 0.0 for p in kept) / 3600
@@ -204,10 +257,12 @@ def short_id(cell: CellSpec) -> str:
     return f"{model} {digest[:6]}"
 
 
-def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, width: int | None = None) -> None:
+def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, width: int | None = None,
+         max_rows: int | None = None) -> None:
     """The plan as a table that fits a 120-column terminal: the columns that decide (the
     breakdown by part with `wide`, and always in plan.csv); the totals and the calibrations used
-    under it."""
+    under it. `max_rows`: at most so many cells (the refused and those that will not fit first),
+    the rest counted under it (`start`'s log of a 1,000-cell matrix; plan.csv has them all)."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -223,7 +278,14 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, w
         table.add_column(col, justify="right" if col in ("ranks", "tokens/s", "interval", "wall", "$")
                          else "left", overflow="fold",
                          no_wrap=col != "cheapest fix", min_width=10 if col == "cheapest fix" else None)
-    for p in planned:
+    shown = planned
+    if max_rows is not None and len(planned) > max_rows:
+        def worst(p):
+            plan = matrix_plan.plans.get(p.cell.cell_id)
+            return 0 if p.refused else 1 if plan is not None and plan.verdict == "will not fit" else 2
+        keep = {id(p) for p in sorted(planned, key=worst)[:max_rows]}
+        shown = [p for p in planned if id(p) in keep]
+    for p in shown:
         c = p.cell
         head = [c.cell_id if wide else short_id(c), c.peft, c.strategy, str(c.world_size),
                 f"{c.micro_batch}x{c.grad_accum}"]
@@ -235,18 +297,22 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, w
             table.add_row(*head, *[""] * len(parts), "", why, *[""] * (len(columns) - len(head) - len(parts) - 2))
             continue
         m = plan.memory_gb
-        style = {"fits": "green", "tight": "yellow", "will not fit": "red"}.get(plan.verdict, "")
+        verdict = "refused" if p.refused else plan.verdict  # the reason: plan.csv's `refused`, the results row
+        style = {"fits": "green", "tight": "yellow", "will not fit": "red", "refused": "red"}.get(verdict, "")
         memory = [_gb(m[k]) for k in ("weights", "grads", "optim", "activations", "buffers", "runtime")]
         memory += [_gb(plan.load_gb), _gb(plan.step_gb)]
         span = plan.tokens_per_s_range
         table.add_row(*head, *(memory if wide else []), f"{_gb(plan.peak_gb)}/{_gb(plan.device_gb)}",
-                      f"[{style}]{plan.verdict}[/]" if style else plan.verdict,
+                      f"[{style}]{verdict}[/]" if style else verdict,
                       plan.fix or ("none found" if plan.verdict == "will not fit" else ""),
                       _k(plan.tokens_per_s), f"{_k(span[0], 2)}-{_k(span[1], 2)}" if span else "",
                       _short_duration(plan.wall_s), "?" if plan.cost_usd is None else f"{plan.cost_usd:,.2f}",
                       *((plan.basis + (" + calibrated" if plan.calibration else ""),) if wide else ()))
     console = Console(file=out or sys.stdout, width=width or (260 if wide else 120))
     console.print(table)
+    if len(shown) < len(planned):
+        console.print(f"... and {len(planned) - len(shown)} more cells (the refused and those predicted not to fit "
+                      f"are above; plan.csv and `python -m steps.plan` have every cell)")
     fitting = matrix_plan.runs - len(matrix_plan.predicted_oom)
     cost = "?" if matrix_plan.cost_usd is None else f"${matrix_plan.cost_usd:,.2f}"
     console.print(f"Cells predicted to fit: {fitting}, one after another {_duration(matrix_plan.wall_s)}, {cost}"

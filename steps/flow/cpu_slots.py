@@ -20,9 +20,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from steps.plan import catalog
+
 
 def cores_per_rank() -> int:
-    return max(1, int(os.environ.get("FINETUNE_MATRIX_CORES_PER_RANK", "1")))
+    return catalog.cores_per_rank()
 
 
 def _lock_dir() -> Path:

@@ -6,23 +6,28 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from metaflow.exception import MetaflowException
 
 from steps import REPO_ROOT, git_commit, reports_root
 from steps.estimate import calibrate, matrix_plan
 from steps.flow import compute, cpu_slots, launcher, priority, tracking
 from steps.plan import catalog, equivalence
 from steps.plan.matrix import parse_matrix, plain
-from steps.plan.schema import CellSpec
+from steps.plan.schema import CellSpec, ConfigError
 from steps.results.metrics import CellMetrics, versions
 
 if TYPE_CHECKING:  # only join reads tables: the other steps start without pandas
     import pandas as pd
 
 DEFAULT_MATRIX = REPO_ROOT / "configs" / "matrix" / "default.yaml"
+START_ROWS = 100  # cells of the plan's table in start's log (a 1,000-row table took 2.6 s to draw)
 PLAN_CSV = calibrate.PLAN_CSV
 
 
@@ -31,29 +36,92 @@ def run_dir(run_id: str) -> Path:
     return reports_root() / str(run_id)
 
 
-def plan(matrix: dict[str, Any], run_id: str | None = None,
-         flow: str = "FinetuneMatrixFlow") -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Every cell of the matrix (refused ones included: they become `skipped` rows), after the
-    checks that need the models and data (`preflight`) and the planner's (`plan:` budgets,
-    predicted out-of-memory cells skipped when asked): a problem fails `start`, before any
-    cell runs. The plan's table goes to the step's log. Also, under `economy:`, the planner's
-    saving as predicted before launch (`Saving.to_dict()`), which the report sets against the
-    measured one. The plan (every column, the probe entries, the calibrations used) goes to
-    `plan.csv` in the run's folder, which the report scores against what ran. The trackers
-    (`track:`) are checked and the MLflow parent run opened: each cell carries its context."""
+def plan(matrix: dict[str, Any], run_id: str | None = None, flow: str = "FinetuneMatrixFlow",
+         ) -> tuple[list[dict[str, Any]], list[tuple[dict, dict]], dict[str, Any] | None]:
+    """The cells that will run (the foreach), and the `skipped` rows of those that will not,
+    after the checks that need the models and data (`preflight`) and the planner's (`plan:`
+    settings, cells predicted far beyond their memory): the refused cells start no task, their
+    rows join the table as they are. A problem, or a matrix of which no cell can run, fails
+    `start` before any cell runs (`MatrixRefused`: the problems, without a traceback). The plan's
+    table goes to the step's log. Also, under `economy:`, the planner's saving as predicted
+    before launch (`Saving.to_dict()`), which the report sets against the measured one. The plan
+    (every column, the probe entries, the calibrations used) goes to `plan.csv` in the run's
+    folder, which the report scores against what ran. The trackers (`track:`) are checked and
+    the MLflow parent run opened: each cell carries its context."""
     spec = parse_matrix(plain(matrix))
-    planned, planned_matrix = matrix_plan.plan_spec(spec, check="always")
-    context = tracking.start(spec, str(run_id or "local"), flow)
-    matrix_plan.show(planned, planned_matrix)
+    try:
+        planned, planned_matrix = matrix_plan.plan_spec(spec, check="always")
+        if all(p.refused for p in planned):
+            raise ConfigError(nothing_runs(planned), spec.name)
+        context = tracking.start(spec, str(run_id or "local"), flow)
+    except ConfigError as exc:
+        raise refused(exc, run_id) from None
+    matrix_plan.show(planned, planned_matrix, max_rows=START_ROWS)
     if run_id is not None:
         path = matrix_plan.write_csv(planned, planned_matrix, run_dir(run_id) / PLAN_CSV)
         print(f"plan: {path}")
     saving = planned_matrix.saving
-    cells = [p.to_dict() for p in planned]
+    cells = [p.to_dict() for p in planned if not p.refused]
     if context is not None:
         for c in cells:
             c["cell"]["track_context"] = context.model_dump(mode="json")
-    return cells, (saving.to_dict() if saving is not None else None)
+    skipped = [(p.cell.model_dump(mode="json"), launcher.skipped_metrics(p.cell, p.refused).to_dict())
+               for p in planned if p.refused]
+    return cells, skipped, (saving.to_dict() if saving is not None else None)
+
+
+def nothing_runs(planned: list) -> list[str]:
+    """Why no cell of a matrix can run: each distinct refusal, with how many cells it holds."""
+    reasons: dict[str, list[str]] = {}
+    for p in planned:
+        reasons.setdefault(p.refused, []).append(p.cell.cell_id)
+    return [f"no cell can run: {len(ids)} cell(s) refused ({ids[0]}{', ...' if len(ids) > 1 else ''}): {why}"
+            for why, ids in reasons.items()]
+
+
+DRY_RUN = "dry run (plan.dry_run: true): the cell's tasks ran, its trainer did not"
+PROBLEMS_FILE = "FINETUNE_MATRIX_PROBLEMS_FILE"  # where `start` leaves its problems for the runtime
+
+
+class MatrixRefused(MetaflowException):
+    """`start` found problems: Metaflow prints this one's message without a traceback."""
+
+    headline = "The matrix cannot run"
+
+
+def refused(exc: ConfigError, run_id: str | None) -> MatrixRefused:
+    """The problems for the terminal; the traceback into the run's folder (`start-error.log`),
+    for whoever debugs the checks themselves; the problems also where the runtime prints them
+    last (`problems_last`)."""
+    message = str(exc)
+    if run_id is not None:
+        log = run_dir(run_id) / "start-error.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(exc)))
+        message = f"(the traceback: {log})\n{message}"
+    if os.environ.get(PROBLEMS_FILE):
+        Path(os.environ[PROBLEMS_FILE]).write_text(str(exc) + "\n")
+    return MatrixRefused(message)
+
+
+@contextlib.contextmanager
+def problems_last(argv: list[str]):
+    """Around the flow's command line: a `run` or `resume` whose `start` found problems ends
+    with them, after Metaflow's own lines about the failed step."""
+    if "step" in argv or not {"run", "resume"} & set(argv):
+        yield
+        return
+    fd, path = tempfile.mkstemp(prefix="finetune-matrix-problems-")
+    os.close(fd)
+    os.environ[PROBLEMS_FILE] = path
+    try:
+        yield
+    finally:
+        text = Path(path).read_text()
+        Path(path).unlink(missing_ok=True)
+        if text.strip():
+            print(f"\nThe matrix cannot run; start found, before any cell ran:\n{text.rstrip()}",
+                  file=sys.stderr, flush=True)
 
 
 class CellFailed(RuntimeError):
@@ -87,6 +155,8 @@ def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
         cell = cell.model_copy(update={"track_context": cell.track_context.model_copy(update={"pathspec": pathspec})})
     if planned["refused"]:
         return launcher.skipped_metrics(cell, planned["refused"]).to_dict(), ""
+    if matrix is not None and matrix["plan"].get("dry_run"):
+        return launcher.skipped_metrics(cell, DRY_RUN).to_dict(), ""
     live = None
     if card is not None and node_index == 0 and (matrix is None or matrix["compute"] != "sagemaker"):
         from steps.flow.cards import LiveCard

@@ -83,6 +83,19 @@ class Instance(Strict):
 CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
+def cores_per_rank(instance: Instance | None = None) -> int:
+    """Cores one rank of a local CPU cell holds: the instance's `cores_per_device`, else
+    FINETUNE_MATRIX_CORES_PER_RANK (default 1)."""
+    if instance is not None and instance.cores_per_device:
+        return instance.cores_per_device
+    return max(1, int(os.environ.get("FINETUNE_MATRIX_CORES_PER_RANK", "1")))
+
+
+def local_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _read_yaml(path: Path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return yaml.safe_load(fh)

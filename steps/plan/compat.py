@@ -104,6 +104,29 @@ def devices_fit(cell: CellSpec) -> str | None:
     return f"{cell.instance} has {instance.devices_per_node} GPU(s), the cell asks for {cell.gpus} per node{hint}"
 
 
+SHARED_CORE_RANKS = 2  # ranks a local CPU cell may put on one core (the study-5 twin's 4-rank hybrid on 2)
+
+
+def cores_fit(cell: CellSpec) -> str | None:
+    """A CPU cell's ranks are pinned to cores of this machine (every node of a local multi-node
+    cell too). Up to two ranks may share a core (a 4-rank hybrid on a 2-core laptop: slower,
+    and its tokens/s says so); more would crawl until the time limit (64 ranks on 2 cores ran
+    300 s and ended `timeout`)."""
+    instance = catalog.instances().get(cell.instance)
+    if instance is None or not instance.local:
+        return None
+    per_rank, cores = catalog.cores_per_rank(instance), catalog.local_cores()
+    needed = cell.world_size * per_rank
+    if needed <= SHARED_CORE_RANKS * cores:
+        return None
+    nodes = f"{cell.nodes} nodes x {cell.gpus} ranks" if cell.nodes > 1 else f"{cell.world_size} ranks"
+    fits, shared = max(1, cores // per_rank), max(1, SHARED_CORE_RANKS * cores // per_rank)
+    single_node = " and nodes: 1" if cell.nodes > 1 else ""
+    return (f"needs {needed} cores ({nodes} x {per_rank} per rank on {cell.instance}), and this machine has {cores}; "
+            f"use gpus <= {fits} here (<= {shared} with ranks sharing cores){single_node}, or a GPU instance type "
+            f"with compute: kubernetes, batch or sagemaker")
+
+
 def fast_paths(cell: CellSpec) -> str | None:
     """The `train:` fast paths where they cannot run."""
     t = cell.train
@@ -133,7 +156,7 @@ def fast_paths(cell: CellSpec) -> str | None:
 
 RULES: list[Callable[[CellSpec], str | None]] = [
     quantized_tensor_parallel, dora_tensor_parallel, adapter_on_sharded_head, hybrid_shape, model_split_of_one,
-    split_fits_model, precision_supported, devices_fit, fast_paths,
+    split_fits_model, precision_supported, devices_fit, cores_fit, fast_paths,
 ]
 
 

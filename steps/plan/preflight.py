@@ -30,11 +30,19 @@ FACTS_TIMEOUT_S = 900
 FILE_TASKS = ("instructions", "chat", "classification", "text")
 
 
+def data_key(cell: CellSpec) -> str:
+    """Cells that read the same rows: their data settings, sequence length and tokenizer."""
+    return json.dumps([cell.data.model_dump(mode="json"), cell.seq_len, cell.model, cell.train.tokenizer],
+                      sort_keys=True)
+
+
 def gather_facts(cells: list[CellSpec]) -> dict[str, Any]:
-    """`steps.trainer.facts` on one cell per distinct (model, adapter setting)."""
+    """`steps.trainer.facts` on one cell per distinct (model, adapter setting) and per distinct
+    dataset as a cell reads it (`data_key`)."""
     seen: dict[tuple, CellSpec] = {}
     for cell in cells:
         seen.setdefault((cell.model, cell.train.init, cell.train.trust_remote_code, adapter_key(cell)), cell)
+        seen.setdefault(("data", data_key(cell)), cell)
     with tempfile.TemporaryDirectory(prefix="finetune-matrix-facts-") as tmp:
         query, answer = Path(tmp, "cells.json"), Path(tmp, "facts.json")
         query.write_text(json.dumps([c.model_dump(mode="json") for c in seen.values()]))
@@ -72,30 +80,98 @@ def model_problems(planned: list[PlannedCell], models: dict[str, Any]) -> list[s
     return problems
 
 
-def data_problems(planned: list[PlannedCell]) -> list[str]:
-    """Each distinct data file read once, by the code the trainer reads it with."""
+def data_problems(planned: list[PlannedCell], rows: dict[str, Any] | None = None) -> list[str]:
+    """Each distinct data file read once, by the code the trainer reads it with; then what each
+    dataset gives the cells that read it (`rows`: the facts' counts, `steps.trainer.facts`)
+    against one global batch, so that a cell never starts on data it cannot fill a step with."""
     problems: list[str] = []
     seen: set[str] = set()
+    unread: set[str] = set()  # data already reported
     for p in planned:
         data: DataSettings = p.cell.data
         key = data.model_dump_json()
         if key in seen or data.task not in FILE_TASKS:
             continue
         seen.add(key)
+        before = len(problems)
         if not data.path:
             problems.append(f"data.path: task {data.task!r} reads a file or folder, and data.path is not set")
-            continue
-        if not Path(data.path).exists():
+        elif not Path(data.path).exists():
             problems.append(f"data.path: {data.path!r} does not exist (task {data.task!r}); give the file "
                             f"or folder, absolute or relative to {Path.cwd()}")
+        else:
+            try:
+                if data.task == "text":
+                    Path(data.path).read_text(encoding="utf-8")
+                else:
+                    sources.load_pairs(data, p.cell.seq_len)
+            except (ValueError, KeyError, OSError, UnicodeDecodeError) as exc:
+                problems.append(f"data.path: {exc}")
+        if len(problems) > before:
+            unread.add(key)
+    return problems + _row_problems([p for p in planned if p.cell.data.model_dump_json() not in unread], rows or {})
+
+
+def _rows(cell: CellSpec, rows: dict[str, Any]) -> dict[str, Any] | None:
+    """What the trainer will have: the facts' count, or synthetic data's own size."""
+    if (found := rows.get(data_key(cell))) is not None:
+        return found
+    data = cell.data
+    if data.task in sources.SYNTHETIC_TASKS and not data.packing:
+        return {"train": data.train_samples or sources.SYNTHETIC_DEFAULT_SAMPLES[0],
+                "val": data.val_samples or sources.SYNTHETIC_DEFAULT_SAMPLES[1]}
+    return None
+
+
+def _what(data: DataSettings) -> str:
+    return f"data.path: {data.path!r}" if data.path else f"data.train_samples: {data.train_samples} ({data.task})"
+
+
+def _row_problems(planned: list[PlannedCell], rows: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    short: dict[str, list[CellSpec]] = {}
+    said: set[str] = set()
+    for p in planned:
+        cell = p.cell
+        found = _rows(cell, rows)
+        if p.refused or found is None:
             continue
-        try:
-            if data.task == "text":
-                Path(data.path).read_text(encoding="utf-8")
-            else:
-                sources.load_pairs(data, p.cell.seq_len)
-        except (ValueError, KeyError, OSError, UnicodeDecodeError) as exc:
-            problems.append(f"data.path: {exc}")
+        key, what = data_key(cell), _what(cell.data)
+        if "error" in found:
+            if key not in said:
+                problems.append(f"{what} at seq_len {cell.seq_len}: {found['error']}")
+            said.add(key)
+        elif found["train"] == 0:
+            if key not in said:
+                held = found.get("val") or 0
+                problems.append(f"{what} holds no " + (
+                    f"training records: its {held} went to validation (data.val_fraction={cell.data.val_fraction})"
+                    if held else "records") + "; give it examples, or point data.path at the file that has them")
+            said.add(key)
+        elif found["train"] < cell.global_batch:
+            short.setdefault(key, []).append(cell)
+        elif cell.train.evaluate and found.get("val") == 0 and key + "val" not in said:
+            said.add(key + "val")
+            problems.append(f"{what} leaves no validation rows; give the validation split examples, or set "
+                            f"train.evaluate: false")
+    for cells in short.values():
+        cell, found = cells[0], _rows(cells[0], rows)
+        batches = sorted({c.global_batch for c in cells})
+        worst = max(cells, key=lambda c: c.global_batch)
+        how = (f"{worst.micro_batch} micro-batch x {worst.grad_accum} accumulation x {worst.dp_size} "
+               f"data-parallel rank(s)")
+        cut = []
+        if cell.data.path and cell.data.task != "text" and Path(cell.data.path).is_file():
+            cut.append(f"{found.get('val', '?')} held out for validation by data.val_fraction={cell.data.val_fraction}")
+        if cell.data.packing or cell.data.task == "text":
+            cut.append(f"rows of seq_len={cell.seq_len} tokens")
+        if cell.data.train_samples is not None and found["train"] >= cell.data.train_samples:
+            cut.append(f"data.train_samples={cell.data.train_samples}")
+        after = f" ({'; '.join(cut)})" if cut else ""
+        problems.append(
+            f"{_what(cell.data)} gives {found['train']} training row(s){after}, fewer than one global batch of "
+            f"{len(cells)} cell(s): {', '.join(map(str, batches))} rows (the largest: {how}); add examples, or "
+            f"lower micro_batch, grad_accum or gpus so that a step takes at most {found['train']}")
     return problems
 
 
@@ -131,7 +207,7 @@ def check(spec: MatrixSpec, planned: list[PlannedCell], facts: dict[str, Any] | 
     problem if there is any."""
     facts = facts if facts is not None else gather_facts([p.cell for p in planned])
     models = facts["models"]
-    problems = (model_problems(planned, models) + data_problems(planned)
+    problems = (model_problems(planned, models) + data_problems(planned, facts.get("data"))
                 + machine_problems(spec, facts.get("machine", {})))
     if problems:
         raise ConfigError(problems, spec.name)

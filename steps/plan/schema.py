@@ -270,11 +270,17 @@ class PlanSettings(Strict):
     predicted to cost or take more than a budget is refused before anything runs."""
 
     skip_predicted_oom: bool = False
+    # A cell predicted to need over twice the memory it may use is refused before launch with the
+    # estimate (`skip_predicted_oom` is for the close calls); true: launch it anyway.
+    try_predicted_oom: bool = False
     max_cost_usd: PositiveFloat | None = None
     max_hours: PositiveFloat | None = None
     # Time this machine's cells (local CPU types, local-gpu) with a probe of a few seconds each
     # before planning them (cached per machine and library versions); false: the catalog's peaks.
     probe: bool = True
+    # Rehearse the flow: every cell goes through its launch, train and gather tasks, card and
+    # results row (outcome `skipped`, "dry run") without starting its trainer.
+    dry_run: bool = False
 
 
 class MlflowTrack(Strict):

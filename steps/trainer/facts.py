@@ -20,6 +20,7 @@ import torch
 
 from steps.plan import catalog
 from steps.plan.compat import adapter_key
+from steps.plan.preflight import FILE_TASKS, data_key
 from steps.plan.schema import CellSpec
 from steps.trainer import modeling
 
@@ -168,6 +169,8 @@ def _one_model(cell: CellSpec) -> dict[str, Any]:
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not cell.train.trust_remote_code:
         return {"error": f"model type {config.model_type!r} is not a causal language model transformers knows"}
+    if problem := _not_causal_checkpoint(config) or _missing_weights(cell):
+        return {"error": problem}
     model = _meta_model(config, cell)
     tp_plan = getattr(config, "base_model_tp_plan", None) or {}
     return {
@@ -195,6 +198,60 @@ def _one_model(cell: CellSpec) -> dict[str, Any]:
     }
 
 
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")  # transformers' names of causal-LM classes
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _not_causal_checkpoint(config) -> str | None:
+    """A folder saved from another head (`architectures` in its config.json: a classifier, a
+    masked LM) loads into a causal LM with its head drawn at random, or not at all."""
+    saved = getattr(config, "architectures", None) or []
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if not saved or any(a in causal or a.endswith(CAUSAL_HEADS) for a in saved):
+        return None
+    return (f"its config.json was saved from {', '.join(saved)}, not a causal language model; fine-tuning here "
+            f"trains a causal LM (its *ForCausalLM head): use a causal-LM checkpoint of {config.model_type}")
+
+
+def _missing_weights(cell: CellSpec) -> str | None:
+    """A local folder with a config but no weights, where the cell loads pretrained ones."""
+    folder = cell.model if catalog.model_presets().get(cell.model) is None else None
+    if folder is None or not os.path.isdir(folder) or modeling.is_random_init(cell):
+        return None
+    if any(os.path.exists(os.path.join(folder, name)) for name in WEIGHT_FILES):
+        return None
+    return (f"{folder} has a config.json but no weights ({', '.join(WEIGHT_FILES)}) and train.init is "
+            f"{cell.train.init!r} (pretrained); save the weights there, or set train.init: random to train "
+            f"this architecture from random weights")
+
+
+def data_facts(cells: list[CellSpec]) -> dict[str, Any]:
+    """The rows each distinct dataset gives the trainer, by the trainer's own code (the split,
+    seq_len's cuts, packing): {data_key: {"train": n, "val": n, "cut": n}} or {"error": ...}.
+    Synthetic data unpacked is counted by the planner itself; Hub datasets when they load."""
+    from steps.trainer import data
+
+    out: dict[str, Any] = {}
+    for cell in cells:
+        key = data_key(cell)
+        if key in out or (cell.data.task not in FILE_TASKS and not cell.data.packing) or not _readable(cell):
+            continue
+        try:
+            splits = data.build_splits(cell.data, modeling.load_tokenizer(cell), cell.seq_len)
+            out[key] = {"train": len(splits.train), "val": len(splits.val), "cut": splits.train_cut}
+        except Exception as exc:  # noqa: BLE001 - every way the data cannot be read is a fact
+            out[key] = {"error": f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)}
+    return out
+
+
+def _readable(cell: CellSpec) -> bool:
+    """Data whose file is there (a missing one is the planner's own problem to report)."""
+    return cell.data.task not in FILE_TASKS or bool(cell.data.path and os.path.exists(cell.data.path))
+
+
 def machine_facts() -> dict[str, Any]:
     """The accelerators this machine has (what `compute: local` can run on)."""
     if not torch.cuda.is_available():
@@ -206,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0], encoding="utf-8") as fh:
         cells = [CellSpec.model_validate(c) for c in json.load(fh)]
-    facts = {"models": model_facts(cells), "machine": machine_facts()}
+    facts = {"models": model_facts(cells), "data": data_facts(cells), "machine": machine_facts()}
     with open(argv[1], "w", encoding="utf-8") as fh:
         json.dump(facts, fh)
     return 0
