@@ -53,9 +53,10 @@ def test_a_kept_reservation_holds_the_cores_until_its_process_exits(slots):
         asked = time.monotonic()
         thread, got = _reserve_in_thread(1)
         thread.join(timeout=30)
-        assert holder.poll() is not None, "a core was given while the process that kept it still ran"
         (when, cores), = got
-        assert len(cores) == 1 and when - asked > 0.5 * hold_s
+        # Not before the holder's sleep ended: its exit gave the cores back.
+        assert len(cores) == 1 and when - asked > 0.8 * hold_s, when - asked
+        assert holder.wait(timeout=10) == 0
     finally:
         holder.kill()
         holder.wait()
