@@ -80,10 +80,12 @@ def model_problems(planned: list[PlannedCell], models: dict[str, Any]) -> list[s
     return problems
 
 
-def data_problems(planned: list[PlannedCell], rows: dict[str, Any] | None = None) -> list[str]:
+def data_problems(planned: list[PlannedCell], rows: dict[str, Any] | None = None,
+                  broken_models: set[str] = frozenset()) -> list[str]:
     """Each distinct data file read once, by the code the trainer reads it with; then what each
     dataset gives the cells that read it (`rows`: the facts' counts, `steps.trainer.facts`)
-    against one global batch, so that a cell never starts on data it cannot fill a step with."""
+    against one global batch, so that a cell never starts on data it cannot fill a step with
+    (not for cells whose model cannot be loaded: their tokenizer's count would mislead)."""
     problems: list[str] = []
     seen: set[str] = set()
     unread: set[str] = set()  # data already reported
@@ -109,7 +111,8 @@ def data_problems(planned: list[PlannedCell], rows: dict[str, Any] | None = None
                 problems.append(f"data.path: {exc}")
         if len(problems) > before:
             unread.add(key)
-    return problems + _row_problems([p for p in planned if p.cell.data.model_dump_json() not in unread], rows or {})
+    counted = [p for p in planned if p.cell.data.model_dump_json() not in unread and p.cell.model not in broken_models]
+    return problems + _row_problems(counted, rows or {})
 
 
 def _rows(cell: CellSpec, rows: dict[str, Any]) -> dict[str, Any] | None:
@@ -207,7 +210,8 @@ def check(spec: MatrixSpec, planned: list[PlannedCell], facts: dict[str, Any] | 
     problem if there is any."""
     facts = facts if facts is not None else gather_facts([p.cell for p in planned])
     models = facts["models"]
-    problems = (model_problems(planned, models) + data_problems(planned, facts.get("data"))
+    broken = {name for name, entry in models.items() if "error" in entry}  # said once, as the model's
+    problems = (model_problems(planned, models) + data_problems(planned, facts.get("data"), broken)
                 + machine_problems(spec, facts.get("machine", {})))
     if problems:
         raise ConfigError(problems, spec.name)

@@ -230,7 +230,7 @@ def _missing_weights(cell: CellSpec) -> str | None:
 
 def data_facts(cells: list[CellSpec]) -> dict[str, Any]:
     """The rows each distinct dataset gives the trainer, by the trainer's own code (the split,
-    seq_len's cuts, packing): {data_key: {"train": n, "val": n, "cut": n}} or {"error": ...}.
+    seq_len's cuts, packing): {data_key: {"train": n, "val": n}} or {"error": ...}.
     Synthetic data unpacked is counted by the planner itself; Hub datasets when they load."""
     from steps.trainer import data
 
@@ -241,7 +241,7 @@ def data_facts(cells: list[CellSpec]) -> dict[str, Any]:
             continue
         try:
             splits = data.build_splits(cell.data, modeling.load_tokenizer(cell), cell.seq_len)
-            out[key] = {"train": len(splits.train), "val": len(splits.val), "cut": splits.train_cut}
+            out[key] = {"train": len(splits.train), "val": len(splits.val)}
         except Exception as exc:  # noqa: BLE001 - every way the data cannot be read is a fact
             out[key] = {"error": f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)}
     return out
