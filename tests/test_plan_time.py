@@ -138,6 +138,7 @@ def probed(tmp_path_factory):
         os.environ["FINETUNE_MATRIX_CACHE"] = old
 
 
+@pytest.mark.slow  # the `probed` fixture times two shapes for real (about 30 s)
 def test_the_probe_times_each_shape_once_and_then_reads_its_cache(probed):
     assert len(probed["messages"]) == 1 and "2 cell shapes, 1 start-ups" in probed["messages"][0]
     assert probed["again"] == probed["entries"]
@@ -157,6 +158,7 @@ def test_the_probe_times_each_shape_once_and_then_reads_its_cache(probed):
         assert entry["copies"] == (2 if cell.world_size == 1 else 1)
 
 
+@pytest.mark.slow  # the `probed` fixture times two shapes for real (about 30 s)
 def test_a_probed_plan_says_where_its_time_comes_from(probed):
     cell = probed["cells"][0]
     entry = probed["entries"][cell.cell_id]
@@ -169,6 +171,7 @@ def test_a_probed_plan_says_where_its_time_comes_from(probed):
     assert high / low == pytest.approx(pytest.approx(2.718281828 ** (2 * calibrate.UNCOVERED["probe"])))
 
 
+@pytest.mark.slow  # the `probed` fixture times two shapes for real (about 30 s)
 def test_a_100_cell_plan_prints_in_under_5_s_without_torch_and_fits_120_columns(probed, tmp_path):
     """In a fresh interpreter with the probe's cache of the shapes: nothing to time again."""
     lrs = ", ".join(f"{1e-4 * (k + 1):.1e}" for k in range(50))
