@@ -102,3 +102,45 @@ def test_a_lowered_thread_starts_its_processes_below_the_rest_of_its_process():
     assert seen["thread"] == max(before, priority.NICE)
     assert int(subprocess.run(["nice"], capture_output=True, text=True).stdout) == before
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
+
+
+def _hold_running(run_dir, cell: str, delay_s: float, hold_s: float) -> subprocess.Popen:
+    """A `train` task of another cell: after `delay_s` (its start-up) it runs its cell and keeps
+    the cell's `.running` lock until it exits, `hold_s` later (its tracker, card, artifacts)."""
+    (run_dir / "cells" / cell).mkdir(parents=True)
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from steps.flow import tasks
+        time.sleep({delay_s})
+        with tasks._running(Path({str(run_dir / "cells" / cell)!r}), keep=True):
+            pass
+        time.sleep({hold_s})
+        """)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_failing_cell_waits_for_the_cells_beside_it_to_exit_even_one_that_starts_meanwhile(tmp_path):
+    from steps.flow import tasks
+
+    own = tmp_path / "cells" / "failing"
+    own.mkdir(parents=True)
+    with tasks._running(own, keep=True):
+        pass  # the failing cell's own kept lock: given back first, never waited on
+    running = _hold_running(tmp_path, "running", delay_s=0, hold_s=2.0)
+    late = _hold_running(tmp_path, "late", delay_s=4.0, hold_s=1.0)  # starts after the first look
+    try:
+        while tmp_path / "cells/running/.running" not in tasks._busy(tmp_path):  # after its imports
+            time.sleep(0.05)
+        said: list[str] = []
+        began = time.monotonic()
+        waited = tasks.wait_for_running(tmp_path, echo=said.append, settle_s=2.5)
+        took = time.monotonic() - began
+        assert waited == 2 and said == ["waiting for 1 running cell(s) to finish before failing the run"] * 2
+        assert running.poll() == 0 and late.poll() == 0  # both had exited
+        # first exits 2 s after its lock; late takes its lock in the settle after it, exits 1 s
+        # later; then one more settle
+        assert 2.0 + 1.0 + 2.5 - 1.0 < took < 2.0 + 2.5 + 1.0 + 2.5 + 5, took
+    finally:
+        for proc in (running, late):
+            proc.kill()
+            proc.wait()

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,9 +183,9 @@ def _train_node(cell: CellSpec, out_root: Path, node_index: int, main_ip: str, p
         from steps.flow.sagemaker import submit  # the SDK loads only where it is used
 
         run_id, attempt, origin = run or (Path(out_root).name, 0, None)
-        with _running(out):
+        with _running(out, keep=keep_devices):
             return submit.run_cell(cell, out, plain(matrix)["remote"], run_id, attempt, origin)
-    with _running(out):
+    with _running(out, keep=keep_devices):
         m = launcher.run_cell(cell, out, node_rank=node_index, master_addr=main_ip, port=port,
                               keep_devices=keep_devices)
     if node_index == 0:
@@ -193,27 +194,29 @@ def _train_node(cell: CellSpec, out_root: Path, node_index: int, main_ip: str, p
     return m, (out / "train.log").read_text(errors="replace")
 
 
+_KEPT_RUNNING: list = []  # this task's `.running` lock, held until it exits (`keep`)
+SETTLE_S = 5.0  # how long a failing cell looks again for a cell the runtime has just started
+
+
 @contextlib.contextmanager
-def _running(out: Path):
-    """A lock held while the cell runs: a failing cell waits on it (see wait_for_running)."""
+def _running(out: Path, keep: bool = False):
+    """A lock held while the cell runs: a failing cell waits on it (see wait_for_running).
+    `keep` (the flow's `train` task): held until the task exits, so the work after training
+    (tracker, card, artifacts: niced, several seconds) is not stopped either."""
     lock = out / ".running"
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
+    fh = open(lock, "w")
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        if keep:
+            _KEPT_RUNNING.append(fh)
+        else:
             lock.unlink(missing_ok=True)
+            fh.close()
 
 
-def wait_for_running(out_root: Path, echo=print) -> int:
-    """Block until no other cell of this run is running here; returns how many were waited on.
-
-    Metaflow's local runtime stops every running task when one fails: a cell that fails for
-    real waits for the cells already running beside it, so their results are kept and
-    `resume` re-runs only what failed. The cores this task kept go back first: a cell beside it
-    may be waiting for them.
-    """
-    cpu_slots.release_kept()
+def _busy(out_root: Path) -> list[Path]:
     busy = []
     for lock in sorted(Path(out_root).glob("cells/*/.running")):
         with contextlib.suppress(FileNotFoundError), open(lock) as fh:
@@ -221,12 +224,34 @@ def wait_for_running(out_root: Path, echo=print) -> int:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 busy.append(lock)
-    if busy:
+    return busy
+
+
+def wait_for_running(out_root: Path, echo=print, settle_s: float = SETTLE_S) -> int:
+    """Block until no other cell of this run is running here; returns how many were waited on.
+
+    Metaflow's local runtime stops every running task when one fails: a cell that fails for
+    real waits for the cells running beside it, so their results are kept and `resume`
+    re-runs only what failed. A cell the runtime starts meanwhile is waited on too: a last look
+    `settle_s` after the others have ended (a task takes seconds to reach its lock). This
+    task's own lock and the cores it kept go back first: a cell beside it may wait for them.
+    """
+    while _KEPT_RUNNING:
+        _KEPT_RUNNING.pop().close()
+    cpu_slots.release_kept()
+    waited: set[Path] = set()
+    while True:
+        busy = _busy(out_root)
+        if not busy:
+            time.sleep(settle_s)
+            busy = _busy(out_root)
+            if not busy:
+                return len(waited)
         echo(f"waiting for {len(busy)} running cell(s) to finish before failing the run")
-    for lock in busy:
-        with contextlib.suppress(FileNotFoundError), open(lock) as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-    return len(busy)
+        for lock in busy:
+            waited.add(lock)
+            with contextlib.suppress(FileNotFoundError), open(lock) as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
 
 
 def fail_if_error(metrics: dict[str, Any], out_root: Path, matrix: dict[str, Any], attempt: int) -> None:
