@@ -53,7 +53,7 @@ def saved_bytes(cell, pad: bool) -> int:
 
 
 CASES = [
-    # peft, precision, attention, padded, checkpointing, lora targets, dropout
+    # peft, precision, attention, padded, checkpointing, lora targets, dropout[, lora_kernels]
     ("lora", "bf16-mixed", "sdpa", False, False, "all-linear", 0.0),
     ("lora", "bf16-mixed", "sdpa", True, False, "all-linear", 0.0),
     ("lora", "bf16-mixed", "sdpa", True, False, None, 0.0),
@@ -68,22 +68,35 @@ CASES = [
     ("full", "bf16-mixed", "sdpa", False, False, None, 0.0),
     ("full", "bf16-true", "eager", False, False, None, 0.0),
     ("full", "bf16-mixed", "sdpa", False, True, None, 0.0),
+    ("qlora", "fp32", "sdpa", False, False, "all-linear", 0.0),
+    ("qlora", "bf16-true", "sdpa", False, False, "all-linear", 0.0),
+    # train.lora_kernels (steps/trainer/lora_kernels.py)
+    ("lora", "bf16-mixed", "sdpa", False, False, "all-linear", 0.0, True),
+    ("lora", "fp32", "sdpa", True, False, "all-linear", 0.0, True),
+    ("lora", "bf16-true", "sdpa", False, False, "all-linear", 0.0, True),
+    ("lora", "bf16-mixed", "sdpa", False, False, None, 0.0, True),
+    ("lora", "bf16-mixed", "sdpa", False, True, "all-linear", 0.0, True),
+    ("qlora", "bf16-mixed", "sdpa", False, False, "all-linear", 0.0, True),
+    ("qlora", "fp32", "sdpa", False, False, "all-linear", 0.0, True),
+    ("qlora", "bf16-true", "sdpa", False, False, "all-linear", 0.0, True),
 ]
+CASES = [c if len(c) == 8 else (*c, False) for c in CASES]
 
 
-@pytest.mark.parametrize("peft,precision,attention,pad,checkpointed,targets,dropout", CASES,
-                         ids=["-".join(str(v) for v in c) for c in CASES])
-def test_activations_are_what_autograd_keeps(peft, precision, attention, pad, checkpointed, targets, dropout):
+@pytest.mark.parametrize("peft,precision,attention,pad,checkpointed,targets,dropout,kernels", CASES,
+                         ids=["-".join(str(v) for v in c[:7]) + ("-kernels" if c[7] else "") for c in CASES])
+def test_activations_are_what_autograd_keeps(peft, precision, attention, pad, checkpointed, targets, dropout,
+                                             kernels):
     cell = make_cell(peft=peft, precision=precision, micro_batch=2, seq_len=96,
                      train={"init": "random", "attn_implementation": attention,
-                            "gradient_checkpointing": checkpointed,
+                            "gradient_checkpointing": checkpointed, "lora_kernels": kernels,
                             "lora": {"r": 8, "dropout": dropout, **({"target_modules": targets} if targets else {})}})
     measured = saved_bytes(cell, pad)
     shape = activations.DecoderShape.of(ARCH)
     k = activations.Kernels(
         method=peft, precision=precision, attention=attention, masked=pad, checkpointed=checkpointed,
         targets=activations.adapted(targets, list(shape.linears()), "llama") if peft != "full" else frozenset(),
-        lora_r=8, lora_dropout=dropout, cuda=False)
+        lora_r=8, lora_dropout=dropout, cuda=False, lora_kernels=kernels)
     tokens = cell.micro_batch * cell.seq_len
     model = activations.activation_bytes(shape, k, cell.seq_len, cell.micro_batch)
     # The hook sees what is kept, not the loss's gradients that join it at backward's start,

@@ -120,6 +120,18 @@ def test_what_the_model_cannot_do_is_refused_with_the_reason(facts, folders):
     llama = facts["models"]["llama-debug"]
     assert compat.model_refusal(make_cell(strategy="tensor", gpus=2), llama) is None
     assert compat.model_refusal(make_cell(strategy="pipeline", gpus=2), llama) is None
+    # train.lora_kernels: bias-free torch.nn.Linear layers only (GPT-2's are Conv1D with a bias)
+    kernels = {"lora_kernels": True}
+    assert compat.model_refusal(make_cell(model=folders["gpt2"], train=kernels), gpt2) == (
+        "train.lora_kernels computes LoRA on bias-free Linear layers and gpt2's c_attn (Conv1D with a bias) "
+        "is not; use lora_kernels: false")
+    everything = {**kernels, "lora": {"target_modules": "all-linear"}}
+    assert compat.model_refusal(make_cell(model=folders["gpt2"], train=everything), gpt2) == (
+        "train.lora_kernels computes LoRA on bias-free Linear layers and gpt2's c_attn (Conv1D with a bias), "
+        "c_fc (Conv1D with a bias), c_proj (Conv1D with a bias) are not; use lora_kernels: false")
+    assert compat.model_refusal(make_cell(train=everything), llama) is None
+    phi3 = facts["models"][folders["phi3"]]
+    assert compat.model_refusal(make_cell(model=folders["phi3"], peft="qlora", train=kernels), phi3) is None
 
 
 @pytest.mark.slow  # reads model facts in a subprocess (torch, transformers: seconds)

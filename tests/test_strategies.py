@@ -45,6 +45,10 @@ VARIANTS = {  # what a variant changes in a cell, beside the strategy's shape
     # constant factor shows (AdamW divides a constant factor out, and clipping to one norm
     # hides it on the steps it clips).
     "sgd": {"lr": 0.5, "train": {"optimizer": "sgd", "max_grad_norm": None}},
+    # train.lora_kernels, on every linear layer (so the MLP runs as one SwiGLU function), and
+    # PEFT on the same layers to compare with
+    "all-linear": {"train": {"lora": {"target_modules": "all-linear"}}},
+    "kernels": {"train": {"lora_kernels": True, "lora": {"target_modules": "all-linear"}}},
 }
 
 
@@ -80,7 +84,12 @@ FAST_CASES = ([("lora", s, "packed") for s in ("single", "ddp", "fsdp", "zero3",
 # Every strategy that sums or averages gradients over ranks, micro-batches or stages.
 SGD_CASES = [("lora", s, "sgd") for s in ("single", "single-accum", "ddp", "fsdp", "zero2", "zero3", "tensor",
                                            "pipeline", "hybrid")]
-VARIANT_CASES = BF16_CASES + FAST_CASES + SGD_CASES
+# LoRA's kernels under every strategy that keeps the adapted modules whole.
+KERNEL_STRATEGIES = ["single", "ddp", "fsdp", "zero1", "zero2", "pipeline", "hybrid"]
+KERNEL_CASES = ([(p, "single", "all-linear") for p in ("lora", "qlora")]
+                + [("lora", s, "kernels") for s in KERNEL_STRATEGIES]
+                + [("qlora", s, "kernels") for s in ("single", "ddp", "fsdp", "zero2", "pipeline")])
+VARIANT_CASES = BF16_CASES + FAST_CASES + SGD_CASES + KERNEL_CASES
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +246,20 @@ def test_the_chunked_loss_gives_the_losses_of_the_logits(runs, peft, strategy):
     assert m["outcome"] == "ok", m["error"]
     assert [p["loss"] for p in m["loss_curve"]] == pytest.approx([p["loss"] for p in ref["loss_curve"]], rel=1e-5)
     assert m["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("peft,strategy", [(p, s) for p, s, v in KERNEL_CASES if v == "kernels"],
+                         ids=[f"{p}-{s}" for p, s, v in KERNEL_CASES if v == "kernels"])
+def test_lora_kernels_give_peft_s_losses_under_every_strategy_that_keeps_modules_whole(runs, peft, strategy):
+    """train.lora_kernels computes PEFT's maths in another order (steps/trainer/lora_kernels.py):
+    under each strategy its fp32 losses are one PEFT process's on the same layers within the
+    strategies' own tolerance (1e-4)."""
+    _, ref = runs(peft, "single", "all-linear")
+    _, m = runs(peft, strategy, "kernels")
+    assert m["outcome"] == "ok", m["error"]
+    assert m["trainable_params"] == ref["trainable_params"]
+    layers = 2  # the debug preset's: every projection and both MLPs ran through the kernels
+    assert m["lora_kernels"] == {"mlp": layers, "linear": 7 * layers} and ref["lora_kernels"] is None
+    assert [p["loss"] for p in m["loss_curve"]] == pytest.approx(
+        [p["loss"] for p in ref["loss_curve"]], rel=1e-4)
+    assert m["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)

@@ -29,6 +29,11 @@ under PEFT keeps something else. Each term below is one tensor autograd saves, c
   pointwise work (norm, SiLU) recomputed, as the min-cut partitioner does.
 - gradient checkpointing keeps each layer's input (and nothing of its weights' copies), and
   rebuilds one layer at a time.
+- LoRA's kernels (`train.lora_kernels`): an adapted projection keeps its input itself, once for
+  the layers that share it, and nothing else (no cast copies, no lora_A output, no copies of
+  the adapters, no dequantized 4-bit weights); a SwiGLU MLP whose three projections are adapted
+  keeps its input, gate and up (not the SiLU, nor the down projection's input). Under QLoRA with
+  mixed precision those are fp32, the width of the residual stream PEFT leaves QLoRA in.
 - the loss, at its peak (the start of backward): the fp32 log-softmax, its incoming and
   outgoing gradients, 12 bytes per vocabulary entry per token; with `train.loss: chunked`, the
   final hidden states and one chunk's worth.
@@ -109,6 +114,16 @@ class Kernels:
     # DeepSpeed casts the whole module, adapters included, to its 16-bit dtype (and autocast is
     # off): PEFT's cast of a layer's input to the adapter's dtype copies nothing.
     adapters16: bool = False
+    # train.lora_kernels: an adapted projection keeps its input only; a SwiGLU MLP whose three
+    # projections are adapted keeps its input, gate and up (steps.trainer.lora_kernels).
+    lora_kernels: bool = False
+
+    def __post_init__(self) -> None:
+        # QLoRA under bf16-true is fp32 but for bitsandbytes' matmuls: PEFT's
+        # prepare_model_for_kbit_training casts every weight it did not quantize to fp32 and
+        # nothing autocasts (under DeepSpeed, which casts the module to bf16 after, it is bf16).
+        if self.method == "qlora" and self.precision == "bf16-true" and not self.adapters16:
+            object.__setattr__(self, "precision", "fp32")
 
     @property
     def full(self) -> bool:
@@ -122,6 +137,18 @@ class Kernels:
     def act(self) -> int:
         """Bytes of an activation: 16-bit under any 16-bit precision, fp32 otherwise."""
         return 4 if self.precision == "fp32" else 2
+
+    @property
+    def kernel_io(self) -> int:
+        """Bytes of what the LoRA kernels keep (inputs, gate, up): QLoRA's layers take and give the
+        fp32 residual stream under mixed precision (PEFT keeps the rest of the model in fp32,
+        bitsandbytes returns its input's dtype), the activation width otherwise."""
+        return 4 if self.precision == "fp32" or (self.method == "qlora" and self.mixed) else self.act
+
+    @property
+    def fused_mlp(self) -> bool:
+        """The kernels' SwiGLU: all three MLP projections adapted."""
+        return self.lora_kernels and not self.full and set(MLP_IN + MLP_OUT) <= self.targets
 
     @property
     def residual(self) -> int:
@@ -148,6 +175,10 @@ def adapted(targets: Any, names: list[str] | tuple[str, ...], model_type: str) -
 
 def _input_copies(k: Kernels, group: tuple[str, ...], width_in: int, sdpa_output: bool = False) -> float:
     """Bytes per token kept for the input of the linear layers in `group`, which share it."""
+    if k.lora_kernels and not k.full:  # the input itself, once (attention's output: kept by SDPA already)
+        hit = any(n in k.targets for n in group)
+        fused_away = group == MLP_OUT and k.fused_mlp  # recomputed from gate and up
+        return 0 if not hit or fused_away or sdpa_output else k.kernel_io * width_in
     if k.full:
         if k.mixed and not sdpa_output:
             copies = 1 if k.compiled else len(group)
@@ -184,7 +215,13 @@ def per_layer_token(shape: DecoderShape, k: Kernels, seq_len: int) -> float:
         if k.masked and k.attention == "sdpa":
             total += a * h
     # Gated MLP: gate output, SiLU, up output (fused kernels recompute the SiLU).
-    total += (2 if fused_pointwise else 3) * a * i
+    if k.fused_mlp:
+        total += 2 * k.kernel_io * i
+    else:
+        mlp_in = k.kernel_io if k.lora_kernels and not k.full and set(MLP_IN) & k.targets else a
+        total += (2 if fused_pointwise else 3) * mlp_in * i
+    if k.lora_kernels and not k.full:  # nor lora_A's output, nor bitsandbytes' copies
+        return total
     # Adapters.
     if not k.full:
         linears = shape.linears()
@@ -206,6 +243,8 @@ def fixed_per_layer(shape: DecoderShape, k: Kernels) -> float:
     """Bytes per decoder layer kept whatever the batch: autocast's copies of trained weights,
     DoRA's merged weights, bitsandbytes' dequantized weights on CPU."""
     linears = shape.linears()
+    if k.lora_kernels and not k.full:  # backward recasts and dequantizes again: nothing kept
+        return 0.0
     # autocast's 16-bit copies of the fp32 adapters
     casts = 2 * k.lora_r * sum(a + b for n, (a, b) in linears.items() if n in k.targets) if k.mixed else 0
     if k.full and k.mixed:
@@ -214,7 +253,8 @@ def fixed_per_layer(shape: DecoderShape, k: Kernels) -> float:
         # PEFT passes an identity matrix (in x in) through lora_A to build the merged weight's
         # norm; what it keeps comes to about half a byte per entry per activation byte.
         return casts + k.act / 2 * sum(a * a for n, (a, _) in linears.items() if n in k.targets)
-    if k.method == "qlora" and not k.cuda:  # bitsandbytes' CPU path keeps the dequantized weights
+    if k.method == "qlora" and not k.cuda and k.mixed:  # bitsandbytes' CPU path under autocast
+        # keeps the dequantized weights
         return casts + 2 * sum(a * b for a, b in linears.values())
     return casts
 
@@ -251,6 +291,8 @@ def activation_bytes(shape: DecoderShape, k: Kernels, seq_len: int, micro_batch:
         kept = shape.layers * k.residual * shape.hidden * tokens + layer
     else:
         kept = shape.layers * layer
-    head = 2.0 * shape.vocab * shape.hidden if k.full and k.mixed else 0.0  # autocast's copy of the head
+    # autocast's 16-bit copy of an fp32 head: full fine-tuning's, and QLoRA's (PEFT keeps every
+    # layer but the quantized ones in fp32)
+    head = 2.0 * shape.vocab * shape.hidden if k.mixed and (k.full or k.method == "qlora") else 0.0
     chunk = 12.0 * shape.vocab * min(k.loss_chunk, tokens) if k.loss_chunk else 0.0  # one chunk's logits
     return kept + outside_per_token(shape, k, seq_len) * tokens + head + chunk

@@ -131,7 +131,8 @@ def _keys(cell: CellSpec, depth: str | None = None) -> list[str]:
     device = device_model(cell)
     where = cell.instance if device == "cpu" else "gpu"
     t = cell.train
-    paths = f"compile={t.compile},liger={t.liger},loss={t.loss},fused={t.fused_optimizer}"
+    paths = f"compile={t.compile},liger={t.liger},loss={t.loss},fused={t.fused_optimizer}" + (
+        ",lora_kernels" if t.lora_kernels else "")
     base = f"{device}|{where}|{cell.strategy}|{cell.precision}|{cell.peft}"
     broad = [f"{device}|{where}|{cell.strategy}", f"{device}|{where}"]
     specific = [f"{base}|{paths}", base]

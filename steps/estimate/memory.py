@@ -136,7 +136,8 @@ def kernels_of(r: Any, arch: dict[str, Any]) -> activations.Kernels:
         cuda=entry is not None and entry.accelerator != "cpu",
         loss_chunk=int(_setting(r, "train.loss_chunk", defaults.loss_chunk))
         if _setting(r, "train.loss", defaults.loss) == "chunked" else 0,
-        adapters16=deepspeed16)
+        adapters16=deepspeed16,
+        lora_kernels=bool(_setting(r, "train.lora_kernels", defaults.lora_kernels)))
 
 
 # ------------------------------------------------------------------------ a cell, as planned

@@ -10,7 +10,8 @@ the data. What cannot change them is left out, because the tests prove it:
   global batch (tests/test_trainer.py, tests/test_strategies.py: fp32 within 1e-4 relative,
   bf16 within 5e-3);
 - the fast paths (fused optimizer, compile, Liger, the chunked loss, the attention kernel,
-  activation checkpointing): each gives the losses of the run without it (tests/test_fast_paths.py);
+  activation checkpointing, LoRA's kernels): each gives the losses of the run without it
+  (tests/test_fast_paths.py, tests/test_lora_kernels.py);
 - where and how a cell runs: instance, nodes, GPUs, launcher, time limits, checkpoints, a
   memory cap, evaluation frequency, what is saved.
 
@@ -32,7 +33,7 @@ from steps.plan.settings import RUN_LIMITS
 NOT_NUMERIC_TRAIN = frozenset({path.split(".")[1] for path in RUN_LIMITS} | {
     "checkpoint_every", "memory_cap_gb", "save_adapter", "timing_warmup_steps", "evaluate", "parallel",
     "fused_optimizer", "compile", "liger", "loss", "loss_chunk", "attn_implementation",
-    "gradient_checkpointing",
+    "gradient_checkpointing", "lora_kernels",
 })
 # Axes that cannot: where the cell runs and how its global batch is split (and where it logs).
 NOT_NUMERIC_AXES = frozenset({"cell_id", "matrix", "strategy", "instance", "nodes", "gpus", "micro_batch",

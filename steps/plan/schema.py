@@ -146,6 +146,10 @@ class TrainSettings(Strict):
     # b x s x V logits and their gradients never exist at once (Liger's kernel with `liger`).
     loss: Literal["logits", "chunked"] = "logits"
     loss_chunk: PositiveInt = 1024
+    # LoRA's forward and backward written out (`steps.trainer.lora_kernels`): each adapted
+    # projection one autograd function, a SwiGLU MLP whose three projections are adapted another,
+    # keeping less for backward; lora and qlora, dropout 0, modules left whole by the strategy.
+    lora_kernels: bool = False
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     # false: no validation at all (an `economy:` speed cell, which shares its class's).
     evaluate: bool = True

@@ -137,6 +137,8 @@ class CellMetrics(_Record):
     # What ran: the attention kernel transformers picked, and whether the optimizer was fused.
     attn_implementation: str | None = None
     fused_optimizer: bool | None = None
+    # train.lora_kernels: how many SwiGLU MLPs and adapted projections ran through the kernels
+    lora_kernels: dict[str, int] | None = None
     pipeline_schedule: str | None = None
     resumed_from_step: int | None = None
     device: str | None = None

@@ -136,7 +136,26 @@ def adapter_facts(cell: CellSpec, config) -> dict[str, Any]:
         return {"error": str(exc).splitlines()[0], "targets": targets}
     trainable, _ = model.get_nb_trainable_parameters()
     targeted = sorted({n.rsplit(".", 1)[-1] for n in model.base_model.targeted_module_names})
-    return {"trainable_params": trainable, "targets": targets, "targeted": targeted}
+    return {"trainable_params": trainable, "targets": targets, "targeted": targeted,
+            "not_plain": _not_plain_linear(model)}
+
+
+def _not_plain_linear(model) -> dict[str, str]:
+    """Adapted layers that are not a bias-free torch.nn.Linear (what `train.lora_kernels`
+    computes), by last name: {"c_attn": "Conv1D with a bias", "q_proj": "Linear with a bias"}."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    odd = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        base = module.get_base_layer()
+        kind = type(base).__name__ if not isinstance(base, torch.nn.Linear) else ""
+        bias = " with a bias" if getattr(base, "bias", None) is not None else ""
+        if kind or bias:
+            odd[name.rsplit(".", 1)[-1]] = f"{kind or 'Linear'}{bias}"
+    return dict(sorted(odd.items()))
 
 
 def model_facts(cells: list[CellSpec]) -> dict[str, Any]:

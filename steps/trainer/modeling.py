@@ -265,6 +265,10 @@ def apply_peft(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:
     )
     _fix_tensor_parallel_lora(model)
     _init_lora_a(model, cell.train.seed)
+    if cell.train.lora_kernels:
+        from steps.trainer import lora_kernels
+
+        model.lora_kernels = lora_kernels.apply(model)  # a metric: what ran through them
     return model
 
 
@@ -349,6 +353,10 @@ def apply_fast_paths(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:
         # The loss stays this trainer's (a sum over target tokens from the logits).
         _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
+        if cell.train.lora_kernels:  # Liger replaced the MLPs' forward: the LoRA MLP keeps less
+            from steps.trainer import lora_kernels
+
+            model.lora_kernels = lora_kernels.apply(model)
     # Inductor generates kernels; FINETUNE_MATRIX_COMPILE_BACKEND=aot_eager captures the same
     # graphs without generating code (the CPU tests: inductor's C++ build takes minutes there).
     backend = os.environ.get("FINETUNE_MATRIX_COMPILE_BACKEND", "inductor")

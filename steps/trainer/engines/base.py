@@ -47,6 +47,7 @@ class ModelFacts:
     adapted: tuple[str, ...] = ()  # the module names PEFT put adapters on (last name part)
     weights_dtype: str = ""  # how the frozen base (full fine-tuning: the weights) is stored
     trainable_dtype: str = ""  # how the trainable parameters are stored
+    lora_kernels: dict[str, int] | None = None  # what train.lora_kernels routed (steps.trainer.lora_kernels)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelFacts:
@@ -56,7 +57,8 @@ class ModelFacts:
         frozen = [p for p in model.parameters() if not p.requires_grad]
         return cls(trainable, total, modeling.embedding_parameters(model), model.config, tuple(adapted),
                    weights_dtype=modeling.storage_dtype(frozen or list(model.parameters())),
-                   trainable_dtype=modeling.storage_dtype([p for p in model.parameters() if p.requires_grad]))
+                   trainable_dtype=modeling.storage_dtype([p for p in model.parameters() if p.requires_grad]),
+                   lora_kernels=getattr(model, "lora_kernels", None))
 
 
 def autocast(cell: CellSpec, device: torch.device) -> contextlib.AbstractContextManager:
