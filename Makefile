@@ -22,7 +22,7 @@ LOCK ?= $(if $(filter $(LOCK_PYTHON),$(PY_VERSION)),constraints.txt,/dev/null)
 INSTALLER ?= uv
 INSTALL = $(if $(filter uv,$(INSTALLER)),$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode,$(BIN)/pip install)
 
-.PHONY: setup browser run lint test test-quick test-gpu bench-gpu lock clean-venv
+.PHONY: setup browser run lint test test-quick test-gpu bench-gpu gpu-evidence gpu-wheels lock clean-venv
 
 setup: $(VENV)/.installed
 
@@ -74,6 +74,24 @@ test-gpu: setup
 
 bench-gpu: setup
 	$(BIN)/python -m steps.bench --device cuda --save
+
+# Every GPU number from one command, at most 9 minutes on an H100 (steps/report/evidence/): the GPU
+# tests that matter most, the LoRA bench at 1.1B with and without the fast paths and lora_kernels
+# against HF Trainer + PEFT, QLoRA vs LoRA at 7B, a matrix through the flow on local-gpu; results
+# under reports/benchmarks/<date>-<gpu>/. No `setup`: on a bare GPU machine without internet it
+# builds .venv-gpu over the image's CUDA torch from WHEELS (see the README's GPU section).
+# DRY=1: check every command line, file and import on any machine, run nothing (CI does).
+WHEELS ?= wheelhouse
+EVIDENCE_ARGS ?=
+EVIDENCE_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-evidence:
+	$(EVIDENCE_PYTHON) -m steps.report.evidence $(if $(DRY),--dry-run) --wheels $(WHEELS) $(EVIDENCE_ARGS)
+
+# On a machine with internet: the wheels a CUDA PyTorch image lacks (Metaflow, pydantic,
+# bitsandbytes, Liger Kernel) for its Python (GPU_PYTHON), into WHEELS, to copy beside the checkout.
+GPU_PYTHON ?= 3.12
+gpu-wheels:
+	$(EVIDENCE_PYTHON) -m steps.report.evidence --download-wheels $(WHEELS) --gpu-python $(GPU_PYTHON)
 
 # Resolve the dependencies afresh in a scratch environment and pin what it got (torch is
 # TORCH_VERSION's, and CUDA's packages come with it). Run the tests on the new pins before committing.

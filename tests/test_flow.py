@@ -117,6 +117,16 @@ def test_matrix_runs_end_to_end_and_reads_back_through_the_client(tmp_path):
         assert b["started_at"] < a["ended_at"], "the two 1-process cells did not overlap"
         assert not set(a["cores"]) & set(b["cores"])
 
+    # make gpu-evidence's flow part scores a run as the report does, and keeps its report
+    from steps.report.evidence import flow_scores
+
+    scored = flow_scores.score(tmp_path / "reports", tmp_path / "evidence" / "flow.json")
+    assert scored["finished"] and scored["run"] == str(out)
+    assert sorted(c["cell_id"] for c in scored["cells"]) == sorted(df["cell_id"])
+    assert len(scored["planned_vs_measured"]) == 4
+    assert {e["quantity"] for e in scored["errors"]} >= {"mem_gb", "tokens_per_s", "wall_s"}
+    assert sorted(p.name for p in (tmp_path / "evidence" / "flow").iterdir()) == sorted(flow_scores.KEPT)
+
 
 def test_a_matrix_with_three_mistakes_fails_before_any_training(tmp_path):
     bad = {**SMALL, "strategy": ["single", "dpp"], "lr": -1e-3, "learning_rate": 0.1}

@@ -5,11 +5,15 @@ every PEFT method in fp32, bf16-mixed, bf16-true and fp16-mixed, QLoRA with bits
 kernels, FSDP2 and ZeRO-3 on one rank, the fast paths (inductor compile, Liger kernels, packing,
 the fused optimizer), and a memory cap that ends in a real CUDA out-of-memory. Then the
 TinyLlama-1.1B shape (random weights, nothing downloaded) with full, LoRA and QLoRA.
+
+`FINETUNE_MATRIX_GPU_CELLS=a,b,...` launches only those cells (`make gpu-evidence` runs the
+ones that matter most in its time limit); a test whose cell was not launched skips.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -51,18 +55,41 @@ CELLS = {
     "lora-drawn-on-gpu": gpu_cell("lora", "bf16-mixed", train={"init_device": "device"}),
     "qlora-drawn-on-gpu": gpu_cell("qlora", "bf16-mixed", train={"init_device": "device"}),
     "lora-unfused": gpu_cell("lora", "bf16-mixed", train={"fused_optimizer": "off"}),
+    # train.lora_kernels against PEFT on the same layers (every linear one), and after Liger
+    **{f"{p}-all-linear": gpu_cell(p, "bf16-mixed", train={"lora": {"target_modules": "all-linear"}})
+       for p in ("lora", "qlora")},
+    **{f"{p}-kernels": gpu_cell(p, "bf16-mixed", train={"lora_kernels": True, "lora": {"target_modules": "all-linear"}})
+       for p in ("lora", "qlora")},
+    "lora-kernels-liger": gpu_cell("lora", "bf16-mixed", train={"lora_kernels": True, "liger": True,
+                                                                "lora": {"target_modules": "all-linear"}}),
     # last: the cap stays on the process
     "oom": gpu_cell("full", "fp32", model="llama-30m", micro_batch=64, seq_len=1024,
                     train={"memory_cap_gb": 0.5}, data={"packing": True, "train_samples": 4096}),
 }
 
 
+# The cells `make gpu-evidence` launches (steps/report/evidence/parts.py names this variable).
+SUBSET = os.environ.get("FINETUNE_MATRIX_GPU_CELLS", "")
+
+
+if unknown := sorted(set(filter(None, SUBSET.split(","))) - set(CELLS)):  # an error at collection (the dry run)
+    raise ValueError(f"FINETUNE_MATRIX_GPU_CELLS names no cell of tests/test_gpu.py: {unknown}")
+
+
+class Launched(dict):
+    """The launched cells' metrics; a test asking for a cell left out of the subset skips."""
+
+    def __missing__(self, name):
+        pytest.skip(f"cell {name} not launched (FINETUNE_MATRIX_GPU_CELLS)")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
-    names = list(CELLS)
+    wanted = [n for n in SUBSET.split(",") if n]
+    names = [n for n in CELLS if not wanted or n in wanted]
     proc, found = torchrun_cells([CELLS[n] for n in names], [root / n for n in names], timeout=1500)
-    return proc, dict(zip(names, found, strict=True))
+    return proc, Launched(zip(names, found, strict=True))
 
 
 def losses(m) -> list[float]:
@@ -165,3 +192,16 @@ def test_tinyllama_shape_full_lora_qlora_on_one_gpu(tmp_path):
     assert peaks["qlora"] < peaks["lora"] < peaks["full"]
     # LoRA's frozen base in bf16: about 2.2 GB of weights, not fp32's 4.4
     assert peaks["lora"] < 4.4
+
+
+@pytest.mark.parametrize("name", ["lora-kernels", "qlora-kernels", "lora-kernels-liger"])
+def test_lora_kernels_track_peft_and_keep_less(runs, name):
+    """train.lora_kernels on CUDA (bitsandbytes' CUDA dequantization for QLoRA): PEFT's losses
+    within the bf16 tolerance of the strategies' test (5e-3), every projection and MLP routed,
+    and a peak no higher than PEFT's (the activations it keeps are fewer)."""
+    _, found = runs
+    m, ref = found[name], found[f"{name.split('-')[0]}-all-linear"]
+    assert m["outcome"] == "ok", m["error"]
+    assert m["lora_kernels"] == {"mlp": 2, "linear": 14}
+    assert losses(m) == pytest.approx(losses(ref), rel=5e-3)
+    assert m["peak_mem_gb"] <= ref["peak_mem_gb"]

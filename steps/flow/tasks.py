@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -210,10 +211,19 @@ def _running(out: Path, keep: bool = False):
         yield
     finally:
         if keep:
-            _KEPT_RUNNING.append(fh)
+            if not _KEPT_RUNNING:
+                atexit.register(_release_running)  # the file goes as the task exits; the lock with it
+            _KEPT_RUNNING.append((lock, fh))
         else:
             lock.unlink(missing_ok=True)
             fh.close()
+
+
+def _release_running() -> None:
+    while _KEPT_RUNNING:
+        lock, fh = _KEPT_RUNNING.pop()
+        lock.unlink(missing_ok=True)
+        fh.close()
 
 
 def _busy(out_root: Path) -> list[Path]:
@@ -236,8 +246,7 @@ def wait_for_running(out_root: Path, echo=print, settle_s: float = SETTLE_S) -> 
     `settle_s` after the others have ended (a task takes seconds to reach its lock). This
     task's own lock and the cores it kept go back first: a cell beside it may wait for them.
     """
-    while _KEPT_RUNNING:
-        _KEPT_RUNNING.pop().close()
+    _release_running()
     cpu_slots.release_kept()
     waited: set[Path] = set()
     while True:

@@ -26,10 +26,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="lora: 1.1B shape, fast paths vs none vs HF Trainer; qlora: QLoRA vs LoRA at the 7B shape")
     group.add_argument("--micro-batches", default="16,8,4,2,1", help="micro-batches to try, largest first")
     group.add_argument("--qlora-micro-batch", type=int, default=2)
+    group.add_argument("--runs", choices=["search", "fixed"], default="search",
+                       help="search: the largest micro-batch that fits; fixed: make gpu-evidence's runs")
+    group.add_argument("--check", action="store_true",
+                       help="parse the arguments and import what the runs use, run nothing (make gpu-evidence DRY=1)")
     args = parser.parse_args(argv)
     if args.device == "cuda":
-        if argv is None and "--steps" not in sys.argv:
+        if "--steps" not in (sys.argv if argv is None else argv):
             args.steps, args.warmup = 20, 5
+        if args.check:
+            return gpu.check(args)
         return gpu.main(args)
     if args.worker:
         return cpu.worker(args.worker, args.cell_json)

@@ -11,7 +11,10 @@ downloaded; one GPU).
 
 Each run is its own process. Prints tokens/s, MFU (4N + 6N_trainable), peak memory and the
 ratios, and the memory budget's estimate against the measured peak allocated; `--save` keeps
-it all under reports/benchmarks/.
+it all under reports/benchmarks/. `--runs fixed` (what `make gpu-evidence` runs): the micro-
+batches the H100 fitted (16 with the fast paths, 8 without) instead of searching for them, the
+`lora_kernels` runs first; `--json` is rewritten after every run, so a part stopped at its time
+limit keeps the runs it finished.
 """
 
 from __future__ import annotations
@@ -25,8 +28,13 @@ from steps.trainer.bench import common
 SEQ = 2048
 
 
+_SAVE = None  # called with each finished run (`--json`: the file is rewritten)
+
+
 def bench_cell(model: str, peft: str, micro_batch: int, fast: bool, steps: int, warmup: int,
-               compile_layers: bool = True, init_device: str = "cpu") -> dict:
+               compile_layers: bool = True, init_device: str = "cpu", kernels: bool = False) -> dict:
+    """`fast`: fused AdamW, Liger, the chunked loss and (`compile_layers`) compiled layers;
+    `kernels`: `train.lora_kernels` (compile off: the two do not combine)."""
     from steps.plan.matrix import cell_id
 
     rows = micro_batch * steps + 8
@@ -37,7 +45,8 @@ def bench_cell(model: str, peft: str, micro_batch: int, fast: bool, steps: int, 
                   "timing_warmup_steps": warmup,
                   "lr_schedule": "constant", "save_adapter": False, "attn_implementation": "sdpa",
                   "fused_optimizer": "auto" if fast else "off",
-                  "compile": "layers" if fast and compile_layers else "off", "liger": fast,
+                  "compile": "layers" if fast and compile_layers and not kernels else "off", "liger": fast,
+                  **({"lora_kernels": True} if kernels else {}),  # (unset: the saved runs' cell ids)
                   "loss": "chunked" if fast else "logits",
                   "timeout_s": 1200, "hang_after_s": 600,
                   "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}},
@@ -61,6 +70,9 @@ def run_trainer(cell: dict, label: str) -> dict:
            "losses": [p.loss for p in m.loss_curve], "weights_dtype": m.weights_dtype}
     if m.outcome == "ok":
         out["estimate"] = memory_estimate(cell, m)
+    out["lora_kernels"] = m.lora_kernels
+    if _SAVE is not None:
+        _SAVE(out)
     print(f"  {label}: {m.outcome} mb={cell['micro_batch']} tok/s={m.tokens_per_s or 0:,.0f} "
           f"mfu={m.mfu or 0:.3f} peak={m.peak_mem_gb or 0:.1f} GB ({seconds:.0f} s)", flush=True)
     return out
@@ -78,7 +90,7 @@ def memory_estimate(cell: dict, m) -> dict:
            "lora_targets": m.lora_targets, "train.optimizer": "adamw", "train.gradient_checkpointing": False,
            "train.liger": cell["train"]["liger"], "train.compile": cell["train"]["compile"],
            "train.lora.r": cell["train"]["lora"]["r"], "train.lora.dropout": cell["train"]["lora"]["dropout"],
-           "train.loss": cell["train"]["loss"]}
+           "train.loss": cell["train"]["loss"], "train.lora_kernels": cell["train"].get("lora_kernels", False)}
     parts = memory.estimate(row, catalog.model_presets()[cell["model"]].config)
     total = sum(parts.values()) / 1e9
     return {**{k: v / 1e9 for k, v in parts.items()}, "total_gb": total,
@@ -135,6 +147,8 @@ def run_hf(cell: dict) -> dict:
         return {"label": "HF Trainer + PEFT", "outcome": "error", "error": proc.stderr[-3000:]}
     r = common.last_json(proc.stdout)
     r["mfu"] = None
+    if _SAVE is not None:
+        _SAVE(r)
     print(f"  HF Trainer + PEFT: tok/s={r['tokens_per_s']:,.0f} peak={r['peak_mem_gb']:.1f} GB", flush=True)
     return r
 
@@ -162,15 +176,48 @@ def part_lora(steps: int, warmup: int, candidates: list[int]) -> dict:
                        "plain_vs_hf": _ratio(plain, hf), "best_fast_vs_hf": _ratio(fast, hf)}}
 
 
-def part_qlora(steps: int, warmup: int, micro_batch: int) -> dict:
+def part_lora_fixed(steps: int, warmup: int, large: int = 16, small: int = 8) -> dict:
+    """`make gpu-evidence`'s LoRA part: no search, the kernels first. At `large` (what the fast
+    paths fitted on an H100): the kernels with the other fast paths, then the fast paths alone;
+    at `small` (what fitted without them): HF Trainer + PEFT, the kernels, no fast paths, the
+    fast paths. Every run drawn on the GPU (seconds, not a minute of CPU)."""
+    model, runs = "tinyllama-1.1b", {}
+
+    def cell(mb, fast, kernels=False):
+        return bench_cell(model, "lora", mb, fast, steps, warmup, init_device="device", kernels=kernels)
+
+    runs["kernels"] = run_trainer(cell(large, True, kernels=True), f"fast paths + lora_kernels mb={large}")
+    runs["fast"] = run_trainer(cell(large, True), f"fast paths mb={large}")
+    runs["hf"] = run_hf(cell(small, False))
+    runs["kernels_small"] = run_trainer(cell(small, True, kernels=True), f"fast paths + lora_kernels mb={small}")
+    runs["plain"] = run_trainer(cell(small, False), f"no fast paths mb={small}")
+    runs["fast_small"] = run_trainer(cell(small, True), f"fast paths mb={small}")
+    hf = runs["hf"]
+    if runs["fast_small"].get("mfu") and hf.get("tokens_per_s"):
+        hf["mfu"] = runs["fast_small"]["mfu"] * hf["tokens_per_s"] / runs["fast_small"]["tokens_per_s"]
+    return {"micro_batch": large, "runs": list(runs.values()),
+            "ratios": {"kernels_vs_hf": _ratio(runs["kernels_small"], hf), "fast_vs_hf": _ratio(runs["fast_small"], hf),
+                       "plain_vs_hf": _ratio(runs["plain"], hf),
+                       "kernels_vs_fast": _ratio(runs["kernels"], runs["fast"]),
+                       "best_kernels_vs_hf": _ratio(runs["kernels"], hf)}}
+
+
+def part_qlora(steps: int, warmup: int, micro_batch: int, kernels: bool = False) -> dict:
+    """QLoRA against LoRA at the 7B shape (and, `kernels`, QLoRA with `lora_kernels` after)."""
     # 7B random weights drawn on the GPU: seconds, where the CPU takes minutes per run.
     runs = [run_trainer(bench_cell("llama-2-7b", peft, micro_batch, True, steps, warmup, compile_layers=False,
                                    init_device="device"), f"7B {peft}") for peft in ("lora", "qlora")]
-    lora, qlora = runs
+    if kernels:
+        runs.append(run_trainer(bench_cell("llama-2-7b", "qlora", micro_batch, True, steps, warmup,
+                                           init_device="device", kernels=True), "7B qlora + lora_kernels"))
+    lora, qlora = runs[:2]
     ok = lora["outcome"] == qlora["outcome"] == "ok"
     return {"micro_batch": micro_batch, "runs": runs,
             "ratios": {"qlora_peak_vs_lora": qlora["peak_mem_gb"] / lora["peak_mem_gb"] if ok else None,
-                       "qlora_tokens_vs_lora": _ratio(qlora, lora)}}
+                       "qlora_tokens_vs_lora": _ratio(qlora, lora),
+                       **({"qlora_kernels_peak_vs_lora": runs[2]["peak_mem_gb"] / lora["peak_mem_gb"]
+                           if ok and runs[2]["outcome"] == "ok" else None,
+                           "qlora_kernels_tokens_vs_lora": _ratio(runs[2], lora)} if kernels else {})}}
 
 
 def _ratio(a: dict, b: dict) -> float | None:
@@ -205,17 +252,81 @@ def main(args) -> int:
         print(json.dumps(worker_hf_trainer(json.loads(args.cell_json))))
         return 0
     record = {"bench": "gpu", **common.environment(), "parts": {}}
+    fixed = args.runs == "fixed"
+
+    def part(name: str, work) -> None:
+        """One part, its runs kept in `--json` as each finishes."""
+        global _SAVE
+        done: list = []
+        record["parts"][name] = {"runs": done, "ratios": {}, "finished": False}
+
+        def save(run: dict) -> None:
+            done.append(run)
+            _write(record, args.json)
+
+        _SAVE = save
+        record["parts"][name] = {**work(), "finished": True}
+        _SAVE = None
+        _write(record, args.json)
+
     if args.part in ("lora", "all"):
         print("LoRA, TinyLlama-1.1B shape", flush=True)
         sizes = [int(x) for x in args.micro_batches.split(",")]
-        record["parts"]["lora-1.1b"] = part_lora(args.steps, args.warmup, sizes)
+        part("lora-1.1b", (lambda: part_lora_fixed(args.steps, args.warmup)) if fixed
+             else (lambda: part_lora(args.steps, args.warmup, sizes)))
     if args.part in ("qlora", "all"):
         print("QLoRA vs LoRA, Llama-2-7B shape", flush=True)
-        record["parts"]["qlora-7b"] = part_qlora(args.steps, args.warmup, args.qlora_micro_batch)
+        part("qlora-7b", lambda: part_qlora(args.steps, args.warmup, args.qlora_micro_batch, kernels=fixed))
     print_tables(record)
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+    _write(record, args.json)
     if args.save:
         gpu = record["device"].replace("NVIDIA ", "").split()[0].lower()
         common.save(record, f"bench-gpu-{args.part}-{gpu}")
     return 0
+
+
+def _write(record: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(record, indent=2, default=str))
+
+
+# What the GPU runs import beyond this checkout's own modules: needed on the GPU machine,
+# absent on a CPU one (liger_kernel needs Triton).
+GPU_ONLY_MODULES = ("liger_kernel",)
+
+
+def fixed_cells(args) -> list[dict]:
+    """Every cell `--runs fixed` would launch, for `check`."""
+    cells = [bench_cell("tinyllama-1.1b", "lora", mb, fast, args.steps, args.warmup, init_device="device",
+                        kernels=kernels)
+             for mb, fast, kernels in ((16, True, True), (16, True, False), (8, True, True), (8, False, False),
+                                       (8, True, False))]
+    cells += [bench_cell("llama-2-7b", peft, args.qlora_micro_batch, True, args.steps, args.warmup,
+                         compile_layers=False, init_device="device", kernels=kernels)
+              for peft, kernels in (("lora", False), ("qlora", False), ("qlora", True))]
+    return cells
+
+
+def check(args) -> int:
+    """`--check`: every cell the runs would launch is valid and not refused, and the modules the
+    runs import are there (GPU-only ones are listed, not required, on a machine without CUDA)."""
+    import importlib
+    import importlib.util
+
+    from steps.plan import compat
+    from steps.plan.schema import CellSpec
+
+    problems = []
+    for cell in fixed_cells(args):
+        spec = CellSpec.model_validate(cell)
+        if reason := compat.refusal(spec):
+            problems.append(f"{cell['cell_id']}: refused: {reason}")
+    for module in ("steps.train", "steps.trainer.lora_kernels", "steps.trainer.engines", "transformers",
+                   "peft", "bitsandbytes", "accelerate"):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - each missing import is one problem
+            problems.append(f"import {module}: {type(exc).__name__}: {exc}")
+    missing = [m for m in GPU_ONLY_MODULES if importlib.util.find_spec(m) is None]
+    print(json.dumps({"cells": len(fixed_cells(args)), "problems": problems, "gpu_only_missing_here": missing}))
+    return 1 if problems else 0
