@@ -74,11 +74,17 @@ def _frozen(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
     return F.linear(x.to(dtype), frozen_weight(base, dtype)).to(x.dtype)
 
 
+def _as_adapter(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x as PEFT hands it to lora_A: cast to A's dtype. Under autocast the matmul casts it to the
+    autocast dtype anyway, and a 16-bit x cast up and back down is itself: skip the fp32 copy."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+
+
 def _lora(x, base, a, b, scaling):
     """PEFT's forward, op for op: the frozen matmul; x cast to A's dtype, (x A^T) B^T * scaling
     added; the sum in the frozen matmul's dtype."""
     out = _frozen(x, base)
-    return (out + F.linear(F.linear(x.to(a.dtype), a), b) * scaling).to(out.dtype)
+    return (out + F.linear(F.linear(_as_adapter(x, a), a), b) * scaling).to(out.dtype)
 
 
 def _matmul_2d(t: torch.Tensor) -> torch.Tensor:
@@ -88,7 +94,7 @@ def _matmul_2d(t: torch.Tensor) -> torch.Tensor:
 def _lora_backward(grad, x, base, a, b, scaling, need_x: bool):
     """(dx, dA, dB) of `_lora` at `x`, recomputing x A^T (r columns) and, for a 4-bit weight,
     its dequantization."""
-    x2, g2 = _matmul_2d(x.to(a.dtype)), _matmul_2d(grad)
+    x2, g2 = _matmul_2d(_as_adapter(x, a)), _matmul_2d(grad)
     xa = F.linear(x2, a)
     g_lora = g2.to(xa.dtype) * scaling
     d_b = g_lora.t() @ xa if b.requires_grad else None

@@ -60,8 +60,13 @@ def bench_cell(model: str, peft: str, micro_batch: int, fast: bool, steps: int, 
 def run_trainer(cell: dict, label: str) -> dict:
     """This trainer on one GPU, as the flow launches it; its metrics (an `oom` too)."""
     m, proc, seconds = common.run_trainer(cell)
-    if m is None:
-        raise RuntimeError(f"{label}: no metrics\n{proc.stderr[-3000:]}")
+    if m is None:  # the trainer died before writing its metrics: a result, the next run still runs
+        out = {"label": label, "outcome": "error", "micro_batch": cell["micro_batch"], "wall_s": seconds,
+               "error": f"no metrics (exit {proc.returncode})\n{proc.stderr[-3000:]}"}
+        if _SAVE is not None:
+            _SAVE(out)
+        print(f"  {label}: no metrics (exit {proc.returncode})", flush=True)
+        return out
     out = {"label": label, "outcome": m.outcome, "error": m.error, "wall_s": seconds,
            "micro_batch": cell["micro_batch"], "tokens_per_s": m.tokens_per_s, "mfu": m.mfu,
            "peak_mem_gb": m.peak_mem_gb, "peak_reserved_gb": (m.peak_reserved_gb_per_rank or [None])[0],
@@ -144,7 +149,11 @@ def worker_hf_trainer(cell_dict: dict) -> dict:
 def run_hf(cell: dict) -> dict:
     proc = common.run_worker(["--device", "cuda", "--worker", "hf_trainer", "--cell-json", json.dumps(cell)])
     if proc.returncode:
-        return {"label": "HF Trainer + PEFT", "outcome": "error", "error": proc.stderr[-3000:]}
+        out = {"label": "HF Trainer + PEFT", "outcome": "error", "micro_batch": cell["micro_batch"],
+               "error": proc.stderr[-3000:]}
+        if _SAVE is not None:
+            _SAVE(out)
+        return out
     r = common.last_json(proc.stdout)
     r["mfu"] = None
     if _SAVE is not None:
