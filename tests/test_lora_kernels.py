@@ -93,15 +93,22 @@ def test_the_trainer_routes_a_cell_with_lora_kernels_through_them():
                                        "or fsdp, or lora_kernels: false"),
     ({"train": {"compile": "layers"}}, "train.lora_kernels with train.compile: compile traces PEFT's own ops; use "
                                        "one of the two"),
+    ({"strategy": "hybrid", "gpus": 4, "train": {"parallel": {"hybrid_inner": "tensor", "model_parallel": 2}}},
+     "train.lora_kernels with tensor parallelism (hybrid): the plan splits the adapted projections across ranks; "
+     "use pipeline, ddp or fsdp, or lora_kernels: false"),
+    ({"strategy": "zero3_offload", "gpus": 2}, "train.lora_kernels with zero3_offload: ZeRO-3 gathers a module's "
+                                               "weights as the module is called, and the kernels read them without "
+                                               "calling it; use zero2 or fsdp, or lora_kernels: false"),
 ])
 def test_what_the_kernels_cannot_compute_is_refused_with_the_reason(settings, reason):
     train = {"lora_kernels": True, **settings.pop("train", {})}
     assert compat.refusal(make_cell(**settings, train=train)) == reason
 
 
-@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp", "zero2", "pipeline"])
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp", "zero1", "zero2", "pipeline", "hybrid"])
 def test_the_kernels_run_under_every_strategy_that_keeps_modules_whole(strategy):
-    assert compat.lora_kernels(make_cell(strategy=strategy, gpus=2, train={"lora_kernels": True})) is None
+    cell = make_cell(strategy=strategy, gpus=4 if strategy == "hybrid" else 2, train={"lora_kernels": True})
+    assert compat.refusal(cell) is None
 
 
 def test_applying_again_routes_nothing_twice():
