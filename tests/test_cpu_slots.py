@@ -104,18 +104,24 @@ def test_a_lowered_thread_starts_its_processes_below_the_rest_of_its_process():
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
 
 
-def _hold_running(run_dir, cell: str, delay_s: float, hold_s: float) -> subprocess.Popen:
-    """A `train` task of another cell: after `delay_s` (its start-up) it runs its cell and keeps
-    the cell's `.running` lock until it exits, `hold_s` later (its tracker, card, artifacts)."""
+def _hold_running(run_dir, cell: str, hold_s: float, after: str | None = None,
+                  then: str | None = None) -> subprocess.Popen:
+    """A `train` task of another cell: once `after` exists (if given: the runtime starting it
+    when another ends) plus its start-up, it runs its cell and keeps the cell's `.running` lock
+    until it exits, `hold_s` later (its tracker, card, artifacts); `then` is written as it exits."""
     (run_dir / "cells" / cell).mkdir(parents=True)
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from pathlib import Path
         from steps.flow import tasks
-        time.sleep({delay_s})
+        while {after!r} and not Path({after!r}).exists():
+            time.sleep(0.02)
+        time.sleep(0.3 if {after!r} else 0)
         with tasks._running(Path({str(run_dir / "cells" / cell)!r}), keep=True):
             pass
         time.sleep({hold_s})
+        if {then!r}:
+            Path({then!r}).touch()
         """)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -126,20 +132,21 @@ def test_a_failing_cell_waits_for_the_cells_beside_it_to_exit_even_one_that_star
     own.mkdir(parents=True)
     with tasks._running(own, keep=True):
         pass  # the failing cell's own kept lock: given back first, never waited on
-    running = _hold_running(tmp_path, "running", delay_s=0, hold_s=2.0)
-    late = _hold_running(tmp_path, "late", delay_s=4.0, hold_s=1.0)  # starts after the first look
+    ended = str(tmp_path / "first-ended")
+    running = _hold_running(tmp_path, "running", hold_s=1.0, then=ended)
+    late = _hold_running(tmp_path, "late", hold_s=0.5, after=ended)  # starts as the first ends
     try:
         while tmp_path / "cells/running/.running" not in tasks._busy(tmp_path):  # after its imports
             time.sleep(0.05)
         said: list[str] = []
         began = time.monotonic()
-        waited = tasks.wait_for_running(tmp_path, echo=said.append, settle_s=2.5)
+        waited = tasks.wait_for_running(tmp_path, echo=said.append, settle_s=1.5)
         took = time.monotonic() - began
         assert waited == 2 and said == ["waiting for 1 running cell(s) to finish before failing the run"] * 2
         assert running.poll() == 0 and late.poll() == 0  # both had exited
-        # first exits 2 s after its lock; late takes its lock in the settle after it, exits 1 s
-        # later; then one more settle
-        assert 2.0 + 1.0 + 2.5 - 1.0 < took < 2.0 + 2.5 + 1.0 + 2.5 + 5, took
+        # the first exits 1 s after its lock; the late one takes its lock 0.3 s later, inside the
+        # settle, and exits 0.5 s after; then one more settle
+        assert 1.0 + 0.3 + 0.5 + 1.5 - 0.5 < took < 1.0 + 0.3 + 0.5 + 1.5 + 5, took
     finally:
         for proc in (running, late):
             proc.kill()

@@ -242,8 +242,8 @@ def wait_for_running(out_root: Path, echo=print, settle_s: float = SETTLE_S) -> 
 
     Metaflow's local runtime stops every running task when one fails: a cell that fails for
     real waits for the cells running beside it, so their results are kept and `resume`
-    re-runs only what failed. A cell the runtime starts meanwhile is waited on too: a last look
-    `settle_s` after the others have ended (a task takes seconds to reach its lock). This
+    re-runs only what failed. A cell the runtime starts meanwhile is waited on too: it looks for
+    one for `settle_s` after the others have ended (a task takes seconds to reach its lock). This
     task's own lock and the cores it kept go back first: a cell beside it may wait for them.
     """
     _release_running()
@@ -251,11 +251,12 @@ def wait_for_running(out_root: Path, echo=print, settle_s: float = SETTLE_S) -> 
     waited: set[Path] = set()
     while True:
         busy = _busy(out_root)
-        if not busy:
-            time.sleep(settle_s)
+        until = time.monotonic() + settle_s
+        while not busy and time.monotonic() < until:  # a cell that starts meanwhile takes its lock
+            time.sleep(0.1)
             busy = _busy(out_root)
-            if not busy:
-                return len(waited)
+        if not busy:
+            return len(waited)
         echo(f"waiting for {len(busy)} running cell(s) to finish before failing the run")
         for lock in busy:
             waited.add(lock)
