@@ -123,3 +123,13 @@ def test_applying_again_routes_nothing_twice():
     assert lora_kernels.apply(model) == first == counts
     assert mlp.forward.__func__ is lora_kernels._mlp_forward
     assert mlp.gate_proj._peft_forward.__func__ is not lora_kernels._linear_forward
+
+
+def test_under_activation_checkpointing_the_gradients_are_peft_s():
+    """Checkpointing runs each layer's forward again in backward: the kernels' functions too."""
+    cell = _cell(gradient_checkpointing=True)
+    loss, grads, _ = _run(cell, kernels=False)
+    fast_loss, fast_grads, counts = _run(cell, kernels=True)
+    assert counts == {"mlp": ARCH["num_hidden_layers"], "linear": len(EVERY) * ARCH["num_hidden_layers"]}
+    assert abs(fast_loss - loss) / loss <= FP32
+    assert _worst(grads, fast_grads)[1] <= FP32
