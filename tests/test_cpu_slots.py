@@ -133,20 +133,20 @@ def test_a_failing_cell_waits_for_the_cells_beside_it_to_exit_even_one_that_star
     with tasks._running(own, keep=True):
         pass  # the failing cell's own kept lock: given back first, never waited on
     ended = str(tmp_path / "first-ended")
-    running = _hold_running(tmp_path, "running", hold_s=1.0, then=ended)
-    late = _hold_running(tmp_path, "late", hold_s=0.5, after=ended)  # starts as the first ends
+    running = _hold_running(tmp_path, "running", hold_s=0.5, then=ended)
+    late = _hold_running(tmp_path, "late", hold_s=0.3, after=ended)  # starts as the first ends
     try:
         while tmp_path / "cells/running/.running" not in tasks._busy(tmp_path):  # after its imports
             time.sleep(0.05)
         said: list[str] = []
         began = time.monotonic()
-        waited = tasks.wait_for_running(tmp_path, echo=said.append, settle_s=1.5)
+        waited = tasks.wait_for_running(tmp_path, echo=said.append, settle_s=1.0)
         took = time.monotonic() - began
         assert waited == 2 and said == ["waiting for 1 running cell(s) to finish before failing the run"] * 2
         assert running.poll() == 0 and late.poll() == 0  # both had exited
-        # the first exits 1 s after its lock; the late one takes its lock 0.3 s later, inside the
-        # settle, and exits 0.5 s after; then one more settle
-        assert 1.0 + 0.3 + 0.5 + 1.5 - 0.5 < took < 1.0 + 0.3 + 0.5 + 1.5 + 5, took
+        # the first exits 0.5 s after its lock; the late one takes its lock 0.3 s later, inside
+        # the settle, and exits 0.3 s after; then one more settle
+        assert 0.5 + 0.3 + 0.3 + 1.0 - 0.4 < took < 0.5 + 0.3 + 0.3 + 1.0 + 5, took
     finally:
         for proc in (running, late):
             proc.kill()
