@@ -129,9 +129,20 @@ class _Depth:
             self.steps.append(t_step)
             self.ev.append(t_ev / self.group)
 
-    def result(self) -> dict[str, float]:
-        # The mean, as the trainer reports its timed steps: the odd slow step counts.
-        return {"step": statistics.mean(self.steps), "ev": statistics.mean(self.ev), "build": self.build_s}
+    def result(self) -> dict[str, Any]:
+        # The mean, as the trainer reports its timed steps: the odd slow step counts. The
+        # repetitions too, for the depths' difference (`_layer_share`).
+        return {"step": statistics.mean(self.steps), "ev": statistics.mean(self.ev), "build": self.build_s,
+                "reps": {"step": self.steps, "ev": self.ev}}
+
+
+def _layer_share(one: dict[str, Any], two: dict[str, Any], part: str) -> float:
+    """The deeper cut's extra time: the median of the paired repetitions' differences (they
+    alternate, so each pair saw the same load), not the difference of the means, which one slow
+    repetition of the shallow cut on a busy machine turns negative."""
+    if part not in one["reps"]:
+        return two[part] - one[part]
+    return statistics.median(b - a for a, b in zip(one["reps"][part], two["reps"][part], strict=True))
 
 
 def _measure(cell: CellSpec, depths: tuple[int, int], tok, splits: data.Splits, batches: data.GlobalBatches,
@@ -178,7 +189,7 @@ def _step_rank(rank: int, request: dict[str, Any], ports: list[int], answer: str
         width, real = _rows(cell, batches, cell.seq_len if cell.layout.model_split == "pipeline" else None)
     out: dict[str, float] = {"row_width": width, "row_real_tokens": real, "data_s": data_s}
     for part in ("step", "ev", "build"):
-        layer = max(two[part] - one[part], 0.0) / (second - first)
+        layer = max(_layer_share(one, two, part), 0.0) / (second - first)
         out[f"{part}_layer_s"], out[f"{part}_base_s"] = layer, max(one[part] - first * layer, 0.0)
     if rank == 0:
         Path(answer).write_text(json.dumps(out))
