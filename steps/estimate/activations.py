@@ -119,6 +119,9 @@ class Kernels:
     lora_kernels: bool = False
 
     def __post_init__(self) -> None:
+        # The kernels route plain LoRA only (steps.plan.compat refuses them elsewhere).
+        if self.method not in ("lora", "qlora"):
+            object.__setattr__(self, "lora_kernels", False)
         # QLoRA under bf16-true is fp32 but for bitsandbytes' matmuls: PEFT's
         # prepare_model_for_kbit_training casts every weight it did not quantize to fp32 and
         # nothing autocasts (under DeepSpeed, which casts the module to bf16 after, it is bf16).
@@ -148,7 +151,7 @@ class Kernels:
     @property
     def fused_mlp(self) -> bool:
         """The kernels' SwiGLU: all three MLP projections adapted."""
-        return self.lora_kernels and not self.full and set(MLP_IN + MLP_OUT) <= self.targets
+        return self.lora_kernels and set(MLP_IN + MLP_OUT) <= self.targets
 
     @property
     def residual(self) -> int:
@@ -175,7 +178,7 @@ def adapted(targets: Any, names: list[str] | tuple[str, ...], model_type: str) -
 
 def _input_copies(k: Kernels, group: tuple[str, ...], width_in: int, sdpa_output: bool = False) -> float:
     """Bytes per token kept for the input of the linear layers in `group`, which share it."""
-    if k.lora_kernels and not k.full:  # the input itself, once (attention's output: kept by SDPA already)
+    if k.lora_kernels:  # the input itself, once (attention's output: kept by SDPA already)
         hit = any(n in k.targets for n in group)
         fused_away = group == MLP_OUT and k.fused_mlp  # recomputed from gate and up
         return 0 if not hit or fused_away or sdpa_output else k.kernel_io * width_in
@@ -218,9 +221,9 @@ def per_layer_token(shape: DecoderShape, k: Kernels, seq_len: int) -> float:
     if k.fused_mlp:
         total += 2 * k.kernel_io * i
     else:
-        mlp_in = k.kernel_io if k.lora_kernels and not k.full and set(MLP_IN) & k.targets else a
+        mlp_in = k.kernel_io if k.lora_kernels and set(MLP_IN) & k.targets else a
         total += (2 if fused_pointwise else 3) * mlp_in * i
-    if k.lora_kernels and not k.full:  # nor lora_A's output, nor bitsandbytes' copies
+    if k.lora_kernels:  # nor lora_A's output, nor bitsandbytes' copies
         return total
     # Adapters.
     if not k.full:
@@ -243,7 +246,7 @@ def fixed_per_layer(shape: DecoderShape, k: Kernels) -> float:
     """Bytes per decoder layer kept whatever the batch: autocast's copies of trained weights,
     DoRA's merged weights, bitsandbytes' dequantized weights on CPU."""
     linears = shape.linears()
-    if k.lora_kernels and not k.full:  # backward recasts and dequantizes again: nothing kept
+    if k.lora_kernels:  # backward recasts and dequantizes again: nothing kept
         return 0.0
     # autocast's 16-bit copies of the fp32 adapters
     casts = 2 * k.lora_r * sum(a + b for n, (a, b) in linears.items() if n in k.targets) if k.mixed else 0

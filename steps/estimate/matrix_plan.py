@@ -179,7 +179,7 @@ def plan_spec(spec: MatrixSpec, check: str = "auto", calibration: calibrate.Cali
 
 
 def _gb(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}" if x < 10 else f"{x:.1f}"
+    return planner.gb(x, missing="-")  # the plan's table: a dash where a part is unknown
 
 
 def _duration(s: float | None) -> str:

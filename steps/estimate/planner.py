@@ -65,20 +65,20 @@ class CellPlan:
         """The sentence a predicted out-of-memory `skipped` row carries."""
         fix = f"; fits with {self.fix}" if self.fix else ""
         if self.step_gb and self.step_gb == self.peak_gb > self.total_gb:
-            return (f"predicted out of memory at the optimizer step: {_gb(self.step_gb)} GB per rank > "
-                    f"{_gb(self.device_gb)} GB (the training state, DeepSpeed's fp32 copy of the gradients "
+            return (f"predicted out of memory at the optimizer step: {gb(self.step_gb)} GB per rank > "
+                    f"{gb(self.device_gb)} GB (the training state, DeepSpeed's fp32 copy of the gradients "
                     f"and the optimizer's temporaries over its flat partition){fix}")
         if self.load_gb and self.load_gb > self.total_gb:
-            return (f"predicted out of memory while loading: {_gb(self.load_gb)} GB per rank > {_gb(self.device_gb)} "
+            return (f"predicted out of memory while loading: {gb(self.load_gb)} GB per rank > {gb(self.device_gb)} "
                     f"GB (the whole model on every rank before it is sharded; training would need "
-                    f"{_gb(self.total_gb)} GB){fix}")
-        return (f"predicted out of memory: {_gb(self.total_gb)} GB per rank > {_gb(self.device_gb)} GB"
-                f" ({', '.join(f'{k} {_gb(v)}' for k, v in self.memory_gb.items())}){fix}")
+                    f"{gb(self.total_gb)} GB){fix}")
+        return (f"predicted out of memory: {gb(self.total_gb)} GB per rank > {gb(self.device_gb)} GB"
+                f" ({', '.join(f'{k} {gb(v)}' for k, v in self.memory_gb.items())}){fix}")
 
 
-def _gb(x: float | None) -> str:
+def gb(x: float | None, missing: str = "?") -> str:
     """A size in GB to 3 significant figures below 10 (0.0507, 2.71), to 0.1 above (13.5)."""
-    return "?" if x is None else f"{x:.3g}" if x < 10 else f"{x:.1f}"
+    return missing if x is None else f"{x:.3g}" if x < 10 else f"{x:.1f}"
 
 
 def arch_of(cell: CellSpec, facts: dict[str, Any] | None = None) -> dict[str, Any] | None:

@@ -143,7 +143,6 @@ def adapter_facts(cell: CellSpec, config) -> dict[str, Any]:
 def _not_plain_linear(model) -> dict[str, str]:
     """Adapted layers that are not a bias-free torch.nn.Linear (what `train.lora_kernels`
     computes), by last name: {"c_attn": "Conv1D with a bias", "q_proj": "Linear with a bias"}."""
-    import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     odd = {}

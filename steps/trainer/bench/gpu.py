@@ -31,6 +31,13 @@ SEQ = 2048
 _SAVE = None  # called with each finished run (`--json`: the file is rewritten)
 
 
+def _saved(run: dict) -> dict:
+    """A finished run, handed to `_SAVE` where a part keeps its runs as they come."""
+    if _SAVE is not None:
+        _SAVE(run)
+    return run
+
+
 def bench_cell(model: str, peft: str, micro_batch: int, fast: bool, steps: int, warmup: int,
                compile_layers: bool = True, init_device: str = "cpu", kernels: bool = False) -> dict:
     """`fast`: fused AdamW, Liger, the chunked loss and (`compile_layers`) compiled layers;
@@ -61,12 +68,9 @@ def run_trainer(cell: dict, label: str) -> dict:
     """This trainer on one GPU, as the flow launches it; its metrics (an `oom` too)."""
     m, proc, seconds = common.run_trainer(cell)
     if m is None:  # the trainer died before writing its metrics: a result, the next run still runs
-        out = {"label": label, "outcome": "error", "micro_batch": cell["micro_batch"], "wall_s": seconds,
-               "error": f"no metrics (exit {proc.returncode})\n{proc.stderr[-3000:]}"}
-        if _SAVE is not None:
-            _SAVE(out)
         print(f"  {label}: no metrics (exit {proc.returncode})", flush=True)
-        return out
+        return _saved({"label": label, "outcome": "error", "micro_batch": cell["micro_batch"], "wall_s": seconds,
+                       "error": f"no metrics (exit {proc.returncode})\n{proc.stderr[-3000:]}"})
     out = {"label": label, "outcome": m.outcome, "error": m.error, "wall_s": seconds,
            "micro_batch": cell["micro_batch"], "tokens_per_s": m.tokens_per_s, "mfu": m.mfu,
            "peak_mem_gb": m.peak_mem_gb, "peak_reserved_gb": (m.peak_reserved_gb_per_rank or [None])[0],
@@ -76,11 +80,9 @@ def run_trainer(cell: dict, label: str) -> dict:
     if m.outcome == "ok":
         out["estimate"] = memory_estimate(cell, m)
     out["lora_kernels"] = m.lora_kernels
-    if _SAVE is not None:
-        _SAVE(out)
     print(f"  {label}: {m.outcome} mb={cell['micro_batch']} tok/s={m.tokens_per_s or 0:,.0f} "
           f"mfu={m.mfu or 0:.3f} peak={m.peak_mem_gb or 0:.1f} GB ({seconds:.0f} s)", flush=True)
-    return out
+    return _saved(out)
 
 
 def memory_estimate(cell: dict, m) -> dict:
@@ -149,17 +151,12 @@ def worker_hf_trainer(cell_dict: dict) -> dict:
 def run_hf(cell: dict) -> dict:
     proc = common.run_worker(["--device", "cuda", "--worker", "hf_trainer", "--cell-json", json.dumps(cell)])
     if proc.returncode:
-        out = {"label": "HF Trainer + PEFT", "outcome": "error", "micro_batch": cell["micro_batch"],
-               "error": proc.stderr[-3000:]}
-        if _SAVE is not None:
-            _SAVE(out)
-        return out
+        return _saved({"label": "HF Trainer + PEFT", "outcome": "error", "micro_batch": cell["micro_batch"],
+                       "error": proc.stderr[-3000:]})
     r = common.last_json(proc.stdout)
     r["mfu"] = None
-    if _SAVE is not None:
-        _SAVE(r)
     print(f"  HF Trainer + PEFT: tok/s={r['tokens_per_s']:,.0f} peak={r['peak_mem_gb']:.1f} GB", flush=True)
-    return r
+    return _saved(r)
 
 
 def part_lora(steps: int, warmup: int, candidates: list[int]) -> dict:
