@@ -79,7 +79,7 @@ bench-gpu: setup
 # tests that matter most, the LoRA bench at 1.1B with and without the fast paths and lora_kernels
 # against HF Trainer + PEFT, QLoRA vs LoRA at 7B, a matrix through the flow on local-gpu; results
 # under reports/benchmarks/<date>-<gpu>/. No `setup`: on a bare GPU machine without internet it
-# builds .venv-gpu over the image's CUDA torch from WHEELS (see the README's GPU section).
+# builds .venv-gpu over the image's CUDA torch from WHEELS (docs/performance.md).
 # DRY=1: check every command line, file and import on any machine, run nothing (CI does).
 WHEELS ?= wheelhouse
 EVIDENCE_ARGS ?=

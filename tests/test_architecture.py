@@ -1,4 +1,4 @@
-"""The package's rooms, in the order the data goes through them (README, Architecture):
+"""The package's rooms, in the order the data goes through them (CONTRIBUTING.md, Architecture):
 
     plan  ->  estimate  ->  flow / trainer  ->  results  ->  report
 

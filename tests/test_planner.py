@@ -113,6 +113,39 @@ def test_predicted_out_of_memory_cells_become_skipped_rows_when_asked():
     assert all(reason.startswith("predicted out of memory: ") for reason in skipped.values())
 
 
+def test_the_table_counts_refused_cells_apart_and_says_why_and_what_fits(capsys):
+    """A cell the `plan:` settings refuse after it was predicted (far beyond its memory, or over
+    its time limit) is counted as refused, not as one that runs, and stays out of the totals; the
+    table lists each refusal's reason and each close call's cheapest fix under it."""
+    import io
+
+    planned, mplan = matrix_plan.plan_spec(_spec(), check="never", calibration=False, probe=False)
+    out = io.StringIO()
+    matrix_plan.show(planned, mplan, out=out)
+    text = out.getvalue()
+    far = next(p for p in planned if p.refused)
+    assert "4 cells: 3 run, 1 refused; 2 predicted out of memory" in text
+    assert f"- {matrix_plan.short_id(far.cell)}: predicted out of memory: 186.9 GB per rank > 40.0 GB" in text
+    closes = [p for p in planned if not p.refused and mplan.plans[p.cell.cell_id].verdict == "will not fit"]
+    assert [c.cell.cell_id.rsplit("-", 1)[0] for c in closes] == [
+        "tinyllama-1.1b-full-single-1x1", "llama-2-7b-lora-single-1x1"]
+    fixes = text.split("Cheapest fix:\n")[1].splitlines()[:2]
+    for line, close in zip(fixes, closes, strict=True):
+        plan = mplan.plans[close.cell.cell_id]
+        assert line.startswith(f"- {matrix_plan.short_id(close.cell)} (will not fit, ") and line.endswith(plan.fix)
+    fitting = [mplan.plans[p.cell.cell_id] for p in planned if p not in closes and not p.refused]
+    assert mplan.cost_usd == pytest.approx(sum(p.cost_usd for p in fitting))
+
+    # Over the time limit: every cell is refused (the far one for its memory), nothing to pay for.
+    import yaml
+
+    data = yaml.safe_load(MATRIX)
+    data["train"]["timeout_s"] = 60
+    planned, mplan = matrix_plan.plan_spec(parse_matrix(data), check="never", calibration=False, probe=False)
+    assert sum("over train.timeout_s=60: it would end `timeout`" in (p.refused or "") for p in planned) == 3
+    assert (mplan.runs, mplan.predicted_oom, mplan.cost_usd, mplan.wall_s) == (0, [], None, None)
+
+
 def test_a_matrix_over_its_budget_is_refused_before_it_runs():
     _, mplan = matrix_plan.plan_spec(_spec(), check="never")
     fitting = [p for p in mplan.plans.values() if p.verdict != "will not fit"]
@@ -217,7 +250,9 @@ def test_a_100_cell_plan_prints_in_under_5_s_without_torch(tmp_path):
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "100 cells: 100 run, 0 refused" in proc.stdout
+    # full fine-tuning of the 7B and 13B on 24 GB A10Gs is refused: over twice what a rank may use
+    assert "100 cells: 69 run, 31 refused" in proc.stdout
+    assert "Refused before launch:" in proc.stdout and "plan.try_predicted_oom: true to launch it" in proc.stdout
     assert proc.stdout.rstrip().endswith("torch imported: False")
     assert cpu < 5.0, (cpu, wall)
 
@@ -238,7 +273,8 @@ def test_the_flow_s_start_skips_predicted_oom_cells_and_prints_the_plan(capsys):
     assert cell["micro_batch"] == 512 and metrics["outcome"] == "skipped"
     assert metrics["error"].startswith("predicted out of memory: ") and "> 1.2 GB" in metrics["error"]
     out = capsys.readouterr().out
-    assert "2 cells: 2 run, 0 refused; 1 predicted out of memory" in out and "Cells predicted to fit: 1" in out
+    assert "2 cells: 1 run, 1 refused; 0 predicted out of memory" in out and "Cells predicted to fit: 1" in out
+    assert f"- llama-debug {cell['cell_id'].rsplit('-', 1)[1][:6]}: predicted out of memory: " in out
 
 
 TWINS = REPO / "tests" / "data" / "study_twins"

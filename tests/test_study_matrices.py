@@ -1,5 +1,5 @@
 """The reproduction matrices in configs/matrix: each reference study at full scale and a
-`-cpu` twin with the same design at tiny scale (README, "The reference studies")."""
+`-cpu` twin with the same design at tiny scale (docs/studies.md)."""
 
 from __future__ import annotations
 

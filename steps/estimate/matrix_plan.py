@@ -42,14 +42,20 @@ def plan_matrix(planned: list, facts: dict[str, Any] | None = None, compute: str
     `predict_cell`: the planner with a calibration (`steps.estimate.calibrate`), else its defaults."""
     predict_cell = predict_cell or (lambda cell: planner.predict(cell, facts, compute))
     plans = {p.cell.cell_id: predict_cell(p.cell) for p in planned if not p.refused}
-    running = list(plans.values())
+    return MatrixPlan(plans, **_totals(planned, plans))
+
+
+def _totals(planned: list, plans: dict[str, CellPlan]) -> dict[str, Any]:
+    """What the cells that run add up to: a cell refused (by a check, or by the `plan:` settings
+    after it was predicted) neither runs nor counts in the time and cost."""
+    running = [plans[p.cell.cell_id] for p in planned if not p.refused and p.cell.cell_id in plans]
     oom = [p.cell_id for p in running if p.verdict == "will not fit"]
     fitting = [p for p in running if p.verdict != "will not fit"]
-    unknown = [p.cell_id for p in fitting if p.wall_s is None or p.cost_usd is None]
     walls = [p.wall_s for p in fitting if p.wall_s is not None]
     costs = [p.cost_usd for p in fitting if p.cost_usd is not None]
-    return MatrixPlan(plans, len(planned), len(running), oom, sum(walls) if walls else None,
-                      sum(costs) if costs else None, unknown)
+    return {"cells": len(planned), "runs": sum(not p.refused for p in planned), "predicted_oom": oom,
+            "wall_s": sum(walls) if walls else None, "cost_usd": sum(costs) if costs else None,
+            "unknown": [p.cell_id for p in fitting if p.wall_s is None or p.cost_usd is None]}
 
 
 FAR_OVER = 2.0  # a cell predicted to need this many times its memory is refused (plan.try_predicted_oom)
@@ -123,6 +129,7 @@ def apply_settings(spec: MatrixSpec, planned: list, matrix_plan: MatrixPlan) -> 
         steps = {cid: plan.steps for cid, plan in matrix_plan.plans.items()}
         out = economy.assign(out, matrix_plan.plans, spec.economy, steps)
         matrix_plan = replace(matrix_plan, saving=economy.saving(out, matrix_plan.plans))
+    matrix_plan = replace(matrix_plan, **_totals(out, matrix_plan.plans))
     problems = step_problems([p for p in out if not p.refused], matrix_plan.plans)
     if matrix_plan.saving is None:
         dollars = sum(p.cost_usd or 0.0 for p in kept)
@@ -192,7 +199,11 @@ def _k(x: float | None, digits: int = 3) -> str:
     """A rate in few characters: 980, 12.3k, 1.2M."""
     if x is None:
         return "?"
-    return f"{x:.0f}" if x < 1e3 else f"{x / 1e3:.{digits}g}k" if x < 1e6 else f"{x / 1e6:.{digits}g}M"
+    if x < 1e3:
+        return f"{x:.0f}"
+    value, unit = (x / 1e3, "k") if x < 1e6 else (x / 1e6, "M")
+    text = f"{value:.{digits}g}"
+    return (f"{value:.0f}" if "e" in text else text) + unit  # 110k, never 1.1e+02k
 
 
 CSV_COLUMNS = ("cell_id", "model", "peft", "strategy", "nodes", "gpus", "world_size", "instance", "micro_batch",
@@ -271,13 +282,14 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, w
              f"{len(matrix_plan.predicted_oom)} predicted out of memory")
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     parts = ("weights", "grads", "optim", "acts", "buffers", "runtime", "load GB", "step GB") if wide else ()
+    fix = ("cheapest fix",) if wide else ()  # narrow: the fixes are listed under the table
     columns = ("cell", "method", "strategy", "ranks", "mb×ga", *(("model", "instance", "precision", "seq")
-               if wide else ()), *parts, "GB/rank/dev", "verdict", "cheapest fix", "tokens/s", "interval",
+               if wide else ()), *parts, "GB/rank/dev", "verdict", *fix, "tokens/s", "interval",
                "wall", "$", *(("basis",) if wide else ()))
     for col in columns:
         table.add_column(col, justify="right" if col in ("ranks", "tokens/s", "interval", "wall", "$")
-                         else "left", overflow="fold",
-                         no_wrap=col != "cheapest fix", min_width=10 if col == "cheapest fix" else None)
+                         else "left", overflow="fold", no_wrap=col != "cheapest fix",
+                         min_width=10 if col == "cheapest fix" else None)
     shown = planned
     if max_rows is not None and len(planned) > max_rows:
         def worst(p):
@@ -293,8 +305,8 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, w
             head += [c.model, c.instance, c.precision, str(c.seq_len)]
         plan = matrix_plan.plans.get(c.cell_id)
         if plan is None or not plan.memory_gb:
-            why = f"refused: {p.refused}" if p.refused else (plan.note if plan else "")
-            table.add_row(*head, *[""] * len(parts), "", why, *[""] * (len(columns) - len(head) - len(parts) - 2))
+            verdict = "[red]refused[/]" if p.refused else "?"  # no prediction: plan.csv's `note` says why
+            table.add_row(*head, *[""] * len(parts), "", verdict, *[""] * (len(columns) - len(head) - len(parts) - 2))
             continue
         m = plan.memory_gb
         verdict = "refused" if p.refused else plan.verdict  # the reason: plan.csv's `refused`, the results row
@@ -304,7 +316,7 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, w
         span = plan.tokens_per_s_range
         table.add_row(*head, *(memory if wide else []), f"{_gb(plan.peak_gb)}/{_gb(plan.device_gb)}",
                       f"[{style}]{verdict}[/]" if style else verdict,
-                      plan.fix or ("none found" if plan.verdict == "will not fit" else ""),
+                      *((_fix(plan),) if wide else ()),
                       _k(plan.tokens_per_s), f"{_k(span[0], 2)}-{_k(span[1], 2)}" if span else "",
                       _short_duration(plan.wall_s), "?" if plan.cost_usd is None else f"{plan.cost_usd:,.2f}",
                       *((plan.basis + (" + calibrated" if plan.calibration else ""),) if wide else ()))
@@ -313,6 +325,9 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, w
     if len(shown) < len(planned):
         console.print(f"... and {len(planned) - len(shown)} more cells (the refused and those predicted not to fit "
                       f"are above; plan.csv and `python -m steps.plan` have every cell)")
+    show_refusals(shown, console)
+    if not wide:
+        show_fixes(shown, matrix_plan, console)
     fitting = matrix_plan.runs - len(matrix_plan.predicted_oom)
     cost = "?" if matrix_plan.cost_usd is None else f"${matrix_plan.cost_usd:,.2f}"
     console.print(f"Cells predicted to fit: {fitting}, one after another {_duration(matrix_plan.wall_s)}, {cost}"
@@ -320,6 +335,39 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, w
     console.print(basis_summary(matrix_plan), soft_wrap=False)
     if matrix_plan.saving is not None:
         show_economy(planned, matrix_plan.saving, console)
+
+
+def _fix(plan: CellPlan) -> str:
+    return plan.fix or ("none found" if plan.verdict == "will not fit" else "")
+
+
+def show_fixes(planned: list, matrix_plan: MatrixPlan, console) -> None:
+    """The cheapest change that fits, for each cell of the table that will not fit or is tight,
+    under it (a column would leave no room in 120 characters; `--wide` has it as one)."""
+    lines = []
+    for p in planned:
+        plan = matrix_plan.plans.get(p.cell.cell_id)
+        if not p.refused and plan is not None and plan.memory_gb and plan.verdict != "fits":
+            lines.append(f"- {short_id(p.cell)} ({plan.verdict}, {_gb(plan.peak_gb)}/{_gb(plan.device_gb)} GB): "
+                         f"{_fix(plan) or 'nothing to change'}")
+    if lines:
+        console.print("Cheapest fix:")
+        for line in lines:
+            console.print(line, highlight=False)
+
+
+def show_refusals(planned: list, console) -> None:
+    """Why each refused cell of the table is refused, under it: one line per distinct reason with
+    the cells it refuses (the table's rows only say `refused`; plan.csv's `refused` has each)."""
+    reasons: dict[str, list[str]] = {}
+    for p in planned:
+        if p.refused:
+            reasons.setdefault(p.refused, []).append(short_id(p.cell))
+    if reasons:
+        console.print("Refused before launch:")
+    for reason, cells in reasons.items():
+        named = ", ".join(cells[:4]) + (f" and {len(cells) - 4} more" if len(cells) > 4 else "")
+        console.print(f"- {named}: {reason}", highlight=False)
 
 
 def basis_summary(matrix_plan: MatrixPlan) -> str:

@@ -1,7 +1,8 @@
 """Combinations that cannot run, refused before launch with the reason and what to run instead.
 
 Each rule returns a reason or None. Keep this list short: refuse only what truly cannot work
-(the README's compatibility table mirrors it, and a test keeps the two in step).
+(docs/compatibility.md lists them; tests/test_docs.py checks the README's method x strategy
+grid against what expansion refuses).
 """
 
 from __future__ import annotations

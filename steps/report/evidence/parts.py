@@ -1,6 +1,6 @@
 """The four parts of `make gpu-evidence`, in the order they run, each with its time limit.
 
-The limits add up to 9 minutes on an H100 (measured runs: see the README's GPU section); the
+The limits add up to 9 minutes on an H100 (measured runs: docs/evidence.md); the
 order puts first what no other part can give: the GPU tests, then LoRA at the 1.1B shape (the
 kernels' runs first), QLoRA against LoRA at 7B, and a matrix through the flow.
 """

@@ -13,7 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=cpu.__doc__.splitlines()[0])
     for key, value in cpu.DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each, interleaved; tokens/s over the median step of all of them")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--save", action="store_true",
