@@ -22,7 +22,7 @@ LOCK ?= $(if $(filter $(LOCK_PYTHON),$(PY_VERSION)),constraints.txt,/dev/null)
 INSTALLER ?= uv
 INSTALL = $(if $(filter uv,$(INSTALLER)),$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode,$(BIN)/pip install)
 
-.PHONY: setup browser run lint test test-quick test-gpu bench-gpu gpu-evidence gpu-wheels lock clean-venv
+.PHONY: setup browser engines run lint test test-quick test-containers test-gpu bench-gpu gpu-evidence gpu-wheels lock clean-venv
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,20 @@ browser:
 			echo "could not install chromium: the browser test will skip"; \
 		else echo "chromium not found and apt-get not usable: the browser test will skip"; fi; }
 
+# Debian's container and build tools for the container tests (podman with runc, debootstrap for a
+# base image without any registry; strace lets the Kubernetes test check that nothing leaves
+# loopback). Installed when missing and apt-get can run; otherwise those tests skip.
+ENGINE_PACKAGES := podman buildah runc debootstrap uidmap fuse-overlayfs slirp4netns containernetworking-plugins strace
+engines:
+	@missing=$$(for p in $(ENGINE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's $$(echo $$missing) for the container tests"; \
+		(apt-get install -y -q $$missing >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$missing >/dev/null 2>&1)) || \
+		echo "could not install $$(echo $$missing): the container tests will skip"; \
+	else echo "$$(echo $$missing) not installed and apt-get not usable: the container tests will skip"; fi
+
 run: setup
 	$(BIN)/python flows/finetune_matrix.py run
 
@@ -61,7 +75,17 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup browser
-	$(BIN)/python -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu and not containers" -n $(TEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
+
+# The cells in real containers (tests marked `containers`): the CPU image on a local Debian base
+# (make image-base, make image), one cell's trainer run in it by hand, and a matrix through the
+# flow on AWS Batch (moto and podman in a network namespace of the test's own). The image is built
+# first, outside the tests (it needs the package index and the Debian mirror; the tests send nothing
+# beyond loopback); CI runs this after `make test`.
+test-containers: setup engines
+	CONTAINERS_CONF=$${CONTAINERS_CONF:-$(CURDIR)/tests/engines/containers.conf} $(BIN)/python -m tests.engines.image
+	CONTAINERS_CONF=$${CONTAINERS_CONF:-$(CURDIR)/tests/engines/containers.conf} \
+		$(BIN)/python -m pytest -m "containers and not gpu" --durations=30 $(PYTEST_ARGS)
 
 # The quick loop: everything but the slow tests (under a minute).
 test-quick: setup browser
@@ -106,3 +130,59 @@ lock:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The image remote cells run in (Containerfile; docs/compute.md). `make image` builds it with
+# podman, else docker: BASE= its base (default: the Containerfile's, a CUDA PyTorch image), TAG= its
+# name. build/image/ gets what the build needs from this machine: its CA bundle (pip inside the
+# build) and, for a base without torch, the CPU wheel of TORCH_VERSION (TORCH_WHEEL=FILE, else pip
+# download: pip's own configuration, then TORCH_CPU_INDEX). `make image-base` builds a Debian
+# bookworm base (python3, venv, CA certificates) with debootstrap from apt's Debian mirror, no
+# image registry needed: `make image BASE=localhost/finetune-matrix-base:bookworm` is the CPU
+# variant the tests run. `make image-push REGISTRY=<registry>/<path>` tags and pushes TAG.
+# Where podman's defaults fail (crun on a low open-files hard limit, or hybrid cgroups), set
+# CONTAINERS_CONF=tests/engines/containers.conf (runc, cgroupfs), as the container tests do.
+.PHONY: image image-base image-push
+ENGINE ?= $(if $(shell command -v podman 2>/dev/null),podman,docker)
+IMAGE_VERSION := $(shell sed -n 's/^version *= *//p' setup.cfg)
+TAG ?= finetune-matrix:$(IMAGE_VERSION)
+BASE ?=
+IMAGE_FROM = $(or $(BASE),$(shell sed -n 's/^ARG BASE=//p' Containerfile))
+IMAGE_BUILD_ARGS ?= --network=host
+TORCH_WHEEL ?=
+CA_BUNDLE ?= $(firstword $(wildcard /etc/ssl/certs/ca-certificates.crt /etc/pki/tls/certs/ca-bundle.crt))
+IMAGE_PIP := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m pip
+LOCAL_BASE := localhost/finetune-matrix-base:bookworm
+DEBIAN_MIRROR ?= $(or $(shell sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v -e -security -e '^$$' | head -1),$(shell awk '$$1 == "deb" && !/-security/ { for (i = 2; i <= NF; i++) if ($$i ~ /^[a-z]+:\/\//) { print $$i; exit } }' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null),http://deb.debian.org/debian)
+
+image:
+	rm -rf build/image && mkdir -p build/image/wheels
+	$(if $(CA_BUNDLE),cp $(CA_BUNDLE) build/image/ca-certificates.crt)
+	@found=$$($(ENGINE) run --rm --network=none $(IMAGE_FROM) python3 -c \
+		"import importlib.util as u, platform, sys; print('torch' if u.find_spec('torch') else '%d.%d %s' % (*sys.version_info[:2], platform.machine()))") || \
+		{ echo "could not run python3 in $(IMAGE_FROM)"; exit 1; }; \
+	if [ "$$found" = torch ]; then echo "$(IMAGE_FROM) has torch: kept"; \
+	else set -- $$found; echo "$(IMAGE_FROM) has no torch: the CPU wheel of torch $(TORCH_VERSION) for Python $$1 ($$2)"; \
+		if [ -n "$(TORCH_WHEEL)" ]; then cp "$(TORCH_WHEEL)" build/image/wheels/; \
+		else $(IMAGE_PIP) download -q --no-deps --only-binary :all: --python-version $$1 --platform manylinux_2_28_$$2 \
+			-d build/image/wheels "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
+		     $(IMAGE_PIP) download -q --no-deps --only-binary :all: --python-version $$1 --platform manylinux_2_28_$$2 \
+			-d build/image/wheels --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)+cpu"; fi; \
+		ls build/image/wheels/torch-*.whl; fi
+	$(ENGINE) build $(IMAGE_BUILD_ARGS) -f Containerfile $(if $(BASE),--build-arg BASE=$(BASE)) -t $(TAG) .
+	@echo "built $(TAG)"
+
+image-base:
+	@test "$$(id -u)" = 0 || { echo "image-base: debootstrap needs root"; exit 1; }
+	@command -v debootstrap >/dev/null || { echo "image-base: debootstrap is missing (apt-get install debootstrap)"; exit 1; }
+	rm -rf build/image-base && mkdir -p build/image-base
+	debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm build/image-base/root $(DEBIAN_MIRROR)
+	rm -rf build/image-base/root/var/cache/apt/archives/*.deb build/image-base/root/var/lib/apt/lists/*
+	tar -C build/image-base/root -c . | $(ENGINE) import --change 'CMD ["/bin/bash"]' - $(LOCAL_BASE)
+	rm -rf build/image-base
+	@echo "built $(LOCAL_BASE) from $(DEBIAN_MIRROR)"
+
+image-push:
+	@test -n "$(REGISTRY)" || { echo "usage: make image-push REGISTRY=<registry>/<path> [TAG=$(TAG)]"; exit 1; }
+	$(ENGINE) tag $(TAG) $(REGISTRY)/$(lastword $(subst /, ,$(TAG)))
+	$(ENGINE) push $(REGISTRY)/$(lastword $(subst /, ,$(TAG)))
+	@echo "matrix: remote: {image: $(REGISTRY)/$(lastword $(subst /, ,$(TAG)))}"

@@ -73,6 +73,8 @@ class FinetuneMatrixFlow(FlowSpec):
             self.node, current.parallel.main_ip, self.port, self.matrix,
             (current.run_id, current.retry_count, current.origin_run_id), current.pathspec, current.card["live"],
             in_task=True)
+        # a remote node's folder (adapter, log, metrics), for gather to put in this run's folder
+        self.files = runs.node_files(self.matrix, runs.run_dir(current.run_id), self.cell, self.node)
         runs.fail_if_error(self.metrics, runs.run_dir(current.run_id), self.matrix, current.retry_count)
         self.next(self.gather)
 
@@ -84,6 +86,8 @@ class FinetuneMatrixFlow(FlowSpec):
         self.metrics, self.log = nodes.gather([
             (i.node, getattr(i, "metrics", None), getattr(i, "log", ""), getattr(i, "failure", None))
             for i in inputs])
+        runs.keep_node_files(runs.run_dir(current.run_id), self.cell,
+                             [(i.node, getattr(i, "files", None)) for i in inputs])
         self.loss_curve = self.metrics.get("loss_curve", [])
         current.card["cell"].extend(cards.cell_card(self.cell, self.metrics))
         self.next(self.join)

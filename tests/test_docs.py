@@ -290,3 +290,19 @@ def test_the_readme_s_support_grid_is_what_the_matrix_refuses():
         if strategy != "hybrid":
             expected = {"pipeline": expected["pipeline"], "tensor": expected["pipeline"]}
         assert runs == expected, (method, strategy, value, runs)
+
+
+def test_every_whole_matrix_a_page_shows_is_valid():
+    """A YAML block with a name, models, peft, strategy and lr is a matrix a reader may copy."""
+    import yaml
+
+    from steps.plan.matrix import parse_matrix
+
+    checked = 0
+    for doc in ALL:
+        for lang, lines in _split(doc.read_text())[1]:
+            data = yaml.safe_load("\n".join(lines)) if lang == "yaml" else None
+            if isinstance(data, dict) and {"name", "models", "peft", "strategy", "lr"} <= set(data):
+                parse_matrix(data, f"{_rel(doc)}: {data['name']}")
+                checked += 1
+    assert checked >= 2  # the README's study and the matrix page's first matrix at least

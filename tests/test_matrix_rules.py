@@ -62,22 +62,42 @@ def test_remote_compute_takes_one_instance_type_and_its_resources():
     with pytest.raises(ConfigError) as err:
         parse_matrix({**BASE, "instance": "g5.12xlarge", "compute": "batch"})
     assert "remote.queue: compute 'batch' needs the AWS Batch job queue" in str(err.value)
+    assert "remote.image: compute 'batch' runs each cell in a container from this image; build it with " \
+        "`make image`" in str(err.value)
 
     g5 = catalog.instances()["g5.12xlarge"]
     k8s = parse_matrix({**BASE, "instance": "g5.12xlarge", "compute": "kubernetes", "retries": 2,
                         "remote": {"image": "me/ft:1", "namespace": "ml"}}).model_dump()
     assert compute.train_decorators(k8s) == [
         ("retry", {"times": 2, "minutes_between_retries": 0}),
-        ("kubernetes", {"gpu": 4, "cpu": g5.vcpus - 2, "memory": int(g5.memory_gb * 1024 * 0.9),
+        ("kubernetes", {"gpu": 4, "cpu": g5.vcpus - 2, "memory": int(g5.memory_gb * 2**30 * 0.9 / 1e6),
                         "image": "me/ft:1", "node_selector": {"node.kubernetes.io/instance-type": "g5.12xlarge"},
                         "namespace": "ml"}),
     ]
     batch = parse_matrix({**BASE, "instance": "p3.8xlarge", "compute": "batch", "on_error": "record",
-                          "remote": {"queue": "gpu-queue", "shared_memory_mb": 8192}}).model_dump()
+                          "remote": {"queue": "gpu-queue", "image": "me/ft:1", "shared_memory_mb": 8192}}).model_dump()
     decos = dict(compute.train_decorators(batch))
     assert decos["catch"] == {"var": "failure", "print_exception": True}
-    assert decos["batch"] == {"gpu": 4, "cpu": 30, "memory": int(244 * 1024 * 0.9),
+    assert decos["batch"] == {"gpu": 4, "cpu": 30, "memory": int(244 * 1024 * 0.9), "image": "me/ft:1",
                               "shared_memory": 8192, "queue": "gpu-queue"}
+
+
+@pytest.mark.parametrize("image", [
+    "ubuntu", "me/ft:1", "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime", "nvcr.io/nvidia/pytorch:24.01-py3",
+    "123456789012.dkr.ecr.us-east-1.amazonaws.com/finetune-matrix:0.1.0", "localhost/finetune-matrix:0.1.0",
+    "localhost:5000/team/ft@sha256:" + "a" * 64])
+def test_a_well_formed_image_reference_is_taken(image):
+    parse_matrix({**BASE, "instance": "g5.12xlarge", "compute": "kubernetes", "remote": {"image": image}})
+
+
+@pytest.mark.parametrize("image", ["<registry>/finetune-matrix:<tag>", "Me/ft:1", "me//ft", "me/ft:", ":1",
+                                   "me/ft:1 ", "https://me/ft:1", "me/ft@sha256:abc"])
+def test_a_malformed_image_reference_is_refused_with_the_form_it_needs(image):
+    with pytest.raises(ConfigError) as err:
+        parse_matrix({**BASE, "instance": "g5.12xlarge", "compute": "kubernetes", "remote": {"image": image}})
+    assert err.value.problems == [
+        f"remote.image: {image!r} is invalid: not an image reference: [registry[:port]/]name[:tag][@digest], "
+        "e.g. 123456789012.dkr.ecr.us-east-1.amazonaws.com/finetune-matrix:0.1.0"]
 
 
 def test_more_processes_than_gpus_is_refused_with_a_bigger_instance_named():
@@ -105,7 +125,7 @@ def test_code_package_ships_steps_and_configs():
 def test_the_matrix_puts_compute_decorators_on_the_train_step(tmp_path):
     path = tmp_path / "k8s.yaml"
     path.write_text(yaml.safe_dump({**BASE, "instance": "g5.12xlarge", "compute": "kubernetes",
-                                    "on_error": "record"}))
+                                    "on_error": "record", "remote": {"image": "me/ft:1"}}))
     env = {"METAFLOW_DATASTORE_SYSROOT_S3": "s3://example-bucket/metaflow"}  # show needs no access
     remote = _flow("--datastore", "s3", "--config", "matrix", str(path), "show", env=env)
     assert remote.returncode == 0, remote.stderr[-2000:]
@@ -146,3 +166,25 @@ def test_lora_on_a_tensor_parallel_head_is_refused_with_the_fix():
     assert refused["tensor"].startswith("lora on lm_head with tensor parallelism") and "drop lm_head" in refused["tensor"]
     one = expand(parse_matrix({**BASE, "strategy": "tensor", "gpus": 1}))[0]
     assert one.refused == "tensor parallelism over 1 rank splits nothing; use gpus >= 2, or strategy single for one GPU"
+
+
+def test_a_remote_run_on_a_local_datastore_is_refused_before_any_task(tmp_path):
+    """Remote tasks cannot read this machine's datastore: the run stops at the flow's load, with
+    the matrix's problem and the fix, and starts no task (Metaflow's own check would come later)."""
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "instance": "g5.xlarge", "compute": "batch",
+                                    "remote": {"queue": "gpu-queue", "image": "me/ft:1"}}))
+    env = {"METAFLOW_DEFAULT_DATASTORE": "local", "USERNAME": "tester"}
+    proc = _flow("--config", "matrix", str(path), "run", env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Workflow starting" not in out and "Task is starting" not in out
+    assert "The matrix cannot run remotely:" in out
+    assert ("compute: batch runs the cells' train steps on other machines, which cannot read Metaflow's 'local' "
+            "datastore on this one; run with `--datastore s3`") in out
+    assert compute.remote_problems({"compute": "batch", "nodes": [1]}, "s3") == []
+    assert compute.remote_problems({"compute": "local", "nodes": [1]}, "local") == []
+    (one_node,) = compute.remote_problems({"compute": "kubernetes", "nodes": [2], "include": [{"nodes": [1]}]}, "s3")
+    assert one_node.startswith("nodes: 1 with compute: kubernetes: a cell's train step is a Metaflow @parallel step")
+    assert compute.remote_problems({"compute": "kubernetes", "nodes": [2, 4]}, "s3") == []
+    assert compute.datastore_of(["flow.py", "--datastore", "s3", "run"]) == "s3"
+    assert compute.datastore_of(["flow.py", "--datastore=local", "run"]) == "local"

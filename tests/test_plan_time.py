@@ -238,6 +238,11 @@ def test_a_run_s_measured_cells_go_into_the_store_and_calibrate_the_next_plan(tm
     cell, row = calibrate.measured(df)[0]
     plan = calibrate.predict(cell, fitted, probe=probes[row["cell_id"]])
     assert plan.calibration.startswith("cpu: 20 cells of 1 runs, 2026-")
+    # A GPU instance type whose cells found no GPU (the Batch emulation, a GPU type run on a CPU)
+    # trained on the CPU: no timings for that GPU.
+    on_gpu_type = df.assign(instance="g5.12xlarge")
+    assert store.entries_of(on_gpu_type) == []
+    assert len(store.entries_of(on_gpu_type.assign(device="NVIDIA A10G"))) == 20
 
 
 def test_small_models_are_probed_at_their_own_depth_and_larger_ones_from_cuts():

@@ -51,9 +51,11 @@ def entries_of(df: pd.DataFrame, probes: dict[str, Any] | None = None) -> list[d
     keep = [*calibrate.TOP, *leaf_paths(), *MEASURED]
     out = []
     for cell, row in calibrate.measured(df):
+        device = calibrate.device_model(cell)
+        if device != "cpu" and str(row.get("device") or "").lower().startswith("cpu"):
+            continue  # a GPU instance type that found no GPU trained on the CPU: not its GPU's timings
         entry = {k: _plain(row.get(k)) for k in keep if k in row}
-        out.append({"device": calibrate.device_model(cell), "row": entry,
-                    "probe": (probes or {}).get(row["cell_id"])})
+        out.append({"device": device, "row": entry, "probe": (probes or {}).get(row["cell_id"])})
     return out
 
 

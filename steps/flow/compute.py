@@ -11,11 +11,13 @@ in the package; see `package_files`).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from metaflow import FlowMutator
+from metaflow.exception import MetaflowException
 from metaflow.packaging_sys import ContentType
 
 from steps import REPO_ROOT
@@ -23,6 +25,7 @@ from steps.plan import catalog
 from steps.plan.matrix import plain
 
 TRAIN_STEP = "train"
+MEMORY_SHARE = 0.9  # of the instance's memory: the rest for the node's own daemons
 PACKAGED = (("steps", "*.py"), ("configs", "*.yaml"))
 
 
@@ -43,10 +46,12 @@ def remote_resources(matrix: dict[str, Any]) -> dict[str, Any]:
     """
     instance = catalog.instances()[matrix["instance"][0]]
     remote = matrix["remote"]
+    memory_bytes = (instance.memory_gb or 16) * 2**30 * MEMORY_SHARE
     args: dict[str, Any] = {
         "gpu": instance.devices_per_node,
         "cpu": max(1, (instance.vcpus or 4) - 2),
-        "memory": int((instance.memory_gb or 16) * 1024 * 0.9),
+        # Batch takes MiB; Metaflow's @kubernetes writes the number with the suffix M (10^6 bytes)
+        "memory": int(memory_bytes / (1e6 if matrix["compute"] == "kubernetes" else 2**20)),
     }
     if remote.get("image"):
         args["image"] = remote["image"]
@@ -80,9 +85,50 @@ def train_decorators(matrix: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
     return decos
 
 
+class RemoteRefused(MetaflowException):
+    """A remote matrix that cannot reach its tasks: refused before any task or job starts."""
+
+    headline = "The matrix cannot run remotely"
+
+
+def datastore_of(argv: list[str]) -> str:
+    """The datastore this run's tasks use: `--datastore X` on its command line, else Metaflow's
+    configured default (METAFLOW_DEFAULT_DATASTORE or its config file)."""
+    for i, arg in enumerate(argv):
+        if arg == "--datastore" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--datastore="):
+            return arg.split("=", 1)[1]
+    from metaflow.metaflow_config import DEFAULT_DATASTORE
+
+    return DEFAULT_DATASTORE
+
+
+def remote_problems(matrix: dict[str, Any], datastore: str) -> list[str]:
+    """What a Kubernetes or Batch run needs beyond a valid matrix (which already names its image
+    and queue): a datastore its remote tasks can reach; on Kubernetes, cells of two nodes or more
+    (the train step is @parallel, and Metaflow's `kubernetes step` refuses a JobSet of one)."""
+    problems = []
+    if matrix["compute"] in ("kubernetes", "batch") and datastore != "s3":
+        problems.append(
+            f"compute: {matrix['compute']} runs the cells' train steps on other machines, which cannot read "
+            f"Metaflow's {datastore!r} datastore on this one; run with `--datastore s3` (or set "
+            f"METAFLOW_DEFAULT_DATASTORE=s3 and METAFLOW_DATASTORE_SYSROOT_S3=s3://<bucket>/<prefix>, as your "
+            f"Metaflow deployment's configuration does)")
+    nodes = {*matrix.get("nodes", []), *(n for rule in matrix.get("include") or [] for n in rule.get("nodes") or [])}
+    if matrix["compute"] == "kubernetes" and 1 in nodes:
+        problems.append(
+            "nodes: 1 with compute: kubernetes: a cell's train step is a Metaflow @parallel step, which Metaflow "
+            "runs on Kubernetes as a JobSet of 2 nodes or more only (`kubernetes step` refuses num_parallel 1); "
+            "give the cells nodes >= 2, or run one-node cells with compute: batch or compute: sagemaker")
+    return problems
+
+
 class MatrixCompute(FlowMutator):
     def pre_mutate(self, mutable_flow) -> None:
         matrix = plain(dict(mutable_flow.configs)["matrix"])
+        if {"run", "resume"} & set(sys.argv) and (problems := remote_problems(matrix, datastore_of(sys.argv))):
+            raise RemoteRefused("\n".join(problems))
         for name, step in mutable_flow.steps:
             if name == TRAIN_STEP:
                 for deco, kwargs in train_decorators(matrix):

@@ -6,9 +6,11 @@ import atexit
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -23,7 +25,7 @@ from steps.flow import compute, cpu_slots, launcher, priority, tracking
 from steps.plan import catalog, equivalence
 from steps.plan.matrix import parse_matrix, plain
 from steps.plan.schema import CellSpec, ConfigError
-from steps.results.metrics import CellMetrics, versions
+from steps.results.metrics import HEARTBEAT_DIR, PARTIAL_CURVES, CellMetrics, versions
 
 if TYPE_CHECKING:  # only join reads tables: the other steps start without pandas
     import pandas as pd
@@ -142,6 +144,44 @@ def node_dir(out_root: Path, cell: CellSpec, node_index: int) -> Path:
     return base if node_index == 0 else base / f"node{node_index}"
 
 
+RUNNING_LOCK = ".running"  # held while a cell runs (`_running`)
+REMOTE = ("kubernetes", "batch")  # computes whose train task runs in a container that is gone after it
+# What a remote node's folder leaves behind: checkpoints (large; a multi-node cell's need storage
+# every node reaches anyway) and the launcher's working files.
+LEFT_BEHIND = ("checkpoints", HEARTBEAT_DIR, PARTIAL_CURVES, RUNNING_LOCK)
+
+
+def node_files(matrix: dict[str, Any], out_root: Path, cell: dict[str, Any], node_index: int) -> bytes | None:
+    """A remote node's folder (its cell file, metrics, log, trained adapter, tracker files) as a
+    gzipped tar, for the task's artifacts: under `compute: kubernetes` or `batch` the container
+    that wrote it is gone once the task ends. `gather` unpacks it into this run's folder."""
+    if matrix["compute"] not in REMOTE:
+        return None
+    out = node_dir(out_root, CellSpec.model_validate(cell), node_index)
+    if not out.is_dir():
+        return None
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(out.iterdir()):
+            if path.name not in LEFT_BEHIND and not path.name.startswith("node"):  # other nodes bring their own
+                tar.add(path, arcname=path.name)
+    return buffer.getvalue()
+
+
+def keep_node_files(out_root: Path, cell: dict[str, Any], files: list[tuple[int, bytes | None]]) -> None:
+    """The remote nodes' folders (`node_files`) unpacked where a local cell's would be. A file the
+    run folder already has (a cell that ran here) is kept as it is."""
+    spec = CellSpec.model_validate(cell)
+    for node_index, blob in files:
+        if not blob:
+            continue
+        out = node_dir(out_root, spec, node_index)
+        out.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+            members = [m for m in tar.getmembers() if not (out / m.name).exists()]
+            tar.extractall(out, members=members, filter="data")
+
+
 def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
                main_ip: str = "127.0.0.1", port: int | None = None,
                matrix: dict[str, Any] | None = None, run: tuple[str, int, str | None] | None = None,
@@ -160,7 +200,8 @@ def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
     if matrix is not None and matrix["plan"].get("dry_run"):
         return launcher.skipped_metrics(cell, DRY_RUN).to_dict(), ""
     live = None
-    if card is not None and node_index == 0 and (matrix is None or matrix["compute"] != "sagemaker"):
+    if card is not None and node_index == 0 and (matrix is None or matrix["compute"] != "sagemaker") \
+            and _live_card_renders(matrix):
         from steps.flow.cards import LiveCard
 
         live = LiveCard(card, planned["cell"], node_dir(out_root, cell, node_index))
@@ -173,6 +214,17 @@ def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
     m.update(economy_role=economy.get("role"), quality_class=economy.get("quality_class"),
              quality_from=economy.get("quality_from"))
     return m.to_dict(), log
+
+
+def _live_card_renders(matrix: dict[str, Any] | None) -> bool:
+    """A remote task on Metaflow's local metadata cannot draw its live card: the card command it
+    starts looks the task up in the container's own metadata, finds nothing, and fails at every
+    redraw (seconds each, measured through moto's Batch). With a metadata service it can."""
+    if matrix is None or matrix["compute"] not in REMOTE:
+        return True
+    from metaflow import current
+
+    return not str(getattr(current, "metadata_str", "") or "").startswith("local")
 
 
 def _train_node(cell: CellSpec, out_root: Path, node_index: int, main_ip: str, port: int | None,
@@ -204,7 +256,7 @@ def _running(out: Path, keep: bool = False):
     """A lock held while the cell runs: a failing cell waits on it (see wait_for_running).
     `keep` (the flow's `train` task): held until the task exits, so the work after training
     (tracker, card, artifacts: niced, several seconds) is not stopped either."""
-    lock = out / ".running"
+    lock = out / RUNNING_LOCK
     fh = open(lock, "w")
     fcntl.flock(fh, fcntl.LOCK_EX)
     try:
@@ -228,7 +280,7 @@ def _release_running() -> None:
 
 def _busy(out_root: Path) -> list[Path]:
     busy = []
-    for lock in sorted(Path(out_root).glob("cells/*/.running")):
+    for lock in sorted(Path(out_root).glob(f"cells/*/{RUNNING_LOCK}")):
         with contextlib.suppress(FileNotFoundError), open(lock) as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

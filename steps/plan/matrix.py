@@ -198,6 +198,11 @@ def _compute_problems(spec: MatrixSpec) -> list[str]:
             f"type and compare the runs with `python -m steps.report A B`"]
     if spec.compute == "batch" and not spec.remote.queue:
         problems.append("remote.queue: compute 'batch' needs the AWS Batch job queue")
+    if not spec.remote.image:
+        problems.append(
+            f"remote.image: compute {spec.compute!r} runs each cell in a container from this image; build it "
+            f"with `make image` (BASE= a CUDA PyTorch image), push it where the cluster pulls from "
+            f"(`make image-push REGISTRY=<registry>`), and set remote.image: <registry>/finetune-matrix:<tag>")
     return problems
 
 

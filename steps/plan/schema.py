@@ -345,15 +345,35 @@ class EconomySettings(Strict):
     evaluate_speed_cells: bool = False
 
 
+# A container image reference as Docker and OCI registries parse it (distribution's reference
+# grammar): [registry[:port]/]path[/path...][:tag][@digest]. A first part is a registry when it has
+# a dot or a port, or is localhost (Docker's rule); otherwise it is a lower-case path.
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_DOMAIN = rf"(?:localhost(?::[0-9]+)?|{_LABEL}(?:\.{_LABEL})+(?::[0-9]+)?|{_LABEL}:[0-9]+)"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = re.compile(
+    rf"^(?:{_DOMAIN}/)?{_PATH}(?:/{_PATH})*(?::[\w][\w.-]{{0,127}})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$")
+
+
 class RemoteSettings(Strict):
     """What remote compute needs beyond the instance catalog's facts: Metaflow's @kubernetes /
     @batch, or SageMaker training jobs (`compute: sagemaker`, one job per cell)."""
 
-    # kubernetes/batch: default Metaflow's configured image. sagemaker: default the AWS PyTorch
+    # kubernetes/batch: required (the project's image, `make image`). sagemaker: default the AWS PyTorch
     # training image (Deep Learning Container) of the installed torch's version, or the newest
     # one before it, for the region and instance type.
     image: str | None = None
     queue: str | None = None  # batch: the AWS Batch job queue
+
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 255 or not IMAGE_REFERENCE.match(value)):
+            raise ValueError("not an image reference: [registry[:port]/]name[:tag][@digest], e.g. "
+                             "123456789012.dkr.ecr.us-east-1.amazonaws.com/finetune-matrix:0.1.0")
+        return value
+
     namespace: str | None = None  # kubernetes
     service_account: str | None = None  # kubernetes
     # Node label that selects the instance type (kubernetes); the value is the instance name.
@@ -581,7 +601,8 @@ def describe_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
         elif kind == "missing":
             problems.append(f"{path}: required key is missing")
         else:
-            problems.append(f"{path}: {value!r} is invalid: {err['msg'][:1].lower() + err['msg'][1:]}")
+            msg = err["msg"].removeprefix("Value error, ")  # a validator's own sentence, as it wrote it
+            problems.append(f"{path}: {value!r} is invalid: {msg[:1].lower() + msg[1:]}")
     return problems
 
 
