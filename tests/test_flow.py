@@ -93,6 +93,17 @@ def test_matrix_runs_end_to_end_and_reads_back_through_the_client(tmp_path):
                        "throughput_vs_gpus.png"]
     assert all(f"](plots/{f})" in report for f in figures)
     assert "## Key findings" in card_data and "## Scaling" in card_data
+    # The report and the end card open with the decision; decision.json holds it for other tools.
+    assert [h for h in report.splitlines() if h.startswith("## ")][0] == "## Decision"
+    assert "## Decision" in card_data and "best-quality" in card_data
+    decided = {g["name"]: g for g in json.loads((out / "decision.json").read_text())["goals"]}
+    assert list(decided) == ["best-quality", "fastest-to-target", "cheapest-to-target", "throughput-per-dollar"]
+    best = decided["best-quality"]
+    assert best["default"] is True and best["candidates"] + len(best["excluded"]) == 4
+    if best["choice"] is None:  # 20 steps may leave every cell at chance on the majority task
+        assert all(why.startswith("did not learn") for why in best["excluded"].values()), best["excluded"]
+    else:
+        assert best["value"] == pytest.approx(df.set_index("cell_id").loc[best["choice"], "val_loss"])
     assert len(re.findall(r'"type":\s*"image"', card_data)) == len(figures)
     assert (out / "report.html").read_text().count("data:image/png;base64,") == len(figures)
     # A card per cell: its settings, its loss curve (every step) and its metrics table.

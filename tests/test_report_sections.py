@@ -76,7 +76,7 @@ def test_sections_come_in_report_order(tmp_path):
     assert [s.title for s in SECTIONS] == TITLES
     headings = [line[3:] for line in _markdown(ROWS, tmp_path).splitlines() if line.startswith("## ")]
     shown = [t for t in TITLES if t != "Settings"]  # nothing swept: the section is left out
-    assert headings == ["Key findings", "Results", "Cells that did not finish",
+    assert headings == ["Decision", "Key findings", "Results", "Cells that did not finish",
                         "Equivalent cells: how far apart they ended", *shown,
                         "How the numbers are defined", "Provenance"]
 

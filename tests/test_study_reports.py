@@ -1,6 +1,6 @@
 """The reports of the five reference-study CPU twins, rebuilt from their saved results tables
 (`tests/data/study_twins/<matrix>/`: results.parquet and provenance.json as the runs wrote
-them) must equal the saved report.md to the byte. A change to the analysis, findings or
+them) must equal the saved report.md and decision.json to the byte. A change to the analysis, findings or
 sections shows here as a diff to read; when it is meant, regenerate the files with
 
     python -m tests.test_study_reports
@@ -35,6 +35,8 @@ def test_all_five_twins_are_kept():
 @pytest.mark.parametrize("name", NAMES)
 def test_the_twins_report_is_rebuilt_exactly(name, tmp_path):
     assert rebuilt(name, tmp_path) == (TWINS / name / "report.md").read_text()
+    # and its decision, the contract other tools read
+    assert (tmp_path / "decision.json").read_text() == (TWINS / name / "decision.json").read_text()
 
 
 def test_the_spread_evidence_is_what_the_saved_twins_measure():
@@ -55,4 +57,5 @@ if __name__ == "__main__":
     for name in NAMES:
         with tempfile.TemporaryDirectory() as tmp:
             (TWINS / name / "report.md").write_text(rebuilt(name, Path(tmp)))
-            print(f"wrote {TWINS / name / 'report.md'}", file=sys.stderr)
+            (TWINS / name / "decision.json").write_text((Path(tmp) / "decision.json").read_text())
+            print(f"wrote {TWINS / name / 'report.md'} and decision.json", file=sys.stderr)

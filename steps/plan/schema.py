@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -412,6 +413,41 @@ REMOTE_KEYS = {
 }
 
 
+# What a goal may minimise or maximise (steps/report/decision.py works each out from a results row).
+Objective = Literal["val_loss", "accuracy", "time_to_target_s", "cost_to_target_usd", "wall_s", "cost_usd",
+                    "tokens_per_s", "tokens_per_usd", "peak_mem_gb"]
+GOAL_CONSTRAINTS = ("max_mem_gb", "max_cost_usd", "max_wall_s", "max_val_loss", "min_accuracy", "target_loss")
+
+
+class Goal(Strict):
+    """One question the run's decision answers: an objective to minimise or maximise over the
+    cells that meet the constraints (`steps/report/decision.py`)."""
+
+    name: str = Field(min_length=1)
+    minimize: Objective | None = None
+    maximize: Objective | None = None
+    max_mem_gb: PositiveFloat | None = None
+    max_cost_usd: PositiveFloat | None = None
+    max_wall_s: PositiveFloat | None = None
+    max_val_loss: PositiveFloat | None = None
+    min_accuracy: float | None = Field(None, ge=0.0, le=1.0)
+    # time_to_target_s / cost_to_target_usd to this loss (else the run's train.target_loss)
+    target_loss: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _one_objective(self) -> Goal:
+        if (self.minimize is None) == (self.maximize is None):
+            raise ValueError("a goal has one objective: set minimize or maximize (not both)")
+        return self
+
+    @property
+    def objective(self) -> str:
+        return self.minimize or self.maximize  # type: ignore[return-value]
+
+    def constraints(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in GOAL_CONSTRAINTS if getattr(self, k) is not None}
+
+
 class MatrixSpec(Strict):
     """A matrix file: axes (each a list), shared settings, and pruning rules."""
 
@@ -451,6 +487,17 @@ class MatrixSpec(Strict):
     economy: EconomySettings | None = None
     # MLflow, Weights & Biases, TensorBoard: where each cell logs while it trains.
     track: TrackSettings = Field(default_factory=TrackSettings)
+    # The questions the report's decision answers; none: the default goals (steps/report/decision.py).
+    goals: list[Goal] = Field(default_factory=list)
+
+    @field_validator("goals")
+    @classmethod
+    def _goal_names_differ(cls, goals: list[Goal]) -> list[Goal]:
+        names = [g.name for g in goals]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"goal names must differ: {', '.join(twice)} appear(s) more than once")
+        return goals
 
     _axis_lists = field_validator(*AXES, mode="before")(lambda cls, v: _as_list(v))
     _sweep_lists = field_validator("sweep", mode="before")(lambda cls, v: _sweep_lists(v))
@@ -548,16 +595,26 @@ def key_path(loc: tuple) -> str:
     return path or "<top>"
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The settings model a field holds: itself, in a list (`goals`), or optional (`economy`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The keys allowed at the parent of `loc` (walks nested models by field name)."""
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
         field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        inner = _model_in(getattr(field, "annotation", None))
+        if inner is None:
             return []
-        model = annotation
+        model = inner
     return sorted(model.model_fields)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from steps.report import analysis, economy, findings, memory_budget, planned
+from steps.report import analysis, decision, economy, findings, memory_budget, planned
 from steps.report.render import Block, card_components, fmt, to_html, to_markdown
 from steps.report.sections import (
     CLASS_COLS,
@@ -65,8 +65,13 @@ def build(df: pd.DataFrame, meta: dict[str, Any], out_dir: Path) -> list[Block]:
     if shared:  # the class's numbers, where they come from and how far its members can differ
         at = next(i for i, (c, _, _) in enumerate(RESULTS_COLS) if c == "accuracy") + 1
         results_cols = RESULTS_COLS[:at] + ECONOMY_RESULTS_COLS + RESULTS_COLS[at:]
+    goals, default = decision.goals_of(meta)
+    decided = decision.decide(df, goals, default)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    decision.write(decided, out_dir)  # the contract other tools read, beside the report
     blocks = [Block("text", f"# finetune-matrix report: {meta.get('matrix', '')}\n\n"
                             f"Run(s) {runs}; {len(df)} cells: {counts}."),
+              Block("text", decision.section(decided, df, default)),
               Block("text", "## Key findings\n\n" + ("\n".join(f"- {f}" for f in found) if found
                                                       else "_No comparison in this run has enough finished cells._")),
               Block("text", "## Results\n\nEvery cell, failed ones included (outcome column)."),
