@@ -152,3 +152,66 @@ def test_the_report_command_rebuilds_decision_json_from_results_tables(tmp_path)
     # study 3's twin trained too few steps to learn its task (accuracy 0%): its 10 llama-debug cells are excluded
     assert both["candidates"] == 5 and len(both["excluded"]) == 10 and both["choice"] == IDS["single"]
     assert set(both["excluded"].values()) == {"did not learn: accuracy 0.0%, no better than chance (50%)"}
+
+
+def _repeats(twin: pd.DataFrame, values: dict[str, list[float]], column: str) -> pd.DataFrame:
+    """Three repeats of the twin's single and ddp cells (seeds 0, 1, 2), `column` set per repeat."""
+    rows = []
+    for strategy, per in values.items():
+        base = twin[twin["cell_id"] == IDS[strategy]].iloc[0]
+        for repeat, value in enumerate(per):
+            rows.append(base.copy())
+            rows[-1]["cell_id"] = f"{IDS[strategy]}-r{repeat}"
+            rows[-1]["repeat"], rows[-1]["train.seed"], rows[-1][column] = repeat, repeat, value
+    return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def test_with_repeats_configurations_compete_on_their_means(twin):
+    """tokens/s 100, 101, 99 against 120, 121, 119: ddp (mean 120) is chosen, 20 ahead; each mean's
+    95% interval is t(2) x 1/sqrt(3) = 2.484, the margin's Welch t(4) x sqrt(2/3) = 2.267."""
+    df = _repeats(twin, {"single": [100, 101, 99], "ddp": [120, 121, 119]}, "tokens_per_s")
+    rec = _one(df, Goal(name="fast", maximize="tokens_per_s"))
+    assert rec["choice"] == f"{IDS['ddp']}-r0" and rec["repeats"] == 3 and rec["candidates"] == 2
+    assert rec["choice_cells"] == [f"{IDS['ddp']}-r{i}" for i in range(3)]
+    assert rec["value"] == pytest.approx(120) and rec["interval"] == pytest.approx([117.516, 122.484], abs=1e-3)
+    assert rec["tied_with"] == [] and rec["runner_up"] == f"{IDS['single']}-r0"
+    assert rec["margin"] == pytest.approx(20) and rec["margin_interval"] == pytest.approx([17.733, 22.267], abs=1e-3)
+    assert rec["noise"].startswith("the 95% interval of the mean over each configuration's repeats")
+    (text,) = decision.sentences([rec], df)
+    assert text.startswith("**fast** (maximize tokens/s): ddp x2 micro-batch 8, tokens/s mean of 3 repeats 120 "
+                           "(interval 117.52 to 122.48). Ahead of single x1 micro-batch 16 by 20"), text
+
+
+def test_with_repeats_a_difference_inside_the_seeds_spread_is_a_tie(twin):
+    """Validation losses 1.00, 1.02, 0.98 against 1.01, 0.99, 1.03: 0.01 apart, Welch p = 0.57."""
+    df = _repeats(twin, {"single": [1.00, 1.02, 0.98], "ddp": [1.01, 0.99, 1.03]}, "val_loss")
+    rec = _one(df, Goal(name="q", minimize="val_loss"))
+    assert rec["choice"] == f"{IDS['single']}-r0" and rec["tied_with"] == [f"{IDS['ddp']}-r0"]
+    assert rec["margin"] == pytest.approx(0.01) and rec["margin_interval"][0] < 0 < rec["margin_interval"][1]
+
+
+def test_with_repeats_one_failed_repeat_excludes_its_configuration(twin):
+    df = _repeats(twin, {"single": [100, 101, 99], "ddp": [120, 121, 119]}, "tokens_per_s")
+    df.loc[df["cell_id"] == f"{IDS['ddp']}-r1", ["outcome", "error"]] = ["oom", "CUDA out of memory"]
+    rec = _one(df, Goal(name="fast", maximize="tokens_per_s"))
+    assert rec["choice"] == f"{IDS['single']}-r0" and rec["candidates"] == 1 and rec["runner_up"] is None
+    assert rec["excluded"] == {f"{IDS['ddp']}-r1": "oom: CUDA out of memory",
+                               f"{IDS['ddp']}-r0": f"another repeat excluded: {IDS['ddp']}-r1",
+                               f"{IDS['ddp']}-r2": f"another repeat excluded: {IDS['ddp']}-r1"}
+
+
+def test_repeats_give_each_cell_its_seed_and_a_swept_seed_is_refused():
+    from steps.plan.matrix import expand
+
+    spec = parse_matrix({"name": "r", "models": "llama-debug", "peft": "lora", "strategy": "single", "lr": [1e-3],
+                         "repeats": 3, "train": {"seed": 5}})
+    cells = [p.cell for p in expand(spec)]
+    assert [(c.repeat, c.train.seed) for c in cells] == [(0, 5), (1, 6), (2, 7)]
+    assert len({c.cell_id for c in cells}) == 3
+    one = [p.cell for p in expand(parse_matrix({**spec.model_dump(mode="json"), "repeats": 1}))]
+    assert one[0].cell_id == cells[0].cell_id  # repeat 0 is the cell without repeats
+    with pytest.raises(ConfigError) as err:
+        parse_matrix({"name": "r", "models": "llama-debug", "peft": "lora", "strategy": "single", "lr": 1e-3,
+                      "repeats": 2, "sweep": {"train.seed": [1, 2]}})
+    assert err.value.problems == ["sweep.train.seed: repeats: 2 sets the seeds (train.seed .. train.seed+1); "
+                                  "sweep the seed or set repeats, not both"]

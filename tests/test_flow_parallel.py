@@ -21,7 +21,7 @@ DDP4 = {
 TIMING = {"tokens_per_s", "tokens_per_s_per_device", "step_s", "epoch_s", "achieved_tflops",
           "wall_s", "train_s", "eval_s", "trainer_wall_s", "overhead_s", "queued_s", "started_at",
           "ended_at", "cores", "warmup", "out_dir", "peak_mem_gb", "peak_mem_gb_per_rank", "runtime_baseline_gb",
-          "checkpoint_s", "cost_usd"}
+          "checkpoint_s", "cost_usd", "load_avg_start", "load_avg_end", "other_cpu_share"}
 
 
 def _cells(run) -> dict[str, dict]:

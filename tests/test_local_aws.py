@@ -168,7 +168,7 @@ def jobs(aws, s3):
         requests["host-2-fails"] = job_request("host-2-fails", "fail-algo-2", count=2)
     for name, request in requests.items():
         if name == "spot":
-            aws.training.interrupt_next(0.5, once_uploaded="progress.txt")
+            aws.training.interrupt_next(0.5, once_written="progress.txt")
         sm.create_training_job(**request)
         first[name] = sm.describe_training_job(TrainingJobName=name)
     return first

@@ -119,12 +119,13 @@ def test_the_report_compares_along_the_swept_setting(ranks):
         ["ddp", 8, 1.0, 1.0, 1800.0, 1.0], ["ddp", 16, 1.2, 1.2, 900.0, 0.5],
         ["single", 8, 1.0, 1.0, 1000.0, 1.0], ["single", 16, 1.2, 1.2, 500.0, 0.5]]
     assert set(s.setting) == {"train.lora.r"}
-    said = findings.settings(s)
-    assert said[0] == ("lora.r=16 used 20% more peak memory than lora.r=8 (1.20 vs 1.00 GB) at 2.00x lower "
-                       "throughput (900 vs 1,800 tokens/s), val loss 1.74 vs 1.82, on llama-debug lora ddp x2 "
-                       "micro-batch 4 fp32 on local-cpu.")
+    said = [f.text for f in findings.settings(s, findings.Noise(ranks))]  # each at its best lr, 3e-3
+    assert said[:3] == ["lora.r=16 used 20% more peak memory than lora.r=8 (1.20 vs 1.00 GB) on ddp x2.",
+                        "lora.r=16 ran 0.50x the throughput of lora.r=8 (900 vs 1,800 tokens/s) on ddp x2.",
+                        "lora.r=16 ended at val loss 1.64 against 1.72 for lora.r=8 (4.7% lower) on ddp x2."]
     # Every finding that names a configuration says its rank.
-    text = "\n".join(findings.all_findings(__import__("steps.report.build", fromlist=["x"]).sections(ranks), ranks))
+    text = "\n".join(f.text for f in findings.all_findings(
+        __import__("steps.report.build", fromlist=["x"]).sections(ranks), ranks))
     assert "lora.r=8" in text and "lora.r=16" in text
 
 
@@ -156,7 +157,7 @@ def test_memory_budget_reads_the_cells_layout_and_optimizer():
 def test_a_lora_rank_sweep_runs_two_cells_per_configuration_and_the_report_compares_them(tmp_path):
     from tests.test_flow import SMALL, run_flow
 
-    matrix = {**SMALL, "name": "rank-sweep", "lr": 1e-2, "sweep": {"train.lora.r": [8, 16]},
+    matrix = {**SMALL, "name": "rank-sweep", "lr": 1e-2, "repeats": 1, "sweep": {"train.lora.r": [8, 16]},
               "train": {**SMALL["train"], "max_steps": 8, "save_adapter": False}}
     status, pathspec, output = run_flow(tmp_path, matrix, max_workers=2)
     assert status == "successful", output[-4000:]
@@ -168,8 +169,14 @@ def test_a_lora_rank_sweep_runs_two_cells_per_configuration_and_the_report_compa
     report = (tmp_path / "reports" / run_id / "report.md").read_text()
     settings = report.split("## Settings")[1].split("\n## ")[0]
     rows = [line for line in settings.splitlines() if line.startswith("| llama-debug")]
-    assert [r.split(" | ")[2:7] for r in rows] == [
-        ["ddp", "local-cpu", "2", "train.lora.r", "8"], ["ddp", "local-cpu", "2", "train.lora.r", "16"],
-        ["single", "local-cpu", "1", "train.lora.r", "8"], ["single", "local-cpu", "1", "train.lora.r", "16"]]
+    assert [r.split(" | ")[2:10] for r in rows] == [
+        ["ddp", "local-cpu", "2", "fp32", "4 x 1", "32", "train.lora.r", "8"],
+        ["ddp", "local-cpu", "2", "fp32", "4 x 1", "32", "train.lora.r", "16"],
+        ["single", "local-cpu", "1", "fp32", "4 x 1", "32", "train.lora.r", "8"],
+        ["single", "local-cpu", "1", "fp32", "4 x 1", "32", "train.lora.r", "16"]]
+    # each row one cell, named in its last column
+    assert [r.rstrip(" |").split(" | ")[-1] for r in rows] == list(
+        df.sort_values(["strategy", "train.lora.r"])["cell_id"])
+    # the rank compared in the findings (as a finding, or listed within the noise)
     findings_text = report.split("## Key findings")[1].split("\n## ")[0]
-    assert "- lora.r=16 used " in findings_text and "than lora.r=8" in findings_text
+    assert "- lora.r=16 " in findings_text and "than lora.r=8" in findings_text

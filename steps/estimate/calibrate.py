@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from steps.estimate import cost, planner, step_time
 from steps.plan import catalog
 from steps.plan.schema import CellSpec
-from steps.plan.settings import leaf_paths, put
+from steps.plan.settings import contended, leaf_paths, put
 
 if TYPE_CHECKING:  # tables are read only when runs are (the flow's steps load no pandas)
     import pandas as pd
@@ -114,7 +114,8 @@ def shape(cell: CellSpec) -> str:
     """What sets the cell's step time, as a hash: every setting but its id, matrix, learning
     rate, seeds and how long it trains (`step_time.timed`), so that the cells of a
     learning-rate sweep, and a matrix run again, share it."""
-    body = step_time.timed(cell).model_dump(mode="json", exclude={"cell_id", "matrix", "track", "track_context"})
+    body = step_time.timed(cell).model_dump(mode="json",
+                                            exclude={"cell_id", "matrix", "repeat", "track", "track_context"})
     body["train"].pop("seed", None)
     body["data"].pop("seed", None)
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
@@ -167,8 +168,9 @@ def _trained(row: Any) -> bool:
 
 def record_of(row: Any, probe: dict[str, Any] | None = None, run: str | None = None) -> Record | None:
     """A measured row (a table's, or a store entry's dict) as the calibration fits it; None for
-    a row without a step time."""
-    if not _trained(row):
+    a row without a step time, or one that ran on a busy machine (`settings.contended`: its step
+    time is the contention's as much as the cell's)."""
+    if not _trained(row) or contended(row.get("other_cpu_share")):
         return None
     return Record(as_trained(cell_of_row(row), row), row, probe, str(run or row.get("run_id")), _date(row))
 

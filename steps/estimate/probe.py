@@ -93,7 +93,7 @@ def request(cell: CellSpec, copies: int, facts: dict[str, Any] | None = None) ->
     entry = catalog.instances()[cell.instance]
     per = entry.cores_per_device or 1
     cores = [list(range(i * per, (i + 1) * per)) for i in range(max(1, (os.cpu_count() or 1) // per))]
-    body = {"cell": timed.model_dump(mode="json", exclude={"cell_id", "track", "track_context"}),
+    body = {"cell": timed.model_dump(mode="json", exclude={"cell_id", "repeat", "track", "track_context"}),
             "device": catalog.device_kind(cell.instance), "threads": per,
             "copies": copies if cell.world_size == 1 else 1, "cores": cores, "layers": list(depths(cell, facts))}
     key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]  # the shape, not the id

@@ -25,8 +25,9 @@ PROBE_LR = 1e-5  # the probe's steps must not diverge: the learning rate does no
 
 def timed(cell: CellSpec) -> CellSpec:
     """The cell as its step time sees it (what the probe trains, what `calibrate.shape` hashes):
-    what sets a step's time kept, the learning rate and how long it trains fixed."""
-    train = cell.train.model_copy(update={"stop_after_steps": None, "evaluate": True, "eval_every": 0,
+    what sets a step's time kept, the learning rate, seed and how long it trains fixed (so a
+    cell's repeats are timed once)."""
+    train = cell.train.model_copy(update={"stop_after_steps": None, "evaluate": True, "eval_every": 0, "seed": 0,
                                           "checkpoint_every": 0, "target_loss": None, "max_steps": 10_000,
                                           "epochs": None, "diverge_factor": None})
     return cell.model_copy(update={"lr": PROBE_LR, "train": train})

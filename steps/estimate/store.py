@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from steps import REPO_ROOT, reports_root
 from steps.estimate import calibrate
-from steps.plan.settings import leaf_paths
+from steps.plan.settings import contended, leaf_paths
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 SHIPPED = REPO_ROOT / "configs" / "calibration"
 MEASURED = ("outcome", "step_s", "tokens_per_s", "overhead_s", "eval_s", "wall_s", "ran_wall_s", "cost_usd",
             "ran_cost_usd", "train_steps", "quality_from", "peak_mem_gb", "runtime_baseline_gb", "ended_at",
-            "started_at", "run_id", "cell_id")
+            "started_at", "run_id", "cell_id", "other_cpu_share")
 
 
 def root() -> Path:
@@ -47,13 +47,16 @@ def _plain(value: Any) -> Any:
 
 
 def entries_of(df: pd.DataFrame, probes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One store entry per measured cell of a results table."""
+    """One store entry per measured cell of a results table; a cell that ran on a busy machine
+    (`settings.contended`) is left out: its times measured the other work as much as the cell."""
     keep = [*calibrate.TOP, *leaf_paths(), *MEASURED]
     out = []
     for cell, row in calibrate.measured(df):
         device = calibrate.device_model(cell)
         if device != "cpu" and str(row.get("device") or "").lower().startswith("cpu"):
             continue  # a GPU instance type that found no GPU trained on the CPU: not its GPU's timings
+        if contended(row.get("other_cpu_share")):
+            continue
         entry = {k: _plain(row.get(k)) for k in keep if k in row}
         out.append({"device": device, "row": entry, "probe": (probes or {}).get(row["cell_id"])})
     return out

@@ -36,7 +36,7 @@ NOT_NUMERIC_TRAIN = frozenset({path.split(".")[1] for path in RUN_LIMITS} | {
     "gradient_checkpointing", "lora_kernels",
 })
 # Axes that cannot: where the cell runs and how its global batch is split (and where it logs).
-NOT_NUMERIC_AXES = frozenset({"cell_id", "matrix", "strategy", "instance", "nodes", "gpus", "micro_batch",
+NOT_NUMERIC_AXES = frozenset({"cell_id", "matrix", "repeat", "strategy", "instance", "nodes", "gpus", "micro_batch",
                               "grad_accum", "track", "track_context"})
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from steps import CONFIGS_DIR, REPO_ROOT
 from steps.plan import catalog, compat, preflight
 from steps.plan.schema import (
     AXES,
@@ -33,7 +34,7 @@ from steps.plan.schema import (
 from steps.plan.settings import RUN_LIMITS, flatten, get, merge, put, unknown_path_problem
 
 # Settings that change how a cell is run, not what it measures: kept out of its id.
-_ID_EXCLUDE = {"cell_id": True, "matrix": True, "track": True, "track_context": True,
+_ID_EXCLUDE = {"cell_id": True, "matrix": True, "track": True, "track_context": True, "repeat": True,
                "train": {path.split(".")[1] for path in RUN_LIMITS}}
 
 
@@ -217,6 +218,47 @@ def _economy_problems(spec: MatrixSpec) -> list[str]:
             f"{warmup}; allowed values: more than {warmup}"]
 
 
+def _repeats_problems(spec: MatrixSpec) -> list[str]:
+    """Repeats own the seeds: a seed swept as well would make two cells of one seed."""
+    if spec.repeats == 1:
+        return []
+    swept = ["sweep"] * ("train.seed" in spec.sweep) + [
+        f"include[{i}].sweep" for i, rule in enumerate(spec.include) if "train.seed" in (rule.sweep or {})]
+    return [f"{where}.train.seed: repeats: {spec.repeats} sets the seeds (train.seed .. train.seed+"
+            f"{spec.repeats - 1}); sweep the seed or set repeats, not both" for where in swept]
+
+
+def project_path(value: str) -> Path:
+    """`report.project_to` as a file: an absolute path as it is, else from the repository root
+    (where `python -m steps.plan` and the flow run)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _report_problems(spec: MatrixSpec) -> list[str]:
+    """`report.project_to` must name a matrix file that parses (its own `report:` aside, so that
+    two matrices may name each other)."""
+    value = spec.report.project_to
+    if value is None:
+        return []
+    path = project_path(value)
+    matrices = ", ".join(str(p.relative_to(REPO_ROOT)) for p in sorted((CONFIGS_DIR / "matrix").glob("*.yaml")))
+    if not path.is_file():
+        return [f"report.project_to: {value!r} is not a file (a path from the repository root {REPO_ROOT}, or "
+                f"absolute); allowed values: a matrix file, such as {matrices}"]
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        parse_matrix({k: v for k, v in data.items() if k != "report"} if isinstance(data, dict) else data, str(path))
+    except yaml.YAMLError as exc:
+        return [f"report.project_to: {value!r} is not valid YAML ({str(exc).splitlines()[0]}); allowed values: a "
+                f"matrix file, such as {matrices}"]
+    except ConfigError as exc:
+        shown = "; ".join(exc.problems[:3]) + (f"; and {len(exc.problems) - 3} more" if len(exc.problems) > 3 else "")
+        return [f"report.project_to: {value!r} is not a valid matrix ({shown}); allowed values: a matrix file "
+                f"that `python -m steps.matrix` accepts"]
+    return []
+
+
 def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
     """Validate a matrix mapping; every problem is reported at once in one ConfigError."""
     problems: list[str] = []
@@ -229,7 +271,8 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
     if isinstance(data, dict):
         problems.extend(_reference_problems(data) + _rule_problems(data))
     if spec is not None:
-        problems.extend(_compute_problems(spec) + _economy_problems(spec))
+        problems.extend(_compute_problems(spec) + _economy_problems(spec) + _repeats_problems(spec)
+                        + _report_problems(spec))
     if problems:
         raise ConfigError(problems, source)
     return spec
@@ -341,10 +384,13 @@ def expand(spec: MatrixSpec) -> list[PlannedCell]:
         if settings["strategy"] == "single":
             settings.update(nodes=1, gpus=1)
         settings.update(sections, matrix=spec.name, track=spec.track.model_dump())
-        cid = cell_id(settings)
-        if cid not in planned:
-            cell = CellSpec.model_validate({**settings, "cell_id": cid})
-            planned[cid] = PlannedCell(cell, compat.refusal(cell))
+        for repeat in range(spec.repeats):  # each repeat its own seed, so its own id
+            each = {**settings, "train": {**sections["train"], "seed": sections["train"]["seed"] + repeat},
+                    "repeat": repeat}
+            cid = cell_id(each)
+            if cid not in planned:
+                cell = CellSpec.model_validate({**each, "cell_id": cid})
+                planned[cid] = PlannedCell(cell, compat.refusal(cell))
     return list(planned.values())
 
 

@@ -448,6 +448,14 @@ class Goal(Strict):
         return {k: getattr(self, k) for k in GOAL_CONSTRAINTS if getattr(self, k) is not None}
 
 
+class ReportSettings(Strict):
+    """What the report adds beyond this run's cells."""
+
+    # A matrix file (relative to the repository root, or absolute) whose cells the report plans
+    # without a GPU: the decision this run's goals would reach at full scale, predicted.
+    project_to: str | None = Field(None, min_length=1)
+
+
 class MatrixSpec(Strict):
     """A matrix file: axes (each a list), shared settings, and pruning rules."""
 
@@ -489,6 +497,11 @@ class MatrixSpec(Strict):
     track: TrackSettings = Field(default_factory=TrackSettings)
     # The questions the report's decision answers; none: the default goals (steps/report/decision.py).
     goals: list[Goal] = Field(default_factory=list)
+    # Every cell N times, with seeds train.seed .. train.seed+N-1 (a `repeat` column): the
+    # decision then compares configurations on their repeats' means and spread.
+    repeats: PositiveInt = Field(1, le=100)
+    # The report's extras: `project_to`, a full-scale matrix whose plan answers the goals too.
+    report: ReportSettings = Field(default_factory=ReportSettings)
 
     @field_validator("goals")
     @classmethod
@@ -521,6 +534,8 @@ class CellSpec(Strict):
     seq_len: PositiveInt
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    # Which of the matrix's `repeats` this is (its seed is train.seed + repeat; not part of its id).
+    repeat: int = Field(0, ge=0)
     # Where it logs while it trains, and the matrix run it belongs to (not part of its id).
     track: TrackSettings = Field(default_factory=TrackSettings)
     track_context: TrackContext | None = None

@@ -117,3 +117,18 @@ def flatten(cell: BaseModel) -> dict[str, Any]:
     """Every leaf setting of a cell (its train and data sections) by dotted name."""
     sections = cell.model_dump(mode="json", include=set(SECTIONS))
     return {path: column_value(get(sections, path)) for path in leaf_paths()}
+
+
+CONTENDED_SHARE = 0.25
+"""A cell whose cores other processes kept busy more than this share of the timed steps
+(`other_cpu_share`) measured the contention as much as itself: a quarter of a core's time taken
+slows a compute-bound step by about as much, far above the 2% speed noise the report resolves.
+The report flags such cells and the calibration store does not fit from them."""
+
+
+def contended(share: Any) -> bool:
+    """Whether a cell's `other_cpu_share` says it ran on a busy machine (unmeasured: no)."""
+    try:
+        return float(share) > CONTENDED_SHARE
+    except (TypeError, ValueError):
+        return False

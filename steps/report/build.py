@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from steps.report import analysis, decision, economy, findings, memory_budget, planned
+from steps.report import analysis, decision, economy, findings, memory_budget, planned, projected, validity
 from steps.report.render import Block, card_components, fmt, to_html, to_markdown
 from steps.report.sections import (
     CLASS_COLS,
@@ -59,8 +59,7 @@ def build(df: pd.DataFrame, meta: dict[str, Any], out_dir: Path) -> list[Block]:
     found = findings.all_findings(tables, df)
     shared = economy.has_economy(df)
     costs = economy.saving(df, meta) if shared else None
-    if shared:
-        found = economy.finding(costs, tables["classes"]) + found
+    lead = economy.finding(costs, tables["classes"]) if shared else []  # said before the ranked findings
     results_cols = RESULTS_COLS
     if shared:  # the class's numbers, where they come from and how far its members can differ
         at = next(i for i, (c, _, _) in enumerate(RESULTS_COLS) if c == "accuracy") + 1
@@ -68,12 +67,14 @@ def build(df: pd.DataFrame, meta: dict[str, Any], out_dir: Path) -> list[Block]:
     goals, default = decision.goals_of(meta)
     decided = decision.decide(df, goals, default)
     out_dir.mkdir(parents=True, exist_ok=True)
-    decision.write(decided, out_dir)  # the contract other tools read, beside the report
+    projection = projected.project(meta)  # the goals at full scale, predicted (`report.project_to`)
+    decision.write(decided, out_dir, projection and projection.to_json())  # the contract other tools read
     blocks = [Block("text", f"# finetune-matrix report: {meta.get('matrix', '')}\n\n"
                             f"Run(s) {runs}; {len(df)} cells: {counts}."),
               Block("text", decision.section(decided, df, default)),
-              Block("text", "## Key findings\n\n" + ("\n".join(f"- {f}" for f in found) if found
-                                                      else "_No comparison in this run has enough finished cells._")),
+              *validity.blocks(df),  # what the run cannot speak for (CPU, small, random, short, capped, busy)
+              *([Block("text", projected.section(projection))] if projection else []),
+              Block("text", findings.section(found, lead)),
               Block("text", "## Results\n\nEvery cell, failed ones included (outcome column)."),
               Block("table", table=analysis.cells(economy.annotate(df, tables["classes"])), columns=results_cols)]
     bad = analysis.failures(df)

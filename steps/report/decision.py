@@ -26,14 +26,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from steps.plan.schema import Goal
 from steps.report import analysis, economy
+from steps.report.analysis import not_learned
 
 DECISION_JSON = "decision.json"
 MIN_LOSS_EFFECT = 0.001  # a validation-loss difference under 0.1% of the value is no finding
 MIN_SPEED_EFFECT = 0.02  # nor is a speed, time, cost or memory difference under 2%
-LEARNED_DROP = 0.05  # a cell learned when its final training loss is 5% or more below its first
 # objective -> (what the reader sees, unit, how its noise is measured)
 OBJECTIVES: dict[str, tuple[str, str, str]] = {
     "val_loss": ("validation loss", "", "quality"),
@@ -58,6 +59,25 @@ NAMED = ["model", "peft", "strategy", "instance", "nodes", "world_size", "precis
          "seq_len", "lr"]
 
 
+SIGNIFICANCE = 0.05  # with repeats, a difference counts where Welch's t-test gives p under this
+# Columns that tell repeats of one configuration apart (besides the measurements).
+REPEAT_KEYS = ("run_id", "cell_id", "repeat", "train.seed")
+
+
+def configurations(df: pd.DataFrame) -> pd.Series:
+    """Each row's configuration: a label shared by the cells that differ only in their repeat
+    (seed), that of its first repeat's cell."""
+    from steps.results.table import AXES
+
+    keys = [c for c in AXES if c in df] + sorted(
+        c for c in df.columns if c.startswith(("train.", "data.")) and c not in REPEAT_KEYS)
+    if not keys or df.empty:
+        return df["cell_id"].astype(str)
+    text = ["|".join(map(str, row)) for row in df[keys].to_numpy(dtype=object)]
+    first = dict(zip(text[::-1], df["cell_id"].astype(str)[::-1]))  # the first row of each
+    return pd.Series([first[t] for t in text], index=df.index)
+
+
 def goals_of(meta: dict[str, Any]) -> tuple[list[Goal], bool]:
     """The goals of the run's matrix (provenance's `matrix_spec`), else the default ones; and
     whether they are the default."""
@@ -72,38 +92,6 @@ def derive(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     rate = df["cost_usd"] / df["wall_s"]  # dollars per second of the cell
     return df.assign(tokens_per_usd=np.where(rate > 0, df["tokens_per_s"] / rate, np.nan))
-
-
-def _curve(value: Any) -> list[dict[str, Any]]:
-    if isinstance(value, str) and value:
-        return json.loads(value)
-    return value if isinstance(value, list) else []
-
-
-def chance(row: Any) -> float | None:
-    """The accuracy of guessing, where the task defines it: one over its labels (classification),
-    one half for the built-in majority task."""
-    task = row.get("data.task")
-    if task == "classification":
-        labels = row.get("data.labels")
-        labels = json.loads(labels) if isinstance(labels, str) and labels.startswith("[") else labels
-        return 1.0 / len(labels) if isinstance(labels, (list, tuple)) and labels else None
-    return 0.5 if task == "synthetic" else None
-
-
-def not_learned(row: Any) -> str | None:
-    """Why a finished cell did not learn: its training loss did not fall clearly below its first,
-    or its accuracy is no better than chance; None where it learned (or cannot be told)."""
-    curve = [p["loss"] for p in _curve(row.get("loss_curve")) if p.get("loss") is not None]
-    if len(curve) >= 2:
-        tail = curve[-max(1, len(curve) // 10):]
-        final = float(np.mean(tail))
-        if not final <= curve[0] * (1 - LEARNED_DROP):
-            return f"did not learn: training loss {final:.4g} against {curve[0]:.4g} at its first step"
-    guess, acc = chance(row), row.get("accuracy")
-    if guess is not None and acc is not None and not pd.isna(acc) and acc <= guess:
-        return f"did not learn: accuracy {acc:.1%}, no better than chance ({guess:.0%})"
-    return None
 
 
 def exclusion(row: Any, goal: Goal) -> str | None:
@@ -246,6 +234,9 @@ def _decide_one(frame: pd.DataFrame, goal: Goal, default: bool, model: str | Non
                               "margin_interval": None, "tied_with": [], "excluded": excluded,
                               "noise": how, "candidates": int(len(live)),
                               **({"target_loss": targets} if targets else {})}
+    config = configurations(frame)
+    if len(frame) and config.value_counts().max() > 1:
+        return _decide_repeats(frame, config, goal, record, excluded)
     if len(live):
         ranked = live.assign(_key=sign * live[objective]).sort_values("_key", kind="stable")
         best = ranked.iloc[0]
@@ -260,6 +251,86 @@ def _decide_one(frame: pd.DataFrame, goal: Goal, default: bool, model: str | Non
             width = h_best + _half_width(second, objective, noise)
             record.update(runner_up=second["cell_id"], margin=margin, margin_interval=[margin - width, margin + width])
     return record
+
+
+def _floor(objective: str, mean: float, examples: float) -> float:
+    """The minimum effect at this value: a smaller difference is no finding, however steady."""
+    kind = OBJECTIVES[objective][2]
+    if kind == "quality":
+        return MIN_LOSS_EFFECT * abs(mean)
+    if kind == "accuracy":
+        return 1.0 / examples if examples > 0 else 0.0
+    return MIN_SPEED_EFFECT * abs(mean)
+
+
+def _decide_repeats(frame: pd.DataFrame, config: pd.Series, goal: Goal, record: dict[str, Any],
+                    excluded: dict[str, str]) -> dict[str, Any]:
+    """With `repeats:`, configurations (not cells) compete on their repeats: each one's mean with
+    the 95% interval of the mean (Student's t); a configuration is excluded when any of its
+    repeats is; another is tied with the choice unless Welch's t-test says they differ
+    (p < SIGNIFICANCE) by more than the minimum effect."""
+    objective, sign = goal.objective, (1 if goal.minimize else -1)
+    members: dict[str, list[str]] = {}
+    for cid, label in zip(frame["cell_id"], config):
+        members.setdefault(label, []).append(cid)
+    for cells in members.values():
+        out = next((c for c in cells if c in excluded), None)
+        for c in cells:
+            if out is not None and c not in excluded:
+                excluded[c] = f"another repeat excluded: {out}"
+    values = frame.assign(_config=config.values)
+    values = values[~values["cell_id"].isin(excluded)]
+    summary = []
+    for label, g in values.groupby("_config", sort=False):
+        v = g[objective].astype(float).to_numpy()
+        n, mean = len(v), float(v.mean())
+        sd = float(v.std(ddof=1)) if n > 1 else 0.0
+        floor = _floor(objective, mean, float(g["val_examples"].fillna(0).sum()) if "val_examples" in g else 0.0)
+        half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else 0.0
+        summary.append({"config": label, "n": n, "mean": mean, "sd": sd, "half": max(half, floor), "floor": floor})
+    record.update(candidates=len(summary), excluded=excluded,
+                  noise=("the 95% interval of the mean over each configuration's repeats (Student's t); a "
+                         f"difference counts where Welch's t-test gives p < {SIGNIFICANCE:g} and it exceeds the "
+                         f"minimum effect ({MIN_LOSS_EFFECT:.1%} of a loss, {MIN_SPEED_EFFECT:.0%} of a speed)"))
+    if not summary:
+        return record
+    summary.sort(key=lambda c: sign * c["mean"])
+    best = summary[0]
+    record.update(choice=best["config"], value=best["mean"], repeats=best["n"],
+                  choice_cells=members[best["config"]],
+                  interval=[best["mean"] - best["half"], best["mean"] + best["half"]],
+                  tied_with=[c["config"] for c in summary[1:] if not _differ(best, c)])
+    if len(summary) > 1:
+        second = summary[1]
+        margin = sign * (second["mean"] - best["mean"])
+        width = _welch_half(best, second) or (best["half"] + second["half"])
+        record.update(runner_up=second["config"], margin=margin, margin_interval=[margin - width, margin + width])
+    return record
+
+
+def _welch_half(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """Half the 95% interval of the difference of two means (Welch); None without two repeats each."""
+    if a["n"] < 2 or b["n"] < 2:
+        return None
+    va, vb = a["sd"] ** 2 / a["n"], b["sd"] ** 2 / b["n"]
+    if va + vb == 0:
+        return 0.0
+    dof = (va + vb) ** 2 / (va**2 / (a["n"] - 1) + vb**2 / (b["n"] - 1))
+    return float(stats.t.ppf(0.975, dof) * math.sqrt(va + vb))
+
+
+def _differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two configurations' means differ: by more than the minimum effect, and (with two
+    repeats each) significantly by Welch's t-test; else by intervals that do not overlap."""
+    gap = abs(a["mean"] - b["mean"])
+    if gap <= max(a["floor"], b["floor"]):
+        return False
+    if a["n"] >= 2 and b["n"] >= 2:
+        if a["sd"] == 0 and b["sd"] == 0:
+            return True
+        p = stats.ttest_ind_from_stats(a["mean"], a["sd"], a["n"], b["mean"], b["sd"], b["n"], equal_var=False).pvalue
+        return bool(p < SIGNIFICANCE)
+    return gap > a["half"] + b["half"]
 
 
 def to_target(df: pd.DataFrame, target: float | None) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -305,7 +376,8 @@ def sentences(records: list[dict[str, Any]], df: pd.DataFrame) -> list[str]:
             out.append(f"{head}: no cell qualifies. " + (f"Excluded: {reasons}." if reasons else "No cell ran."))
             continue
         lo, hi = rec["interval"]
-        text = (f"{head}: {describe(rows[rec['choice']], varying)}, {label} {_fmt(rec['value'], objective)} "
+        mean = f"mean of {rec['repeats']} repeats " if rec.get("repeats", 1) > 1 else ""
+        text = (f"{head}: {describe(rows[rec['choice']], varying)}, {label} {mean}{_fmt(rec['value'], objective)} "
                 f"(interval {_fmt(lo, objective)} to {_fmt(hi, objective)})")
         if rec["tied_with"]:
             names = "; ".join(describe(rows[c], varying) for c in rec["tied_with"][:4])
@@ -329,9 +401,12 @@ def _reasons(excluded: dict[str, str]) -> str:
     return ", ".join(f"{n} {k}" for k, n in kinds.items())
 
 
-def write(records: list[dict[str, Any]], out_dir: Path) -> Path:
+def write(records: list[dict[str, Any]], out_dir: Path, projected: dict[str, Any] | None = None) -> Path:
+    """`decision.json`: the goals decided on this run, and `projected`, the same goals predicted at
+    full scale (`steps.report.projected`) where the matrix names a `report.project_to`."""
     path = Path(out_dir) / DECISION_JSON
-    path.write_text(json.dumps({"goals": records}, indent=2, default=float))
+    body = {"goals": records, **({"projected": projected} if projected is not None else {})}
+    path.write_text(json.dumps(body, indent=2, default=float))
     return path
 
 
@@ -340,6 +415,13 @@ def section(records: list[dict[str, Any]], df: pd.DataFrame, default: bool) -> s
     lead = ("No `goals:` in the matrix: the default goals answer the reference studies' questions."
             if default else "The matrix's goals.")
     body = "\n".join(f"- {s}" for s in sentences(records, df))
+    if any(r.get("repeats", 1) > 1 for r in records):
+        judged = ("Configurations compete on their repeats: each one's value is the mean of its repeats, its "
+                  "interval the 95% interval of that mean (Student's t), and two differ only where Welch's t-test "
+                  f"gives p < {SIGNIFICANCE:g} and the gap exceeds {MIN_LOSS_EFFECT:.1%} of a loss or "
+                  f"{MIN_SPEED_EFFECT:.0%} of a speed. A configuration is excluded when any of its repeats did not "
+                  f"finish, did not learn or broke a constraint, with the reason in `{DECISION_JSON}`.")
+        return f"## Decision\n\n{lead}\n\n{body}\n\n{judged}"
     judged = ("A difference counts only where the two cells' intervals do not overlap; an interval is the "
               "noise this run measures (validation loss: the spread of cells that must end equal; accuracy: "
               "the binomial interval of its validation examples; speed, time, cost and memory: the spread of "

@@ -43,11 +43,13 @@ def _varying(df: pd.DataFrame, keys: list[str]) -> list[str]:
 
 
 def throughput_vs_gpus(df: pd.DataFrame, path: Path) -> Path | None:
-    """tokens/s against GPU count, one line per strategy (and whatever else varies), with the
-    ideal linear scaling from each line's smallest count dashed."""
+    """tokens/s against GPU count, one line per strategy (and whatever else varies), each
+    configuration at its best learning rate (`analysis.best_rows`), with the ideal linear
+    scaling from each line's smallest count dashed."""
     good = analysis.ok(df)
     if good.empty or good["world_size"].nunique() < 2:
         return None
+    good = analysis.best_rows(good)
     keys = _varying(good, ["strategy", "peft", "model", "instance", "precision"])
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, g in good.groupby(keys):
@@ -67,11 +69,14 @@ def throughput_vs_gpus(df: pd.DataFrame, path: Path) -> Path | None:
 
 
 def memory_by_method(df: pd.DataFrame, path: Path) -> Path | None:
-    """Peak memory of the largest rank per method, grouped by strategy and GPU count; cells
-    that ran out of memory are drawn as a hatched marker labelled OOM."""
+    """Memory of the largest rank per method, grouped by strategy and GPU count: training memory
+    (the peak less the runtime's baseline) where every finished cell has a baseline, else the
+    peak; cells that ran out of memory are drawn as a hatched marker labelled OOM."""
     ran = df[df["outcome"].isin(["ok", "oom"])]
     if ran.empty or ran["peak_mem_gb"].notna().sum() == 0:
         return None
+    done = analysis.ok(ran)
+    col = analysis.memory_column(*(r for _, r in done.iterrows())) if len(done) else "peak_mem_gb"
     ran = ran.assign(group=ran["strategy"] + " x" + ran["world_size"].astype(int).astype(str))
     extra = [k for k in ("model", "instance", "precision") if ran[k].nunique() > 1]
     if extra:
@@ -79,7 +84,7 @@ def memory_by_method(df: pd.DataFrame, path: Path) -> Path | None:
     groups = list(dict.fromkeys(ran.sort_values(["strategy", "world_size"])["group"]))
     methods = [m for m in METHOD_ORDER if m in set(ran["peft"])]
     width = 0.8 / max(len(methods), 1)
-    top = ran["peak_mem_gb"].max()
+    top = ran[col].max()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) + 2), 4.2))
     for i, method in enumerate(methods):
         for j, group in enumerate(groups):
@@ -87,15 +92,15 @@ def memory_by_method(df: pd.DataFrame, path: Path) -> Path | None:
             if cells.empty:
                 continue
             x = j + (i - (len(methods) - 1) / 2) * width
-            good = cells[cells["outcome"] == "ok"]["peak_mem_gb"]
+            good = cells[cells["outcome"] == "ok"][col]
             if len(good):
                 ax.bar(x, good.median(), width, color=f"C{i}", label=method)
             else:
                 ax.bar(x, top * 1.05, width, color="none", edgecolor=f"C{i}", hatch="//", label=f"{method} (OOM)")
                 ax.text(x, top * 1.07, "OOM", ha="center", fontsize=8, color="crimson")
     ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("peak memory, largest rank (GB)")
-    ax.set_title("Peak memory per method and strategy")
+    ax.set_ylabel(f"{analysis.MEMORY_LABEL[col]}, largest rank (GB)")
+    ax.set_title(f"{analysis.MEMORY_LABEL[col].capitalize()} per method and strategy")
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=8)

@@ -18,13 +18,18 @@ from steps.report.render import Cols
 
 SETTINGS_COLS: Cols = [("model", "model", "text"), ("peft", "method", "text"), ("strategy", "strategy", "text"),
                        ("instance", "instance", "text"), ("world_size", "GPUs", "int")]
-RESULTS_COLS: Cols = SETTINGS_COLS + [
+# What tells apart configurations beside the settings above: a comparison table shows them all.
+SHAPE_COLS: Cols = [("precision", "precision", "text"), ("mb_ga", "mb x ga", "text"), ("seq_len", "seq", "int")]
+COMPARE_COLS: Cols = SETTINGS_COLS + SHAPE_COLS
+MEM_COLS: Cols = [("train_mem_gb", "training mem GB", "num"), ("peak_mem_gb", "peak mem GB", "num")]
+CELL_COL = ("cell", "cell", "text")  # a comparison row's cell (or first repeat, with the number averaged)
+RESULTS_COLS: Cols = COMPARE_COLS + [
     ("lr", "lr", "lr"), ("global_batch", "global batch", "int"), ("outcome", "outcome", "text"),
     ("epoch_s", "epoch s", "s"), ("train_s", "train s", "s"), ("wall_s", "wall s", "s"),
     ("tokens_per_s", "tokens/s", "num"), ("tokens_per_s_per_device", "tokens/s per GPU", "num"),
-    ("mfu", "MFU", "pct"), ("peak_mem_gb", "peak mem GB", "num"), ("val_loss", "val loss", "num"),
-    ("accuracy", "accuracy", "pct"), ("cost_usd", "cost $", "usd"), ("cost_per_mtok", "$ per M tokens", "usd"),
-    ("cell_id", "cell", "text"),
+    ("mfu", "MFU", "pct"), *MEM_COLS, ("val_loss", "val loss", "num"),
+    ("accuracy", "accuracy", "pct"), ("learned", "learned", "text"), ("cost_usd", "cost $", "usd"),
+    ("cost_per_mtok", "$ per M tokens", "usd"), ("cell_id", "cell", "text"),
 ]
 FAILED_COLS: Cols = [("cell_id", "cell", "text"), ("outcome", "outcome", "text"),
                      ("stopped_after_steps", "stopped after steps", "int"), ("wall_s", "wall s", "s"),
@@ -88,37 +93,40 @@ class Section:
 
 SECTIONS: list[Section] = [
     Section(
-        "Scaling", "scaling", SETTINGS_COLS + [
-            ("base", "against", "text"), ("tokens_per_s", "tokens/s", "num"), ("epoch_s", "epoch s", "s"),
-            ("speedup", "speedup", "x"), ("epoch_speedup", "epoch speedup", "x"), ("efficiency", "efficiency", "pct"),
-            ("val_loss", "val loss", "num")],
+        "Scaling", "scaling", COMPARE_COLS + [
+            ("base", "against", "text"), ("lr", "lr", "lr"), ("tokens_per_s", "tokens/s", "num"),
+            ("epoch_s", "epoch s", "s"), ("speedup", "speedup", "x"), ("epoch_speedup", "epoch speedup", "x"),
+            ("efficiency", "efficiency", "pct"), ("val_loss", "val loss", "num"), CELL_COL],
         needs="one configuration at two or more GPU counts",
         intro="Speedup: tokens/s over the smallest GPU count of the same configuration; efficiency: "
-              "speedup over the GPU ratio (100% = linear).",
+              "speedup over the GPU ratio (100% = linear). Each configuration at its best learning rate (the "
+              "lowest val loss among its cells that learned): every number of a row is one cell's.",
         figure=Figure(plots.throughput_vs_gpus, "throughput_vs_gpus.png")),
     Section(
-        "Methods: memory and throughput", "methods", SETTINGS_COLS + [
-            ("outcome", "outcome", "text"), ("peak_mem_gb", "peak mem GB", "num"),
-            ("mem_vs_lora", "memory vs LoRA", "x"), ("tokens_per_s", "tokens/s", "num"),
-            ("tokens_per_s_vs_lora", "tokens/s vs LoRA", "x"), ("val_loss", "val loss", "num")],
+        "Methods: memory and throughput", "methods", COMPARE_COLS + [
+            ("outcome", "outcome", "text"), *MEM_COLS, ("mem_vs_lora", "memory vs LoRA", "x"),
+            ("tokens_per_s", "tokens/s", "num"), ("tokens_per_s_vs_lora", "tokens/s vs LoRA", "x"),
+            ("lr", "lr", "lr"), ("val_loss", "val loss", "num"), ("learned", "learned", "text"), CELL_COL],
         needs="two or more methods on one configuration",
+        intro="Each configuration at its best learning rate. Training memory: the peak less what the runtime "
+              "held before the model (`runtime_baseline_gb`: on a CPU the libraries, a bitsandbytes import "
+              "among them); memory vs LoRA compares it where both have a baseline, else the peaks.",
         figure=Figure(plots.memory_by_method, "peak_memory.png")),
     Section(
-        "Precision", "precisions", SETTINGS_COLS + [
-            ("precision", "precision", "text"), ("micro_batch", "micro-batch", "int"), ("outcome", "outcome", "text"),
-            ("peak_mem_gb", "peak mem GB", "num"), ("mem_vs_first", "memory vs first", "x"),
+        "Precision", "precisions", COMPARE_COLS + [
+            ("outcome", "outcome", "text"), *MEM_COLS, ("mem_vs_first", "memory vs first", "x"),
             ("tokens_per_s", "tokens/s", "num"), ("tokens_per_s_vs_first", "tokens/s vs first", "x"),
-            ("val_loss", "val loss", "num")],
+            ("lr", "lr", "lr"), ("val_loss", "val loss", "num"), ("learned", "learned", "text"), CELL_COL],
         needs="one configuration at two or more precisions"),
     Section(
-        "Settings", "settings", SETTINGS_COLS + [
+        "Settings", "settings", COMPARE_COLS + [
             ("setting", "setting", "text"), ("value", "value", "text"), ("others", "with", "text"),
-            ("outcome", "outcome", "text"), ("peak_mem_gb", "peak mem GB", "num"),
-            ("mem_vs_first", "memory vs first", "x"), ("tokens_per_s", "tokens/s", "num"),
-            ("tokens_per_s_vs_first", "tokens/s vs first", "x"), ("val_loss", "val loss", "num")],
+            ("outcome", "outcome", "text"), *MEM_COLS, ("mem_vs_first", "memory vs first", "x"),
+            ("tokens_per_s", "tokens/s", "num"), ("tokens_per_s_vs_first", "tokens/s vs first", "x"),
+            ("lr", "lr", "lr"), ("val_loss", "val loss", "num"), ("learned", "learned", "text"), CELL_COL],
         needs="one configuration at two or more values of a train/data setting",
         intro="The same configuration at each value of a swept `train.*` / `data.*` setting (`sweep:` in the "
-              "matrix): memory and speed relative to the first value.",
+              "matrix), each at its best learning rate: memory and speed relative to the first value.",
         only_with_data=True),
     Section(
         "Memory budget", "memory_budget", SETTINGS_COLS + [
@@ -161,19 +169,23 @@ SECTIONS: list[Section] = [
             ("inside", "inside its interval", "pct")],
             lead="The planner's error over this run:"),)),
     Section(
-        "Instance types: time and cost", "instances", SETTINGS_COLS + [
+        "Instance types: time and cost", "instances", COMPARE_COLS + [
             ("outcome", "outcome", "text"), ("price_per_hour_usd", "$ per hour", "usd"),
             ("train_s", "train s", "s"), ("wall_s", "wall s", "s"), ("tokens_per_s", "tokens/s", "num"),
-            ("cost_usd", "cost $", "usd"), ("cost_per_mtok", "$ per M tokens", "usd"), ("val_loss", "val loss", "num")],
+            ("cost_usd", "cost $", "usd"), ("cost_per_mtok", "$ per M tokens", "usd"), ("lr", "lr", "lr"),
+            ("val_loss", "val loss", "num"), CELL_COL],
         needs="one configuration on two or more instance types",
         follow_ups=(FollowUp("instance_totals", [
             ("instance", "instance", "text"), ("accelerator", "accelerator", "text"),
             ("price_per_hour_usd", "$ per hour", "usd"), ("cells", "cells", "int"), ("ok", "ok", "int"),
             ("wall_s", "wall s (all cells)", "s"), ("cost_usd", "cost $ (all cells)", "usd")], always=True),)),
     Section(
-        "Learning rate", "lr_sweep", SETTINGS_COLS + [
+        "Learning rate", "lr_sweep", COMPARE_COLS + [
             ("global_batch", "global batch", "int"), ("lr", "lr", "lr"), ("outcome", "outcome", "text"),
-            ("val_loss", "val loss", "num"), ("best", "best", "text"), ("at_edge", "at grid edge", "text")],
+            ("val_loss", "val loss", "num"), ("learned", "learned", "text"), ("best", "best", "text"),
+            ("at_edge", "at grid edge", "text")],
+        intro="Best: the rate every other section compares the configuration at, the lowest val loss among "
+              "its cells that learned (among all its finished cells where none did).",
         needs="one configuration at two or more learning rates",
         figure=Figure(plots.lr_sweep, "lr_sweep.png", of_section=True),
         follow_ups=(FollowUp("lr_scaling", [
@@ -199,7 +211,8 @@ SECTIONS: list[Section] = [
             ("lr", "lr", "lr"), ("tokens_per_s", "tokens/s", "num"), ("updates_per_s", "updates/s", "num"),
             ("samples_per_s", "samples/s", "num"), ("target_loss", "target loss", "num"),
             ("time_to_target_s", "time to target s", "s"), ("tokens_to_target", "tokens to target", "int"),
-            ("steps_to_target", "steps to target", "int"), ("val_loss", "val loss", "num")],
+            ("steps_to_target", "steps to target", "int"), ("val_loss", "val loss", "num"),
+            ("learned", "learned", "text")],
         needs="finished cells",
         intro="Goodput: optimizer updates (and samples) per second of training. Target: the matrix's "
               "`train.target_loss` (validation loss when evaluated during training), else the median of the "
@@ -207,12 +220,14 @@ SECTIONS: list[Section] = [
               "half of them reach it."),
     Section("Loss curves", None, figure=Figure(plots.loss_curves, "loss_curves.png")),
     Section(
-        "Cost, time and loss: the Pareto set", "pareto", SETTINGS_COLS + [
+        "Cost, time and loss: the Pareto set", "pareto", COMPARE_COLS + [
             ("lr", "lr", "lr"), ("global_batch", "global batch", "int"), ("cost_usd", "cost $", "usd"),
-            ("wall_s", "wall s", "s"), ("val_loss", "val loss", "num"), ("pareto", "Pareto-optimal", "text")],
-        needs="finished cells with a cost",
-        intro="A cell is Pareto-optimal when no other is at least as cheap, as fast and as low in validation "
-              "loss, and better in one.",
+            ("wall_s", "wall s", "s"), ("val_loss", "val loss", "num"), ("pareto", "Pareto-optimal", "text"),
+            ("rank", "rank", "int"), ("cell_id", "cell", "text")],
+        needs="finished cells that learned, with a cost",
+        intro="Per model, a cell is Pareto-optimal when no other cell of the model is at least as cheap, as fast "
+              "and as low in validation loss, and better in one; the Pareto-optimal come first, ranked by "
+              "validation loss. Cells that did not learn are left out (the learned column under Results).",
         figure=Figure(plots.cost_vs_time, "cost_vs_time.png", of_section=True)),
 ]
 

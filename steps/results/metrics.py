@@ -165,6 +165,12 @@ class CellMetrics(_Record):
     gpu_util_pct: float | None = None
     gpu_util_pct_per_rank: list[float] | None = None
     gpu_mem_used_gb_per_rank: list[float] | None = None
+    # The machine during the timed steps (rank 0's node; on GPU machines its host CPU): the
+    # 1-minute load average at their start and end, and the share of the cell's cores used by
+    # processes outside the cell (0..1; `contended` above CONTENDED_SHARE).
+    load_avg_start: float | None = None
+    load_avg_end: float | None = None
+    other_cpu_share: float | None = None
     failed_rank: int | None = None
     # quality
     val_loss: float | None = None

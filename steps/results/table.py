@@ -46,7 +46,7 @@ def row(run_id: str, cell: dict[str, Any], metrics: dict[str, Any]) -> dict[str,
     spec = CellSpec.model_validate(cell)
     m = CellMetrics.from_dict(metrics, f"metrics of {spec.cell_id}")
     out: dict[str, Any] = {"run_id": run_id, "cell_id": spec.cell_id, "matrix": spec.matrix}
-    out.update({axis: getattr(spec, axis) for axis in AXES})
+    out.update({axis: getattr(spec, axis) for axis in AXES}, repeat=spec.repeat)
     out.update(world_size=spec.world_size, dp_size=spec.dp_size, global_batch=spec.global_batch)
     for name in METRICS:
         out.setdefault(name, getattr(m, name))

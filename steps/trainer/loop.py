@@ -117,6 +117,7 @@ class Loop:
         self.width = engine.eval_shape()[0]  # pipelines pad every batch to one width
         self.log_every = max(1, total_steps // 20)
         self.gpu = measure.GpuSampler(self.d.device)  # NVML, during the timed steps only
+        self.load = measure.MachineLoad()  # the machine's other work in the timed steps (rank 0 reads it)
         self.track = trackers or Trackers()  # rank 0's MLflow / W&B / TensorBoard runs
 
     def run(self, start: int) -> None:
@@ -130,6 +131,8 @@ class Loop:
             self._steps(start, clock)
         finally:
             self.gpu.stop()
+            self.load.stop()
+            self.m.update(**self.load.fields())  # a failed cell keeps what was measured too
             progress.train_s = clock.now()
 
     def _steps(self, start: int, clock: TrainClock) -> None:
@@ -139,6 +142,8 @@ class Loop:
             inject_fault(self.cell, n, self.d.rank)
             if n > train.timing_warmup_steps:
                 self.gpu.start()
+                if self.d.is_main:
+                    self.load.start()  # once: evaluations and checkpoints inside the window are the cell's own work
             self.step(n, clock, log=n % self.log_every == 0 or n == start + 1)
             if (evaluating and n % train.eval_every == 0) or (
                     train.checkpoint_every and n % train.checkpoint_every == 0):

@@ -1,10 +1,12 @@
-"""What the trainer measures about its device and model: peak memory, device name, FLOPs."""
+"""What the trainer measures about its device and model: peak memory, device name, FLOPs, and
+the machine's other work while it trains."""
 
 from __future__ import annotations
 
 import os
 import platform
 import resource
+import time
 from typing import Any
 
 import torch
@@ -121,3 +123,98 @@ class GpuSampler:
     @property
     def max_used_gb(self) -> float | None:
         return max(self.used) if self.used else None
+
+
+def _cores_jiffies(cores: set[int]) -> tuple[int, int]:
+    """(busy, all) jiffies of `cores` since boot, from /proc/stat: busy is user, nice, system,
+    irq, softirq and steal; idle and iowait are not (guest time is inside user already)."""
+    busy = total = 0
+    with open("/proc/stat", encoding="ascii") as fh:
+        for line in fh:
+            name, *values = line.split()
+            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cores:
+                continue
+            v = [int(x) for x in values[:8]]
+            total += sum(v)
+            busy += sum(v) - v[3] - v[4]
+    return busy, total
+
+
+def _session_jiffies(session: int) -> dict[int, int]:
+    """User + system jiffies of each live process of `session` (all its threads), by pid: the
+    cell's process tree, as the launcher starts each cell in a session of its own."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                text = fh.read()
+        except OSError:  # gone since the listing
+            continue
+        fields = text[text.rindex(b")") + 2:].split()  # from field 3 (state): the name may hold spaces
+        if int(fields[3]) == session:
+            out[int(entry.name)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+class MachineLoad:
+    """How busy the machine was with other work while the timed steps ran: the 1-minute load
+    average at the start and the end, and `other_cpu_share`, the share of the cell's cores (its
+    CPU affinity: the cores the launcher pinned it to, the whole host where it is not pinned)
+    that processes outside the cell used. That is the cores' busy time (/proc/stat) minus the
+    CPU time of the cell's own processes (its session: torchrun, every rank, their threads),
+    over the cores' whole time. Two reads of /proc, at `start` and `stop`, no thread.
+
+    A process of the cell that ends inside the window loses its time to "other" (the share errs
+    high, never hiding contention); one that starts inside it counts whole. Without /proc (not
+    Linux), or over a window shorter than MIN_WINDOW_S, only the load average is measured."""
+
+    MIN_WINDOW_S = 1.0
+    """The kernel counts CPU time in ticks (100 a second): over a shorter window a share would be
+    a handful of ticks, its error tens of percent."""
+
+    def __init__(self, cores: set[int] | None = None, session: int | None = None):
+        if cores is None:  # not Linux: every core (no /proc either: only the load average is read)
+            cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        self.cores = set(cores)
+        self.session = session if session is not None else os.getsid(0)
+        self.load_start = self.load_end = self.other_share = self.busy_share = self.own_share = None
+        self._at_start: tuple[tuple[int, int], dict[int, int]] | None = None
+        self._t0 = 0.0
+
+    def _read(self) -> tuple[tuple[int, int], dict[int, int]] | None:
+        try:
+            return _cores_jiffies(self.cores), _session_jiffies(self.session)
+        except (OSError, ValueError):
+            return None
+
+    def start(self) -> None:
+        """Open the window (once: later calls are no-ops)."""
+        if self.load_start is None:
+            self.load_start = os.getloadavg()[0]
+            self._at_start = self._read()
+            self._t0 = time.monotonic()
+
+    def stop(self) -> None:
+        """Close the window (once) and work out the shares."""
+        if self.load_start is None or self.load_end is not None:
+            return
+        self.load_end = os.getloadavg()[0]
+        end = self._read()
+        if self._at_start is None or end is None or time.monotonic() - self._t0 < self.MIN_WINDOW_S:
+            return
+        (busy0, all0), own0 = self._at_start
+        (busy1, all1), own1 = end
+        if all1 <= all0:
+            return
+        own = sum(t - own0.get(pid, 0) for pid, t in own1.items())
+        self.busy_share = (busy1 - busy0) / (all1 - all0)
+        self.own_share = own / (all1 - all0)
+        self.other_share = min(1.0, max(0.0, self.busy_share - self.own_share))
+
+    def fields(self) -> dict[str, float | None]:
+        """The metrics this window fills (None where it was not measured)."""
+        values = {"load_avg_start": self.load_start, "load_avg_end": self.load_end,
+                  "other_cpu_share": self.other_share}
+        return {k: None if v is None else round(v, 4) for k, v in values.items()}

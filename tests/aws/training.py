@@ -127,7 +127,7 @@ class TrainingJob:
     checkpoint_syncs: int = 0
     preset_failure: str | None = None
     interrupt_after: float | None = None
-    interrupt_glob: str | None = None  # interrupt only once such a checkpoint file was uploaded
+    interrupt_glob: str | None = None  # interrupt once such a checkpoint file was written
     stop_requested: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
@@ -201,13 +201,15 @@ class TrainingService:
         with self._lock:
             self._fail = reason
 
-    def interrupt_next(self, after_s: float, once_uploaded: str | None = None) -> None:
+    def interrupt_next(self, after_s: float, once_written: str | None = None) -> None:
         """The next created job is interrupted once, like a reclaimed spot instance, after `after_s`
-        seconds of Training (and at least one checkpoint sync; with `once_uploaded`, once a
-        checkpoint file matching that glob has reached S3), then restarted on fresh hosts."""
+        seconds of Training (and at least one checkpoint sync; with `once_written`, as soon as a
+        container has written a checkpoint file matching that glob: the containers are frozen and
+        their checkpoints synced first, so it happens however fast they train), then restarted
+        on fresh hosts."""
         with self._lock:
             self._interrupt = after_s
-            self._interrupt_glob = once_uploaded
+            self._interrupt_glob = once_written
 
     # ---- helpers for tests -------------------------------------------------------------------
 
@@ -657,10 +659,21 @@ class TrainingService:
                 elif (
                     job.interrupt_after is not None
                     and time.time() - began >= job.interrupt_after
+                    and job.interrupt_glob is not None
+                    and self._written(hosts, job.interrupt_glob)
+                ):
+                    # reclaimed right after that checkpoint was written: freeze the containers
+                    # (on any machine, however fast, the job cannot finish first), then the sync
+                    # that SageMaker's two-minute notice leaves time for
+                    for host in hosts:
+                        _killpg(host.proc.pid, signal.SIGSTOP)
+                    self._sync(job, hosts)
+                    outcome = "interrupted"
+                elif (
+                    job.interrupt_after is not None
+                    and job.interrupt_glob is None
+                    and time.time() - began >= job.interrupt_after
                     and (job.checkpoint_syncs > 0 or not any(h.checkpoint for h in hosts))
-                    and (job.interrupt_glob is None or any(
-                        fnmatch.fnmatch(rel, job.interrupt_glob)
-                        for h in hosts if h.checkpoint for rel in list(h.checkpoint.uploaded)))
                 ):
                     outcome = "interrupted"
                 else:
@@ -714,6 +727,7 @@ class TrainingService:
         running = [h for h in hosts if h.proc is not None and h.proc.poll() is None]
         for host in running:
             _killpg(host.proc.pid, signal.SIGTERM)
+            _killpg(host.proc.pid, signal.SIGCONT)  # a frozen (interrupted) container sees it
         end = time.time() + self.kill_grace_s
         while any(h.proc.poll() is None for h in running) and time.time() < end:
             time.sleep(0.05)
@@ -727,6 +741,15 @@ class TrainingService:
     def _every(interval: float, stop: threading.Event, fn: Callable[..., Any], *args: Any) -> None:
         while not stop.wait(interval):
             fn(*args)
+
+    @staticmethod
+    def _written(hosts: list[Host], pattern: str) -> bool:
+        """Whether a container has written a checkpoint file matching `pattern` (its local path)."""
+        return any(
+            fnmatch.fnmatch(path.relative_to(h.checkpoint.local).as_posix(), pattern)
+            for h in hosts if h.checkpoint and h.checkpoint.local.is_dir()
+            for path in h.checkpoint.local.rglob("*") if path.is_file()
+        )
 
     def _sync(self, job: TrainingJob, hosts: list[Host]) -> None:
         if not any(host.checkpoint for host in hosts):

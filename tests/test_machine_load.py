@@ -1,0 +1,139 @@
+"""The machine's other work while a cell's timed steps run (`measure.MachineLoad`), measured for
+real beside CPU-burning processes, and the calibration store leaving busy cells out.
+
+The measurement windows here are 1.5 s each, on two cores: "the cell" (this test's process and a
+same-session child, as a rank is in the launcher's session) spins through them, and in one window
+two processes of other sessions burn CPU beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from steps.estimate import calibrate, store
+from steps.plan.settings import CONTENDED_SHARE, contended
+from steps.trainer.measure import MachineLoad
+from tests.conftest import REPO
+
+TWIN = REPO / "tests" / "data" / "study_twins" / "study3-ddp-fsdp-naive-cpu"
+WINDOW_S = 1.5
+BURN = [sys.executable, "-c", "while True: pass"]
+
+
+def _jiffies(pid: int) -> int:
+    text = open(f"/proc/{pid}/stat", "rb").read()
+    fields = text[text.rindex(b")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _window(others: int) -> tuple[MachineLoad, float, float]:
+    """A measurement window while this process and a same-session child spin, with `others`
+    burners in sessions of their own beside it: the load, and the shares of the machine's cores
+    that the cell's two processes and the burners used, from their own /proc times."""
+    rank = subprocess.Popen(BURN)  # the cell's second rank: its session
+    foreign = [subprocess.Popen(BURN, start_new_session=True) for _ in range(others)]
+    try:
+        time.sleep(0.3)  # every burner running
+        cell = [os.getpid(), rank.pid]
+        before = {p: _jiffies(p) for p in cell + [f.pid for f in foreign]}
+        load = MachineLoad()
+        t0 = time.perf_counter()
+        load.start()
+        while time.perf_counter() - t0 < WINDOW_S:
+            pass
+        load.stop()
+        wall = time.perf_counter() - t0
+        used = {p: _jiffies(p) - j for p, j in before.items()}
+    finally:
+        for p in [rank, *foreign]:
+            p.kill()
+            p.wait()
+    whole = len(load.cores) * wall * os.sysconf("SC_CLK_TCK")
+    return load, sum(used[p] for p in cell) / whole, sum(used[f.pid] for f in foreign) / whole
+
+
+@pytest.fixture
+def two_cores():
+    """This process (and the processes it starts) on two cores, as a 2-rank cell is pinned."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(before)[:2])
+    yield
+    os.sched_setaffinity(0, before)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="/proc: Linux only")
+def test_cpu_burned_beside_the_window_counts_as_other_work_and_the_cell_s_own_does_not(two_cores):
+    quiet = _background() < 0.1
+    alone, cell_alone, _ = _window(others=0)
+    beside, cell_beside, burners = _window(others=2)
+    for load in (alone, beside):
+        assert load.cores == os.sched_getaffinity(0) and len(load.cores) <= 2
+        assert load.load_start is not None and load.load_end is not None
+        assert set(load.fields()) == {"load_avg_start", "load_avg_end", "other_cpu_share"}
+        assert 0.0 <= load.other_share <= 1.0 and load.busy_share >= 0.9  # someone always spins
+    # The cell's own processes (this one and its same-session rank) are its own, not other work.
+    assert cell_alone > 0.1 and alone.own_share >= cell_alone - 0.03
+    assert beside.own_share >= cell_beside - 0.03
+    # The burners of other sessions are: the share counts at least what they used.
+    assert burners > 0.05 and beside.other_share >= burners - 0.03
+    # Where nothing else ran just before (a window in which this process sleeps: all of its busy
+    # time is other work), the cell spinning alone is not contended and beside the burners it is:
+    # the share rises from under CONTENDED_SHARE to over it.
+    # On a machine shared with other work, the cell alone measured that work, as it should.
+    if quiet:
+        assert alone.other_share < CONTENDED_SHARE and not contended(alone.other_share)
+        assert contended(beside.other_share)
+
+
+def _background() -> float:
+    load = MachineLoad()
+    load.start()
+    time.sleep(MachineLoad.MIN_WINDOW_S + 0.1)
+    load.stop()
+    return load.other_share
+
+
+def test_the_window_is_opened_and_closed_once_and_a_short_one_gives_no_share():
+    load = MachineLoad()
+    load.stop()  # never started: nothing measured
+    assert load.fields() == {"load_avg_start": None, "load_avg_end": None, "other_cpu_share": None}
+    load.start()
+    first = load._at_start
+    load.start()
+    assert load._at_start is first
+    load.stop()  # at once: a few ticks would say nothing
+    fields = load.fields()
+    assert fields["other_cpu_share"] is None
+    assert fields["load_avg_start"] >= 0 and fields["load_avg_end"] >= 0
+    load.start()
+    time.sleep(MachineLoad.MIN_WINDOW_S + 0.1)
+    load.stop()  # closed already: still nothing
+    assert load.fields() == fields
+
+
+def test_contended_is_above_the_stated_share():
+    assert CONTENDED_SHARE == 0.25
+    assert [contended(x) for x in (0.26, 0.25, 0.0, None, float("nan"))] == [True, False, False, False, False]
+
+
+def test_the_store_leaves_contended_cells_out(tmp_path):
+    """Of two measured cells of a run, the one whose cores other processes kept 40% busy is not
+    stored, nor fitted from a table; the one at 5% is."""
+    df = pd.read_parquet(TWIN / "results.parquet").head(2).assign(other_cpu_share=[0.4, 0.05])
+    busy, calm = df["cell_id"]
+    entries = store.entries_of(df)
+    assert [e["row"]["cell_id"] for e in entries] == [calm]
+    assert entries[0]["row"]["other_cpu_share"] == 0.05
+    assert store.add_run(df, folder=tmp_path) == 1
+    (line,) = (tmp_path / "cpu.jsonl").read_text().splitlines()
+    assert json.loads(line)["row"]["cell_id"] == calm
+    assert [r.row["cell_id"] for r in calibrate.records(df)] == [calm]
+    assert store.calibration([tmp_path])["source"]["cpu"]["cells"] == 1
+    # a table without the measure (runs before it) keeps every measured cell
+    assert len(store.entries_of(df.drop(columns=["other_cpu_share"]))) == 2
