@@ -89,7 +89,7 @@ test-containers: setup engines
 
 # The quick loop: everything but the slow tests (under a minute).
 test-quick: setup browser
-	$(BIN)/python -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu and not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # On a machine with an NVIDIA GPU: the GPU checks (tests/test_gpu.py), and the GPU bench at real
 # shapes (python -m steps.bench --device cuda), whose results go to reports/benchmarks/.

@@ -129,6 +129,7 @@ def test_goals_are_validated_with_the_allowed_values():
     assert spec.goals[0].objective == "cost_usd" and spec.goals[0].constraints() == {"max_val_loss": 1.3}
 
 
+@pytest.mark.slow  # two report commands in subprocesses (pandas, matplotlib): seconds
 def test_the_report_command_rebuilds_decision_json_from_results_tables(tmp_path):
     """From saved run folders alone, one run or several; the report opens with the decision."""
     proc = subprocess.run([sys.executable, "-m", "steps.report", str(TWIN), "--out", str(tmp_path / "one")],

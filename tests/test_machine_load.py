@@ -67,6 +67,7 @@ def two_cores():
     os.sched_setaffinity(0, before)
 
 
+@pytest.mark.slow  # burns the cores for seconds
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="/proc: Linux only")
 def test_cpu_burned_beside_the_window_counts_as_other_work_and_the_cell_s_own_does_not(two_cores):
     quiet = _background() < 0.1
