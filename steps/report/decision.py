@@ -60,8 +60,6 @@ NAMED = ["model", "peft", "strategy", "instance", "nodes", "world_size", "precis
 
 
 SIGNIFICANCE = 0.05  # with repeats, a difference counts where Welch's t-test gives p under this
-# Columns that tell repeats of one configuration apart (besides the measurements).
-REPEAT_KEYS = ("run_id", "cell_id", "repeat", "train.seed")
 
 
 def configurations(df: pd.DataFrame) -> pd.Series:
@@ -70,7 +68,7 @@ def configurations(df: pd.DataFrame) -> pd.Series:
     from steps.results.table import AXES
 
     keys = [c for c in AXES if c in df] + sorted(
-        c for c in df.columns if c.startswith(("train.", "data.")) and c not in REPEAT_KEYS)
+        c for c in df.columns if c.startswith(("train.", "data.")) and c not in analysis.REPEAT_KEYS)
     if not keys or df.empty:
         return df["cell_id"].astype(str)
     text = ["|".join(map(str, row)) for row in df[keys].to_numpy(dtype=object)]
@@ -191,7 +189,7 @@ def describe(row: Any, varying: list[str]) -> str:
 
 def _varying(df: pd.DataFrame) -> list[str]:
     swept = [c for c in df.columns if c.startswith(("train.", "data.")) and df[c].astype(str).nunique() > 1
-             and c not in ("train.seed",)]
+             and c not in analysis.REPEAT_KEYS]
     return [c for c in NAMED if c in df and df[c].astype(str).nunique() > 1] + swept
 
 
