@@ -2,13 +2,14 @@
 real beside CPU-burning processes, and the calibration store leaving busy cells out.
 
 The measurement windows here are 1.5 s each, on two cores: "the cell" (this test's process and a
-same-session child, as a rank is in the launcher's session) spins through them, and in one window
-two processes of other sessions burn CPU beside it."""
+child in a session of its own, as torchrun starts each rank) spins through them, and in one window
+two processes that are not in the cell's process tree burn CPU beside it."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,12 +37,12 @@ def _window(others: int) -> tuple[MachineLoad, float, float]:
     """A measurement window while this process and a same-session child spin, with `others`
     burners in sessions of their own beside it: the load, and the shares of the machine's cores
     that the cell's two processes and the burners used, from their own /proc times."""
-    rank = subprocess.Popen(BURN)  # the cell's second rank: its session
-    foreign = [subprocess.Popen(BURN, start_new_session=True) for _ in range(others)]
+    rank = subprocess.Popen(BURN, start_new_session=True)  # the cell's second rank, as torchrun starts it
+    foreign = [_orphan(BURN) for _ in range(others)]
     try:
         time.sleep(0.3)  # every burner running
         cell = [os.getpid(), rank.pid]
-        before = {p: _jiffies(p) for p in cell + [f.pid for f in foreign]}
+        before = {p: _jiffies(p) for p in cell + foreign}
         load = MachineLoad()
         t0 = time.perf_counter()
         load.start()
@@ -51,11 +52,20 @@ def _window(others: int) -> tuple[MachineLoad, float, float]:
         wall = time.perf_counter() - t0
         used = {p: _jiffies(p) - j for p, j in before.items()}
     finally:
-        for p in [rank, *foreign]:
-            p.kill()
-            p.wait()
+        rank.kill()
+        rank.wait()
+        for pid in foreign:
+            os.kill(pid, signal.SIGKILL)
     whole = len(load.cores) * wall * os.sysconf("SC_CLK_TCK")
-    return load, sum(used[p] for p in cell) / whole, sum(used[f.pid] for f in foreign) / whole
+    return load, sum(used[p] for p in cell) / whole, sum(used[p] for p in foreign) / whole
+
+
+def _orphan(command: list[str]) -> int:
+    """A process outside this one's tree: started by a child that exits at once (its parent is
+    then init or a subreaper), in a session of its own; its pid."""
+    starter = [sys.executable, "-c", "import subprocess, sys; "
+               f"print(subprocess.Popen({command!r}, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"]
+    return int(subprocess.run(starter, capture_output=True, text=True, check=True).stdout)
 
 
 @pytest.fixture
@@ -98,6 +108,42 @@ def _background() -> float:
     time.sleep(MachineLoad.MIN_WINDOW_S + 0.1)
     load.stop()
     return load.other_share
+
+
+def test_the_cell_is_the_tree_of_the_process_the_launcher_started(tmp_path):
+    """As the launcher starts torchrun (in a session of its own, with its pid in the environment)
+    and torchrun each rank (each in a session of its own): a rank's cell root is torchrun, and the
+    cell's processes are torchrun and every rank, not the launcher nor its other children."""
+    from steps.results.metrics import LAUNCHER_PID_ENV
+    from steps.trainer import measure
+
+    rank = ("import json, os, sys, time; from steps.trainer import measure; "
+            "root = measure.cell_root(); "
+            "print(json.dumps([root, sorted(measure._tree_jiffies(root))]), flush=True); time.sleep(30)")
+    agent = ("import subprocess, sys, time; "
+             f"ranks = [subprocess.Popen([sys.executable, '-c', {rank!r}], start_new_session=True) for _ in range(2)]; "
+             "[r.wait() for r in ranks]")
+    env = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid()), "PYTHONPATH": str(REPO)}
+    sidecar = subprocess.Popen(BURN)  # another child of the launcher (a card process): not the cell
+    torchrun = subprocess.Popen([sys.executable, "-c", agent], env=env, start_new_session=True,
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        seen = [json.loads(torchrun.stdout.readline()) for _ in range(2)]
+        ranks = sorted(p for p in measure._processes() if measure._processes().get(p, (0,))[0] == torchrun.pid)
+        assert len(ranks) == 2
+        for root, tree in seen:
+            assert root == torchrun.pid
+            assert tree == sorted([torchrun.pid, *ranks])
+        assert sidecar.pid not in seen[0][1] and os.getpid() not in seen[0][1]
+    finally:
+        os.killpg(torchrun.pid, signal.SIGKILL)
+        for pid in locals().get("ranks", []):
+            os.kill(pid, signal.SIGKILL)
+        sidecar.kill()
+        torchrun.wait()
+        sidecar.wait()
+    # Without the launcher, this process is its own cell.
+    assert measure.cell_root() == os.getpid() or os.environ.get(LAUNCHER_PID_ENV)
 
 
 def test_the_window_is_opened_and_closed_once_and_a_short_one_gives_no_share():

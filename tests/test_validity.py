@@ -105,4 +105,4 @@ def test_a_saved_twin_gets_the_note_with_its_own_numbers():
     assert "- **Memory ratios**: all 10 cells ran as CPU processes, whose resident set held 0.42-0.59 GB" in text
     assert ("- **OOMs**: all 10 cells ran under a cap of 1.6 GB per process (`train.memory_cap_gb`); 1 of 10 "
             "capped cells ran out of memory (`llama-30m-full-zero3-1x1-34fa447dbe`)") in text
-    assert "busy machine" not in text  # the twins predate the load measure: no cell is called busy
+    assert "busy machine" not in text  # no cell of this twin ran contended

@@ -27,6 +27,7 @@ from steps.plan import catalog
 from steps.plan.schema import CellSpec
 from steps.results.metrics import (
     HEARTBEAT_DIR,
+    LAUNCHER_PID_ENV,
     PARTIAL_CURVES,
     TRAINING,
     CellMetrics,
@@ -272,6 +273,7 @@ def _environment(cell: CellSpec, cores: list[int], port: int, gpus: list[int] | 
     if cell.world_size > 1 and cell.train.launcher == "deepspeed":
         env["FINETUNE_MATRIX_RANK_PREFIX"] = "1"  # DeepSpeed's launcher does not prefix lines
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env[LAUNCHER_PID_ENV] = str(os.getpid())  # the cell's processes: the tree of the one started here
     return env
 
 

@@ -97,7 +97,7 @@ def exclusion(row: Any, goal: Goal) -> str | None:
     if row["outcome"] != "ok":
         why = row.get("error")
         return f"{row['outcome']}" + (f": {str(why).splitlines()[0][:120]}" if isinstance(why, str) and why else "")
-    reason = not_learned(row)
+    reason = not_learned(row)  # from the row itself, not a `learned` column an edit may have left stale
     if reason:
         return reason
     checks = [("max_mem_gb", "peak_mem_gb", "GB of peak memory", 1), ("max_cost_usd", "cost_usd", "$ of cost", 1),
@@ -212,6 +212,22 @@ def decide(df: pd.DataFrame, goals: list[Goal], default: bool = False) -> list[d
     return out
 
 
+def heading(goal: Goal, default: bool, model: str | None) -> dict[str, Any]:
+    """The fields that open every record, measured or predicted (`steps.report.projected`): the
+    goal as stated, and the model it was decided for where the run has several."""
+    return {"name": goal.name, **({"model": model} if model is not None else {}), "objective": goal.objective,
+            "direction": "minimize" if goal.minimize else "maximize", "constraints": goal.constraints(),
+            "default": default}
+
+
+def title(rec: dict[str, Any]) -> str:
+    """How a record's sentence opens: '**name** for model (minimize label, constraint value)'."""
+    label = OBJECTIVES[rec["objective"]][0]
+    constraints = ", ".join(f"{k} {v:g}" for k, v in rec["constraints"].items())
+    return (f"**{rec['name']}**" + (f" for {rec['model']}" if rec.get("model") else "")
+            + f" ({rec['direction']} {label}" + (f", {constraints}" if constraints else "") + ")")
+
+
 def _decide_one(frame: pd.DataFrame, goal: Goal, default: bool, model: str | None,
                 loss: tuple[dict[str, float], str], targets: dict[str, float]) -> dict[str, Any]:
     objective, sign = goal.objective, (1 if goal.minimize else -1)
@@ -225,9 +241,7 @@ def _decide_one(frame: pd.DataFrame, goal: Goal, default: bool, model: str | Non
                       f"{MIN_LOSS_EFFECT:.1%} of the value",
            "accuracy": "the binomial 95% interval over the cell's validation examples"}.get(
         kind, noise.get(objective, (0, ""))[1])
-    record: dict[str, Any] = {"name": goal.name, **({"model": model} if model is not None else {}),
-                              "objective": objective, "direction": "minimize" if goal.minimize else "maximize",
-                              "constraints": goal.constraints(), "default": default, "choice": None,
+    record: dict[str, Any] = {**heading(goal, default, model), "choice": None,
                               "value": None, "interval": None, "runner_up": None, "margin": None,
                               "margin_interval": None, "tied_with": [], "excluded": excluded,
                               "noise": how, "candidates": int(len(live)),
@@ -346,7 +360,8 @@ def to_target(df: pd.DataFrame, target: float | None) -> tuple[pd.DataFrame, dic
     return df.assign(cost_to_target_usd=df["time_to_target_s"] * df["cost_usd"] / df["wall_s"]), targets
 
 
-def _fmt(value: float, objective: str) -> str:
+def fmt(value: float, objective: str) -> str:
+    """A value in its objective's unit, to the precision a decision states."""
     unit = OBJECTIVES[objective][1]
     if unit == "%":
         return f"{value:.1%}"
@@ -367,30 +382,29 @@ def sentences(records: list[dict[str, Any]], df: pd.DataFrame) -> list[str]:
         label = OBJECTIVES[objective][0]
         model = rec.get("model")
         varying = _varying(df if model is None else df[df["model"].astype(str) == model])
-        head = f"**{rec['name']}**" + (f" for {model}" if model else "") + f" ({rec['direction']} {label}" + (
-            ", " + ", ".join(f"{k} {v:g}" for k, v in rec["constraints"].items()) if rec["constraints"] else "") + ")"
-        reasons = _reasons(rec["excluded"])
+        head = title(rec)
+        reasons = count_reasons(rec["excluded"])
         if rec["choice"] is None:
             out.append(f"{head}: no cell qualifies. " + (f"Excluded: {reasons}." if reasons else "No cell ran."))
             continue
         lo, hi = rec["interval"]
         mean = f"mean of {rec['repeats']} repeats " if rec.get("repeats", 1) > 1 else ""
-        text = (f"{head}: {describe(rows[rec['choice']], varying)}, {label} {mean}{_fmt(rec['value'], objective)} "
-                f"(interval {_fmt(lo, objective)} to {_fmt(hi, objective)})")
+        text = (f"{head}: {describe(rows[rec['choice']], varying)}, {label} {mean}{fmt(rec['value'], objective)} "
+                f"(interval {fmt(lo, objective)} to {fmt(hi, objective)})")
         if rec["tied_with"]:
             names = "; ".join(describe(rows[c], varying) for c in rec["tied_with"][:4])
             more = f" and {len(rec['tied_with']) - 4} more" if len(rec["tied_with"]) > 4 else ""
             text += f". Tied within the noise with {names}{more}: the data cannot tell them apart"
         elif rec["runner_up"] is not None:
             m, (mlo, mhi) = rec["margin"], rec["margin_interval"]
-            text += (f". Ahead of {describe(rows[rec['runner_up']], varying)} by {_fmt(abs(m), objective)} "
-                     f"(interval {_fmt(abs(mlo), objective)} to {_fmt(abs(mhi), objective)})")
+            text += (f". Ahead of {describe(rows[rec['runner_up']], varying)} by {fmt(abs(m), objective)} "
+                     f"(interval {fmt(abs(mlo), objective)} to {fmt(abs(mhi), objective)})")
         text += "." + (f" Excluded: {reasons}." if reasons else "")
         out.append(text)
     return out
 
 
-def _reasons(excluded: dict[str, str]) -> str:
+def count_reasons(excluded: dict[str, str]) -> str:
     """The exclusions counted by kind ('2 did not learn, 1 oom')."""
     kinds: dict[str, int] = {}
     for why in excluded.values():

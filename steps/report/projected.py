@@ -180,9 +180,8 @@ def decide(configs: list[Configuration], goals: list[Goal], default: bool, compu
 def _record(goal: Goal, default: bool, model: str | None) -> dict[str, Any]:
     """The fields every predicted record has, as `decision.decide` names them."""
     unchecked = [k for k in UNCHECKED if getattr(goal, k) is not None]
-    return {"name": goal.name, **({"model": model} if model is not None else {}), "objective": goal.objective,
-            "direction": "minimize" if goal.minimize else "maximize", "constraints": goal.constraints(),
-            "default": default, "predicted": True, "choice": None, "choice_cells": [], "value": None, "interval": None,
+    return {**decision.heading(goal, default, model), "predicted": True, "choice": None, "choice_cells": [],
+            "value": None, "interval": None,
             "runner_up": None, "margin": None, "margin_interval": None, "tied_with": [], "excluded": {},
             "noise": noise(goal.objective) if goal.objective not in CANNOT else "",
             "unchecked": unchecked, "cannot_predict": None}
@@ -283,7 +282,7 @@ def _varying(rows: list[dict[str, Any]]) -> list[str]:
 def _fmt(value: float, objective: str) -> str:
     """`decision`'s format, a count to 3 significant figures: a prediction has no more."""
     if decision.OBJECTIVES[objective][1] or abs(value) < 1000:
-        return decision._fmt(value, objective)
+        return decision.fmt(value, objective)
     return f"{round(value, 2 - int(math.floor(math.log10(abs(value))))):,.0f}"
 
 
@@ -303,13 +302,12 @@ def sentences(projection: Projection) -> list[str]:
         objective = rec["objective"]
         label = decision.OBJECTIVES[objective][0]
         model = rec.get("model")
-        head = f"**{rec['name']}**" + (f" for {model}" if model else "") + f" ({rec['direction']} {label}" + (
-            ", " + ", ".join(f"{k} {v:g}" for k, v in rec["constraints"].items()) if rec["constraints"] else "") + ")"
+        head = decision.title(rec)
         if rec["cannot_predict"]:
             out.append(f"{head}: cannot be predicted: {rec['cannot_predict']}.")
             continue
         varying = _varying([_row(c) for c in projection.configs if model is None or c.cell.model == model])
-        reasons = decision._reasons({c: why for c, why in rec["excluded"].items() if c in by_id})
+        reasons = decision.count_reasons({c: why for c, why in rec["excluded"].items() if c in by_id})
         unchecked = (f" Not checked: {', '.join(rec['unchecked'])} (the plan predicts no loss or accuracy)."
                      if rec["unchecked"] else "")
         if rec["choice"] is None:

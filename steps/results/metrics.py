@@ -70,6 +70,11 @@ def write_json_atomic(path: Path, data: dict[str, Any], first_wins: bool = False
     return True
 
 
+LAUNCHER_PID_ENV = "FINETUNE_MATRIX_LAUNCHER_PID"
+"""Set by the launcher for the process it starts (the trainer's `measure.cell_root`): the cell's
+processes are that process's tree."""
+
+
 class _Record(BaseModel):
     """Declared names only; values checked when set. Read by name like the JSON it is written
     as (`m["loss_curve"][0]["loss"]`)."""

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from steps.estimate import params
+from steps.results.metrics import LAUNCHER_PID_ENV
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -140,9 +141,8 @@ def _cores_jiffies(cores: set[int]) -> tuple[int, int]:
     return busy, total
 
 
-def _session_jiffies(session: int) -> dict[int, int]:
-    """User + system jiffies of each live process of `session` (all its threads), by pid: the
-    cell's process tree, as the launcher starts each cell in a session of its own."""
+def _processes() -> dict[int, tuple[int, int]]:
+    """(parent pid, user + system jiffies of all its threads) of every live process, by pid."""
     out = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -153,8 +153,41 @@ def _session_jiffies(session: int) -> dict[int, int]:
         except OSError:  # gone since the listing
             continue
         fields = text[text.rindex(b")") + 2:].split()  # from field 3 (state): the name may hold spaces
-        if int(fields[3]) == session:
-            out[int(entry.name)] = int(fields[11]) + int(fields[12])
+        out[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    return out
+
+
+def cell_root() -> int:
+    """The process at the top of this cell's process tree: the one the launcher started (torchrun,
+    DeepSpeed's launcher or the trainer itself). torchrun puts each rank in a session of its own,
+    so a session is not the cell; the tree under that process is. Without the launcher (a
+    trainer started by hand), torchrun's agent where there is one, else this process."""
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV) or 0)
+    if not launcher:
+        return os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else os.getpid()
+    try:
+        parents = _processes()
+    except OSError:  # no /proc: only the load average is measured
+        return os.getpid()
+    pid = os.getpid()
+    while pid in parents and parents[pid][0] not in (launcher, 0, 1):
+        pid = parents[pid][0]
+    return pid
+
+
+def _tree_jiffies(root: int) -> dict[int, int]:
+    """User + system jiffies of each live process of the tree under `root` (itself included, all
+    their threads), by pid: the cell's processes."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs and pid not in out:
+            out[pid] = procs[pid][1]
+            todo += children.get(pid, [])
     return out
 
 
@@ -163,7 +196,7 @@ class MachineLoad:
     average at the start and the end, and `other_cpu_share`, the share of the cell's cores (its
     CPU affinity: the cores the launcher pinned it to, the whole host where it is not pinned)
     that processes outside the cell used. That is the cores' busy time (/proc/stat) minus the
-    CPU time of the cell's own processes (its session: torchrun, every rank, their threads),
+    CPU time of the cell's own processes (`cell_root`'s tree: torchrun, every rank, their threads),
     over the cores' whole time. Two reads of /proc, at `start` and `stop`, no thread.
 
     A process of the cell that ends inside the window loses its time to "other" (the share errs
@@ -174,18 +207,18 @@ class MachineLoad:
     """The kernel counts CPU time in ticks (100 a second): over a shorter window a share would be
     a handful of ticks, its error tens of percent."""
 
-    def __init__(self, cores: set[int] | None = None, session: int | None = None):
+    def __init__(self, cores: set[int] | None = None, root: int | None = None):
         if cores is None:  # not Linux: every core (no /proc either: only the load average is read)
             cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
         self.cores = set(cores)
-        self.session = session if session is not None else os.getsid(0)
+        self.root = root if root is not None else cell_root()
         self.load_start = self.load_end = self.other_share = self.busy_share = self.own_share = None
         self._at_start: tuple[tuple[int, int], dict[int, int]] | None = None
         self._t0 = 0.0
 
     def _read(self) -> tuple[tuple[int, int], dict[int, int]] | None:
         try:
-            return _cores_jiffies(self.cores), _session_jiffies(self.session)
+            return _cores_jiffies(self.cores), _tree_jiffies(self.root)
         except (OSError, ValueError):
             return None
 
