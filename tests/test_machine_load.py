@@ -34,8 +34,8 @@ def _jiffies(pid: int) -> int:
 
 
 def _window(others: int) -> tuple[MachineLoad, float, float]:
-    """A measurement window while this process and a same-session child spin, with `others`
-    burners in sessions of their own beside it: the load, and the shares of the machine's cores
+    """A measurement window while this process and a child in a session of its own spin, with
+    `others` burners outside this process's tree beside it: the load, and the shares of the machine's cores
     that the cell's two processes and the burners used, from their own /proc times."""
     rank = subprocess.Popen(BURN, start_new_session=True)  # the cell's second rank, as torchrun starts it
     foreign = [_orphan(BURN) for _ in range(others)]
@@ -63,8 +63,9 @@ def _window(others: int) -> tuple[MachineLoad, float, float]:
 def _orphan(command: list[str]) -> int:
     """A process outside this one's tree: started by a child that exits at once (its parent is
     then init or a subreaper), in a session of its own; its pid."""
-    starter = [sys.executable, "-c", "import subprocess, sys; "
-               f"print(subprocess.Popen({command!r}, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"]
+    quiet = "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL"  # else run() waits for the burner's pipes
+    starter = [sys.executable, "-c",
+               f"import subprocess; print(subprocess.Popen({command!r}, start_new_session=True, {quiet}).pid)"]
     return int(subprocess.run(starter, capture_output=True, text=True, check=True).stdout)
 
 
@@ -110,7 +111,7 @@ def _background() -> float:
     return load.other_share
 
 
-def test_the_cell_is_the_tree_of_the_process_the_launcher_started(tmp_path):
+def test_the_cell_is_the_tree_of_the_process_the_launcher_started(monkeypatch):
     """As the launcher starts torchrun (in a session of its own, with its pid in the environment)
     and torchrun each rank (each in a session of its own): a rank's cell root is torchrun, and the
     cell's processes are torchrun and every rank, not the launcher nor its other children."""
@@ -127,23 +128,27 @@ def test_the_cell_is_the_tree_of_the_process_the_launcher_started(tmp_path):
     sidecar = subprocess.Popen(BURN)  # another child of the launcher (a card process): not the cell
     torchrun = subprocess.Popen([sys.executable, "-c", agent], env=env, start_new_session=True,
                                 stdout=subprocess.PIPE, text=True)
+    def ranks() -> list[int]:
+        return sorted(pid for pid, (ppid, _) in measure._processes().items() if ppid == torchrun.pid)
+
     try:
         seen = [json.loads(torchrun.stdout.readline()) for _ in range(2)]
-        ranks = sorted(p for p in measure._processes() if measure._processes().get(p, (0,))[0] == torchrun.pid)
-        assert len(ranks) == 2
+        assert len(ranks()) == 2
         for root, tree in seen:
             assert root == torchrun.pid
-            assert tree == sorted([torchrun.pid, *ranks])
+            assert tree == sorted([torchrun.pid, *ranks()])
         assert sidecar.pid not in seen[0][1] and os.getpid() not in seen[0][1]
     finally:
-        os.killpg(torchrun.pid, signal.SIGKILL)
-        for pid in locals().get("ranks", []):
+        for pid in ranks():  # before torchrun: once it is gone they are no longer its children
             os.kill(pid, signal.SIGKILL)
+        os.killpg(torchrun.pid, signal.SIGKILL)
         sidecar.kill()
         torchrun.wait()
         sidecar.wait()
-    # Without the launcher, this process is its own cell.
-    assert measure.cell_root() == os.getpid() or os.environ.get(LAUNCHER_PID_ENV)
+    # Without the launcher (a trainer started by hand, no torchrun), the process is its own cell.
+    monkeypatch.delenv(LAUNCHER_PID_ENV, raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert measure.cell_root() == os.getpid()
 
 
 def test_the_window_is_opened_and_closed_once_and_a_short_one_gives_no_share():
