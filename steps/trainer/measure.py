@@ -211,7 +211,7 @@ class MachineLoad:
         if cores is None:  # not Linux: every core (no /proc either: only the load average is read)
             cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
         self.cores = set(cores)
-        self.root = root if root is not None else cell_root()
+        self.root = root  # the cell's process tree, found when the window opens (`cell_root`)
         self.load_start = self.load_end = self.other_share = self.busy_share = self.own_share = None
         self._at_start: tuple[tuple[int, int], dict[int, int]] | None = None
         self._t0 = 0.0
@@ -226,6 +226,8 @@ class MachineLoad:
         """Open the window (once: later calls are no-ops)."""
         if self.load_start is None:
             self.load_start = os.getloadavg()[0]
+            if self.root is None:  # here, not at construction: every rank builds one, rank 0 opens it
+                self.root = cell_root()
             self._at_start = self._read()
             self._t0 = time.monotonic()
 
