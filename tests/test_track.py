@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -126,54 +127,99 @@ FLOW_MATRIX = {
 }
 
 
-def test_a_two_cell_flow_logs_a_parent_run_with_its_cells_as_children(tmp_path):
+@pytest.fixture(scope="module")
+def tracked_flow(tmp_path_factory):
+    """The two-cell matrix through the flow, logging to all three trackers, with MLflow behind a
+    front that refuses every request without the user and password its URI carries, and known
+    secret values in the environment (what `test_secrets` then looks for in everything written)."""
+    from tests.test_flow import run_flow
+    from tests.test_secrets import SECRET_VARIABLES, basic_auth_proxy
+
+    tmp_path = tmp_path_factory.mktemp("tracked-flow")
+    values = {name: f"{name.lower()}-{secrets.token_hex(16)}" for name in SECRET_VARIABLES}
+    password = f"uri-password-{secrets.token_hex(16)}"
+    with pytest.MonkeyPatch.context() as mp, mlflow_server(tmp_path / "mlflow") as (uri, _), \
+            basic_auth_proxy(uri, "alice", password) as (front, refused):
+        for name, value in values.items():
+            mp.setenv(name, value)
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            mp.delenv(name, raising=False)  # parsing the matrix here sets them: undone at the end
+        tracking_uri = front.replace("http://", f"http://alice:{password}@") + "/"
+        matrix = {**FLOW_MATRIX, "track": {"mlflow": {"tracking_uri": tracking_uri, "experiment": "flow"},
+                                           "tensorboard": {"dir": str(tmp_path / "tb")},
+                                           "wandb": {"project": "flow", "mode": "offline"}}}
+        started = time.time()
+        status, pathspec, output = run_flow(tmp_path, matrix, max_workers=2)
+        assert status == "successful", output[-4000:]
+        yield {"tmp": tmp_path, "uri": uri, "front": front, "refused": refused, "pathspec": pathspec,
+               "output": output, "hidden": {**values, "the URI's password": password}, "started": started}
+
+
+def test_a_two_cell_flow_logs_a_parent_run_with_its_cells_as_children(tracked_flow):
     from metaflow import Run, namespace
     from mlflow.tracking import MlflowClient
 
-    from tests.test_flow import run_flow
+    tmp_path, uri, pathspec = tracked_flow["tmp"], tracked_flow["uri"], tracked_flow["pathspec"]
+    # every request of the flow's and the trainers' clients carried the URI's credentials
+    assert tracked_flow["refused"] == []
+    namespace(None)
+    df = Run(pathspec)["join"].task["results"].data.set_index("cell_id")
+    client = MlflowClient(tracking_uri=uri)  # behind the front: no credentials needed
+    experiment = client.get_experiment_by_name("flow").experiment_id
+    runs = client.search_runs([experiment])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.data.tags["metaflow_run_id"] == pathspec.split("/")[1]
+    assert sorted(c.info.run_name for c in children) == sorted(df.index)
+    for child in children:
+        row = df.loc[child.info.run_name]
+        assert child.info.status == "FINISHED" and child.data.tags["outcome"] == "ok"
+        assert child.data.tags["metaflow_pathspec"].startswith(pathspec + "/train/")
+        assert child.data.params["train.lora.r"] == str(int(row["train.lora.r"]))
+        history = sorted(client.get_metric_history(child.info.run_id, "loss"), key=lambda h: h.step)
+        assert [(h.step, pytest.approx(h.value, rel=1e-6)) for h in history] == [
+            (p["step"], p["loss"]) for p in json.loads(row["loss_curve"])]
+        assert child.data.metrics["val_loss"] == pytest.approx(row["val_loss"], rel=1e-6)
+        assert "adapter/adapter_config.json" in [a.path for a in client.list_artifacts(child.info.run_id, "adapter")]
+    assert {"results.parquet", "report.html"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # the same matrix's TensorBoard folders and W&B offline runs hold the same curves
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    with mlflow_server(tmp_path / "mlflow") as (uri, _):
-        matrix = {**FLOW_MATRIX, "track": {"mlflow": {"tracking_uri": uri, "experiment": "flow"},
-                                           "tensorboard": {"dir": str(tmp_path / "tb")},
-                                           "wandb": {"project": "flow", "mode": "offline"}}}
-        status, pathspec, output = run_flow(tmp_path, matrix, max_workers=2)
-        assert status == "successful", output[-4000:]
-        namespace(None)
-        df = Run(pathspec)["join"].task["results"].data.set_index("cell_id")
-        client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name("flow").experiment_id
-        runs = client.search_runs([experiment])
-        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-        assert parent.data.tags["metaflow_run_id"] == pathspec.split("/")[1]
-        assert sorted(c.info.run_name for c in children) == sorted(df.index)
-        for child in children:
-            row = df.loc[child.info.run_name]
-            assert child.info.status == "FINISHED" and child.data.tags["outcome"] == "ok"
-            assert child.data.tags["metaflow_pathspec"].startswith(pathspec + "/train/")
-            assert child.data.params["train.lora.r"] == str(int(row["train.lora.r"]))
-            history = sorted(client.get_metric_history(child.info.run_id, "loss"), key=lambda h: h.step)
-            assert [(h.step, pytest.approx(h.value, rel=1e-6)) for h in history] == [
-                (p["step"], p["loss"]) for p in json.loads(row["loss_curve"])]
-            assert child.data.metrics["val_loss"] == pytest.approx(row["val_loss"], rel=1e-6)
-            assert "adapter/adapter_config.json" in [a.path for a in client.list_artifacts(child.info.run_id, "adapter")]
-        assert {"results.parquet", "report.html"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-        # the same matrix's TensorBoard folders and W&B offline runs hold the same curves
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tests.wandb_log import run_of
 
-        from tests.wandb_log import run_of
+    run_id = pathspec.split("/")[1]
+    for cid, row in df.iterrows():
+        curve = [(p["step"], p["loss"]) for p in json.loads(row["loss_curve"])]
+        events = EventAccumulator(str(tmp_path / "tb" / run_id / cid))
+        events.Reload()
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("loss")] == curve
+        (offline,) = (tmp_path / "reports" / run_id / "cells" / cid / "wandb").glob("offline-run-*/run-*.wandb")
+        kept = run_of(offline)
+        assert kept["config"]["train.lora.r"] == int(row["train.lora.r"]) and kept["summary"]["outcome"] == "ok"
+        assert [(h["_step"], pytest.approx(h["loss"], rel=1e-6)) for h in kept["history"] if "loss" in h] == curve
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
-        run_id = pathspec.split("/")[1]
-        for cid, row in df.iterrows():
-            curve = [(p["step"], p["loss"]) for p in json.loads(row["loss_curve"])]
-            events = EventAccumulator(str(tmp_path / "tb" / run_id / cid))
-            events.Reload()
-            assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("loss")] == curve
-            (offline,) = (tmp_path / "reports" / run_id / "cells" / cid / "wandb").glob("offline-run-*/run-*.wandb")
-            kept = run_of(offline)
-            assert kept["config"]["train.lora.r"] == int(row["train.lora.r"]) and kept["summary"]["outcome"] == "ok"
-            assert [(h["_step"], pytest.approx(h["loss"], rel=1e-6)) for h in kept["history"] if "loss" in h] == curve
-        assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+def test_the_flow_writes_no_secret_anywhere(tracked_flow):
+    """Issue 42: the URI's password and the secret variables' values are in no file of the run's
+    folder or of Metaflow's datastore that this flow wrote (artifacts, logs, cards, metadata), nor
+    in the terminal, nor in the trackers' parameters and tags; the provenance shows `alice:***@`."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import METAFLOW_ROOT
+    from tests.test_secrets import files_holding, printed
+
+    hidden, tmp_path, run_id = tracked_flow["hidden"], tracked_flow["tmp"], tracked_flow["pathspec"].split("/")[1]
+    written = [p for p in METAFLOW_ROOT.rglob("*") if p.is_file() and p.stat().st_mtime >= tracked_flow["started"]]
+    assert len(written) > 50  # the run's artifacts, logs, metadata and cards
+    assert files_holding([tmp_path / "reports", tmp_path / "tb"], hidden) + files_holding(written, hidden) == []
+    assert printed(tracked_flow["output"], hidden) == []
+    client = MlflowClient(tracking_uri=tracked_flow["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("flow").experiment_id])
+    assert len(runs) == 3 and all(secret not in repr(r.data.params) + repr(r.data.tags)
+                                  for r in runs for secret in hidden.values())
+    port = tracked_flow["front"].rsplit(":", 1)[1]
+    assert f"alice:***@127.0.0.1:{port}/" in (tmp_path / "reports" / run_id / "provenance.json").read_text()
 
 
 def test_an_unreachable_tracking_server_fails_start_naming_track_mlflow(tmp_path):

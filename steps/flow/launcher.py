@@ -24,6 +24,7 @@ import yaml
 from steps import REPO_ROOT
 from steps.flow import cpu_slots
 from steps.plan import catalog
+from steps.plan.credentials import redact
 from steps.plan.schema import CellSpec
 from steps.results.metrics import (
     HEARTBEAT_DIR,
@@ -78,8 +79,10 @@ def trainer_command(cell: CellSpec, cell_file: Path, out_dir: Path, port: int,
 
 
 def _pump(stream: TextIO, log: TextIO, echo: bool, prefix: str) -> None:
+    """The trainer's lines (its libraries' included) into the log and the terminal, a URI's
+    credentials redacted."""
     for line in stream:
-        line = prefix + line
+        line = redact(prefix + line)
         log.write(line)
         log.flush()
         if echo:

@@ -23,6 +23,7 @@ from steps import REPO_ROOT, git_commit, reports_root
 from steps.estimate import calibrate, matrix_plan
 from steps.flow import compute, cpu_slots, launcher, priority, tracking
 from steps.plan import catalog, equivalence
+from steps.plan.credentials import redact_tree, unset_names
 from steps.plan.matrix import parse_matrix, plain
 from steps.plan.schema import CellSpec, ConfigError
 from steps.results.metrics import HEARTBEAT_DIR, PARTIAL_CURVES, CellMetrics, versions
@@ -51,9 +52,13 @@ def plan(matrix: dict[str, Any], run_id: str | None = None, flow: str = "Finetun
     before launch (`Saving.to_dict()`), which the report sets against the measured one. The plan
     (every column, the probe entries, the calibrations used) goes to `plan.csv` in the run's
     folder, which the report scores against what ran. The trackers (`track:`) are checked and
-    the MLflow parent run opened: each cell carries its context."""
+    the MLflow parent run opened: each cell carries its context. Under SageMaker, the variables
+    `remote.env` names must be set here: the jobs get their values from this environment."""
     spec = parse_matrix(plain(matrix))
     try:
+        if spec.compute == "sagemaker" and (unset := unset_names(spec.remote.env)):
+            raise ConfigError([f"remote.env: {', '.join(unset)} not set on this machine; each cell's job gets the "
+                               "variables remote.env names from the environment the flow starts in"], spec.name)
         planned, planned_matrix = matrix_plan.plan_spec(spec, check="always")
         if all(p.refused for p in planned):
             raise ConfigError(nothing_runs(planned), spec.name)
@@ -331,8 +336,10 @@ def fail_if_error(metrics: dict[str, Any], out_root: Path, matrix: dict[str, Any
 
 def provenance(run_id: str, flow: str, matrix: dict[str, Any],
                planned_saving: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What made the run: its matrix, commit and versions, and `economy:`'s predicted saving."""
-    matrix = plain(matrix)
+    """What made the run: its matrix, commit and versions, and `economy:`'s predicted saving.
+    The matrix as parsed has its URIs' credentials redacted already; a run resumed from one
+    parsed before that may not (`redact_tree`)."""
+    matrix = redact_tree(plain(matrix))
     blob = json.dumps(matrix, sort_keys=True, default=str).encode()
     commit = git_commit()
     return {"run_id": run_id, "flow": flow, "matrix": matrix.get("name", ""),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from steps import REPO_ROOT, git_commit
+from steps.plan.credentials import MissingCredentials, client_uri, redact
 from steps.plan.schema import CellSpec, MatrixSpec, TrackContext
 from steps.results.metrics import TRACK_FILE, mlflow_status
 
@@ -27,7 +28,7 @@ class TrackerUnreachable(ValueError):
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=client_uri(uri))  # the credentials: in MLflow's variables
 
 
 def start(spec: MatrixSpec, run_id: str, flow: str) -> TrackContext | None:
@@ -47,10 +48,13 @@ def start(spec: MatrixSpec, run_id: str, flow: str) -> TrackContext | None:
             parent = client.create_run(experiment, run_name=f"{spec.name}-{run_id}", tags={
                 "metaflow_run_id": run_id, "metaflow_pathspec": f"{flow}/{run_id}", "matrix": spec.name,
                 **({"git_commit": commit} if commit else {})}).info.run_id
+        except MissingCredentials as exc:
+            problems.append(f"track.mlflow.tracking_uri: {exc}")
         except Exception as exc:  # noqa: BLE001 - whatever the client raises, say what to check
-            problems.append(f"track.mlflow: cannot reach the tracking server at {track.mlflow.tracking_uri!r} "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check that `mlflow server` "
-                            "runs there and that this machine can reach it")
+            why = redact(str(exc).splitlines()[0][:200])
+            problems.append(f"track.mlflow: cannot reach the tracking server at {redact(track.mlflow.tracking_uri)!r} "
+                            f"({type(exc).__name__}: {why}); check that `mlflow server` runs there and that this "
+                            "machine can reach it")
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -103,7 +107,7 @@ def close_cell(cell: CellSpec, out_dir: Path, metrics: dict[str, Any]) -> None:
             client.set_tag(ids["run_id"], "outcome", outcome)
             client.set_terminated(ids["run_id"], status=mlflow_status(outcome))
     except Exception as exc:  # noqa: BLE001 - a tracker never fails a cell
-        print(f"warning: track.mlflow: could not close the cell's run ({type(exc).__name__}: {exc})")
+        print(f"warning: track.mlflow: could not close the cell's run ({type(exc).__name__}: {redact(str(exc))})")
 
 
 def _top_up(client: Any, run_id: str, metrics: dict[str, Any]) -> None:
@@ -130,4 +134,5 @@ def finish(cell: CellSpec, paths: dict[str, Any]) -> None:
                 client.log_artifact(context.mlflow_parent, str(paths[key]))
         client.set_terminated(context.mlflow_parent, status="FINISHED")
     except Exception as exc:  # noqa: BLE001 - the results are saved: a tracker must not lose the run
-        print(f"warning: track.mlflow: could not log the results to the parent run ({type(exc).__name__}: {exc})")
+        print(f"warning: track.mlflow: could not log the results to the parent run ({type(exc).__name__}: "
+              f"{redact(str(exc))})")

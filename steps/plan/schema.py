@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from steps.plan.credentials import redact, take_credentials
 from steps.plan.layout import ParallelLayout
 
 Peft = Literal["full", "lora", "qlora", "dora"]
@@ -295,6 +296,12 @@ class MlflowTrack(Strict):
     tracking_uri: str = Field(min_length=1)
     experiment: str = Field(min_length=1)
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _credentials_out(cls, value: str) -> str:
+        """`user:***@` kept, the credentials moved into MLflow's variables (`steps.plan.credentials`)."""
+        return take_credentials(value)
+
 
 class WandbTrack(Strict):
     """A Weights & Biases project: one run per cell, grouped by the matrix run. `offline` keeps
@@ -356,6 +363,8 @@ IMAGE_REFERENCE = re.compile(
     rf"^(?:{_DOMAIN}/)?{_PATH}(?:/{_PATH})*(?::[\w][\w.-]{{0,127}})?"
     r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$")
 
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
 
 class RemoteSettings(Strict):
     """What remote compute needs beyond the instance catalog's facts: Metaflow's @kubernetes /
@@ -402,6 +411,18 @@ class RemoteSettings(Strict):
     # download) before SageMaker stops it (MaxRuntimeInSeconds = timeout_s + this).
     startup_allowance_s: PositiveInt = 1800
     poll_s: PositiveFloat = 15.0  # how often the train step asks SageMaker how its job is doing
+    # Variables of the machine that starts the flow each cell's job gets, by name (a token, the
+    # tracker's credentials): no other value of this environment reaches a job. (Kubernetes and
+    # Batch tasks are Metaflow's: its secrets give them variables by name, docs/remote.md.)
+    env: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("env")
+    @classmethod
+    def _variable_names(cls, value: list[str]) -> list[str]:
+        if bad := [v for v in value if not ENV_NAME.match(v)]:
+            raise ValueError(f"not variable names: {', '.join(map(repr, bad))} (letters, digits and _, "
+                             "not starting with a digit)")
+        return list(dict.fromkeys(value))
 
 
 # Which remote keys each compute reads; a key set for another compute is reported.
@@ -409,7 +430,7 @@ REMOTE_KEYS = {
     "kubernetes": {"image", "namespace", "service_account", "node_selector_label", "shared_memory_mb", "disk_mb"},
     "batch": {"image", "queue", "shared_memory_mb"},
     "sagemaker": {"image", "role", "region", "s3_prefix", "spot", "max_wait_s", "volume_gb", "keep_alive_s",
-                  "subnets", "security_groups", "tags", "startup_allowance_s", "poll_s"},
+                  "subnets", "security_groups", "tags", "startup_allowance_s", "poll_s", "env"},
 }
 
 
@@ -595,8 +616,8 @@ class ConfigError(ValueError):
     """Every problem of a config, each on its own line, raised before any compute."""
 
     def __init__(self, problems: list[str], source: str = "matrix"):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
+        self.problems = [redact(p) for p in problems]  # a bad value is quoted: never a URI's password
+        lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
 
 

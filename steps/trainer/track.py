@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from steps.plan.credentials import client_uri, redact
 from steps.plan.schema import AXIS_FIELD, CellSpec
 from steps.results.metrics import TRACK_FILE, LossPoint, ValPoint, mlflow_status
 
@@ -66,7 +67,8 @@ class MlflowTracker:
         settings, ctx = cell.track.mlflow, cell.track_context
         for key, value in RETRIES.items():  # a server gone mid-run costs seconds, not minutes of retries
             os.environ.setdefault(key, value)
-        self.client = MlflowClient(tracking_uri=settings.tracking_uri)
+        # The URI without its credentials, which MLflow reads from its own variables (steps.plan.credentials).
+        self.client = MlflowClient(tracking_uri=client_uri(settings.tracking_uri))
         experiment = (ctx.mlflow_experiment_id if ctx and ctx.mlflow_experiment_id else
                       _experiment_id(self.client, settings.experiment))
         tags = {**tags_of(cell), "outcome": "running"}
@@ -74,7 +76,7 @@ class MlflowTracker:
             tags["mlflow.parentRunId"] = ctx.mlflow_parent
         self.run_id = self.client.create_run(experiment, run_name=cell.cell_id, tags=tags).info.run_id
         (out / TRACK_FILE).write_text(json.dumps({"mlflow": {"run_id": self.run_id,
-                                                             "tracking_uri": settings.tracking_uri}}))
+                                                             "tracking_uri": redact(settings.tracking_uri)}}))
         params = [Param(k, str(v)) for k, v in params_of(cell).items()]
         for i in range(0, len(params), 100):  # the server takes at most 100 parameters a request
             self.client.log_batch(self.run_id, params=params[i : i + 100])
@@ -189,7 +191,7 @@ class Trackers:
             call()
             return True
         except Exception as exc:  # noqa: BLE001 - a tracker never fails the cell
-            print(f"warning: track.{name} failed ({type(exc).__name__}: {str(exc)[:300]}); the cell goes on "
+            print(f"warning: track.{name} failed ({type(exc).__name__}: {redact(str(exc))[:300]}); the cell goes on "
                   "without it, its metrics are in metrics.json", file=sys.stderr, flush=True)
             return False
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from steps.plan import catalog
+from steps.plan.credentials import named_environment
 from steps.plan.schema import CellSpec
 
 # The SDK appends "-YYYYmmddHHMMSS" (15 characters) to the base name; SageMaker allows 63.
@@ -145,6 +146,7 @@ def plan_job(cell: CellSpec, remote: dict[str, Any], run_id: str, attempt: int, 
         "FINETUNE_MATRIX_CHECKPOINT_DIR": CHECKPOINT_LOCAL,
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        **named_environment(remote.get("env") or []),
     }
     return JobPlan(
         base_name=base_job_name(run_id, cell.cell_id, attempt),

@@ -30,6 +30,7 @@ from steps.flow.compute import package_files
 from steps.flow.sagemaker import job as jobs
 from steps.flow.sagemaker.outcome import TERMINAL, job_result, refused_result
 from steps.flow.sagemaker.service_model import request_problems
+from steps.plan.credentials import redact
 from steps.plan.schema import CellSpec
 from steps.results.metrics import CellMetrics
 
@@ -196,7 +197,7 @@ class LogTail:
                 kwargs = {"nextToken": self.tokens[name]} if name in self.tokens else {"startFromHead": True}
                 page = self.logs.get_log_events(logGroupName=LOG_GROUP, logStreamName=name, **kwargs)
                 for event in page["events"]:
-                    echo(f"[{host}] {event['message']}" if self.hosts > 1 else event["message"])
+                    echo(redact(f"[{host}] {event['message']}" if self.hosts > 1 else event["message"]))
                     lines += 1
                 same = page.get("nextForwardToken") == self.tokens.get(name)
                 self.tokens[name] = page.get("nextForwardToken")
