@@ -75,7 +75,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup browser
-	$(BIN)/python -m pytest -m "not gpu and not containers" -n $(TEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu and not containers" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30 $(PYTEST_ARGS)
 
 # The cells in real containers (tests marked `containers`): the CPU image on a local Debian base
 # (make image-base, make image), one cell's trainer run in it by hand, and a matrix through the
@@ -89,7 +89,7 @@ test-containers: setup engines
 
 # The quick loop: everything but the slow tests (under a minute).
 test-quick: setup browser
-	$(BIN)/python -m pytest -m "not gpu and not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu and not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # On a machine with an NVIDIA GPU: the GPU checks (tests/test_gpu.py), and the GPU bench at real
 # shapes (python -m steps.bench --device cuda), whose results go to reports/benchmarks/.

@@ -71,8 +71,8 @@ class FinetuneMatrixFlow(FlowSpec):
         self.metrics, self.log = runs.train_node(
             {"cell": self.cell, "refused": self.refused, "economy": self.economy}, runs.run_dir(current.run_id),
             self.node, current.parallel.main_ip, self.port, self.matrix,
-            (current.run_id, current.retry_count, current.origin_run_id), current.pathspec, current.card["live"],
-            in_task=True)
+            (current.run_id, current.retry_count, current.origin_run_id), current.pathspec,
+            current.card["live"] if hasattr(current, "card") else None, in_task=True)  # none in a dry run
         # a remote node's folder (adapter, log, metrics), for gather to put in this run's folder
         self.files = runs.node_files(self.matrix, runs.run_dir(current.run_id), self.cell, self.node)
         runs.fail_if_error(self.metrics, runs.run_dir(current.run_id), self.matrix, current.retry_count)

@@ -53,6 +53,22 @@ os.environ[_OWNED] = ",".join(sorted(_owned))
 os.environ.setdefault("METAFLOW_USER", "tests")
 
 
+# `pytest -n N --dist loadfile --no-loadscope-reorder` (make test) hands each file whole to the
+# next free worker, in collection order. The files that take minutes go first, longest first (as
+# measured on a clean clone), so that the last files handed out are short ones and no worker is
+# left running a long one alone at the end.
+LONGEST_FIRST = ("test_start_checks.py", "test_plan_memory_cpu.py", "test_sagemaker.py", "test_sweep.py",
+                 "test_economy.py", "test_flow_failures.py", "test_track.py", "test_flow_parallel.py",
+                 "test_strategies.py", "test_trainer_features.py", "test_plan_time.py", "test_preflight.py",
+                 "test_launcher.py", "test_flow.py", "test_architectures.py", "test_live_card.py",
+                 "test_gpu_evidence.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file, as written
+
+
 def make_cell(**overrides) -> CellSpec:
     """A cell of the debug model that trains in a few seconds on CPU."""
     settings = {

@@ -179,6 +179,13 @@ def test_a_matrix_of_303_cells_runs_through_the_flow_with_no_flag(tmp_path):
     namespace(None)
     run = Run(pathspec)
     assert len(list(run["train"])) == len(list(run["gather"])) == 101
+    from metaflow.cards import get_cards
+    from metaflow.plugins.cards.exception import CardNotPresentException
+
+    # no live card where nothing trains (two card processes a cell saved); the cell's card stays
+    with pytest.raises(CardNotPresentException):
+        get_cards(next(iter(run["train"])))
+    assert len(get_cards(next(iter(run["gather"])))) == 1
     (folder,) = [p.parent for p in (tmp_path / "reports").glob("*/results.parquet")]
     df = pd.read_parquet(folder / "results.parquet")
     assert len(df) == 303 and set(df["outcome"]) == {"skipped"}

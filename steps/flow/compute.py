@@ -133,6 +133,10 @@ class MatrixCompute(FlowMutator):
             if name == TRAIN_STEP:
                 for deco, kwargs in train_decorators(matrix):
                     step.add_decorator(deco, deco_kwargs=kwargs, duplicates=step.OVERRIDE)
+                if matrix["plan"].get("dry_run"):
+                    # Nothing trains: no live card to draw, and two card processes a cell fewer
+                    # (Metaflow renders a card once more when its task ends).
+                    step.remove_decorator("card")
 
     def add_to_package(self):
         for path, name in package_files():
