@@ -111,6 +111,24 @@ def _background() -> float:
     return load.other_share
 
 
+def _documents(stream, count: int) -> list:
+    """The first `count` JSON documents printed on `stream`: two processes printing to one pipe
+    at once may put both on one line."""
+    text, found, decoder = "", [], json.JSONDecoder()
+    while len(found) < count:
+        line = stream.readline()
+        assert line, f"the stream ended after {found}"
+        text += line
+        while text.strip() and len(found) < count:
+            try:
+                doc, end = decoder.raw_decode(text.lstrip())
+            except json.JSONDecodeError:
+                break  # the rest of a document is still to come
+            found.append(doc)
+            text = text.lstrip()[end:]
+    return found
+
+
 def test_the_cell_is_the_tree_of_the_process_the_launcher_started(monkeypatch):
     """As the launcher starts torchrun (in a session of its own, with its pid in the environment)
     and torchrun each rank (each in a session of its own): a rank's cell root is torchrun, and the
@@ -132,7 +150,7 @@ def test_the_cell_is_the_tree_of_the_process_the_launcher_started(monkeypatch):
         return sorted(pid for pid, (ppid, _) in measure._processes().items() if ppid == torchrun.pid)
 
     try:
-        seen = [json.loads(torchrun.stdout.readline()) for _ in range(2)]
+        seen = _documents(torchrun.stdout, 2)
         assert len(ranks()) == 2
         for root, tree in seen:
             assert root == torchrun.pid
