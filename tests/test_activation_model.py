@@ -79,6 +79,10 @@ CASES = [
     ("qlora", "bf16-mixed", "sdpa", False, False, "all-linear", 0.0, True),
     ("qlora", "fp32", "sdpa", False, False, "all-linear", 0.0, True),
     ("qlora", "bf16-true", "sdpa", False, False, "all-linear", 0.0, True),
+    # with dropout: each adapted layer's mask, a byte per element of its input
+    ("lora", "bf16-mixed", "sdpa", False, False, "all-linear", 0.05, True),
+    ("lora", "fp32", "sdpa", False, False, None, 0.05, True),
+    ("qlora", "bf16-mixed", "sdpa", False, False, "all-linear", 0.05, True),
 ]
 CASES = [c if len(c) == 8 else (*c, False) for c in CASES]
 
@@ -96,7 +100,7 @@ def test_activations_are_what_autograd_keeps(peft, precision, attention, pad, ch
     k = activations.Kernels(
         method=peft, precision=precision, attention=attention, masked=pad, checkpointed=checkpointed,
         targets=activations.adapted(targets, list(shape.linears()), "llama") if peft != "full" else frozenset(),
-        lora_r=8, lora_dropout=dropout, cuda=False, lora_kernels=kernels)
+        lora_r=8, lora_dropout=dropout, lora_kernels=kernels)
     tokens = cell.micro_batch * cell.seq_len
     model = activations.activation_bytes(shape, k, cell.seq_len, cell.micro_batch)
     # The hook sees what is kept, not the loss's gradients that join it at backward's start,
@@ -106,6 +110,20 @@ def test_activations_are_what_autograd_keeps(peft, precision, attention, pad, ch
         model -= activations.per_layer_token(shape, k, cell.seq_len) * tokens + activations.fixed_per_layer(shape, k)
     # DoRA's own terms are approximate (see steps/estimate/activations.py): 5% for it.
     assert model == pytest.approx(measured, rel=0.05 if peft == "dora" else 0.02), (measured, model)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_qlora_in_16_bits_keeps_no_more_than_lora(precision):
+    """QLoRA's weights that are not quantized stay bf16, and with them the residual stream:
+    autograd keeps the same bytes for QLoRA as for LoRA on the same layers."""
+    cells = {peft: make_cell(peft=peft, precision=precision, micro_batch=2, seq_len=96,
+                             train={"init": "random", "lora": {"target_modules": "all-linear"}})
+             for peft in ("lora", "qlora")}
+    model = modeling.apply_peft(modeling.load_model(cells["qlora"], ARCH["vocab_size"], torch.device("cpu")),
+                                cells["qlora"])
+    dense = {p.dtype for n, p in model.named_parameters() if "lora_" not in n and type(p).__name__ != "Params4bit"}
+    assert dense == {torch.bfloat16}
+    assert saved_bytes(cells["qlora"], pad=False) == saved_bytes(cells["lora"], pad=False)
 
 
 def test_peft_default_and_regular_expression_targets():
@@ -141,7 +159,9 @@ def test_estimate_is_within_10_percent_of_the_h100_peak(label, run, part):
            "strategy": "single", "world_size": 1, "instance": "local-gpu", "attn_implementation": "sdpa",
            "train.optimizer": "adamw", "train.gradient_checkpointing": False, "train.liger": fast,
            "train.compile": "layers" if fast else "off", "train.lora.r": 16,
-           "train.lora.target_modules": "all-linear"}
+           "train.lora.target_modules": "all-linear",
+           # measured before the trainer turned PEFT's cast of adapted inputs off (2026-11-22)
+           "adapter_input_cast": True}
     estimate = sum(memory.estimate(row, catalog.model_presets()["tinyllama-1.1b"].config).values()) / 1e9
     assert estimate == pytest.approx(run["peak_mem_gb"], rel=0.10), (estimate, run["peak_mem_gb"])
 

@@ -18,6 +18,9 @@ import os
 import pytest
 import torch
 
+from steps.plan import catalog
+from steps.trainer import tf32
+from steps.trainer.distributed import Dist
 from tests.conftest import make_cell, torchrun_cells
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
@@ -43,7 +46,10 @@ def gpu_cell(peft="lora", precision="fp32", **over):
 
 
 CELLS = {
-    **{f"{p}-{prec}": gpu_cell(p, prec) for p in ("full", "lora", "dora", "qlora") for prec in PRECISIONS},
+    # fp32 without TF32: the GPU's curve is the CPU's, and the other precisions' reference
+    **{f"{p}-{prec}": gpu_cell(p, prec, train={"tf32": "false"} if prec == "fp32" else {})
+       for p in ("full", "lora", "dora", "qlora") for prec in PRECISIONS},
+    "lora-fp32-tf32": gpu_cell("lora", "fp32"),  # train.tf32: auto
     "lora-fsdp": gpu_cell("lora", "bf16-mixed", strategy="fsdp"),
     "full-zero3": gpu_cell("full", "bf16-mixed", strategy="zero3"),
     "lora-zero3": gpu_cell("lora", "bf16-mixed", strategy="zero3"),
@@ -126,6 +132,38 @@ def test_a_gpu_fp32_curve_is_the_cpu_curve(runs, peft):
     """No TF32: fp32 matmuls on the GPU differ from the CPU's by summation order only."""
     _, found = runs
     assert losses(found[f"{peft}-fp32"]) == pytest.approx(CPU_FP32[peft], rel=1e-4)
+
+
+def test_tf32_flags_follow_the_cell_on_this_gpu():
+    """auto and true allow TF32 on an Ampere or later GPU (compute capability 8.0), for cuBLAS
+    (both its old and new flags) and cuDNN; false, or an older GPU, forbids it."""
+    ampere = torch.cuda.get_device_capability(0) >= (8, 0)
+    d = Dist(rank=0, local_rank=0, world=1, device=torch.device("cuda", 0))
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        for setting in ("auto", "true", "false"):
+            on = ampere and setting != "false"
+            assert tf32.apply(make_cell(instance="local-gpu", train={"tf32": setting}), d) is on
+            assert torch.backends.cuda.matmul.allow_tf32 is on and torch.backends.cudnn.allow_tf32 is on
+            assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if on else "ieee")
+            assert torch.get_float32_matmul_precision() == ("high" if on else "highest")
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_an_fp32_cell_runs_on_tf32_where_the_gpu_has_it(runs):
+    """train.tf32 auto: on an Ampere or later GPU the fp32 matmuls run on TF32 tensor cores (the
+    `tf32` metric), MFU is against the TF32 peak, and the losses are within TF32's rounding
+    (10-bit mantissas, as fp16-mixed's: 1e-3) of full fp32's."""
+    _, found = runs
+    m, ref = found["lora-fp32-tf32"], found["lora-fp32"]
+    assert m["outcome"] == "ok", m["error"]
+    ampere = torch.cuda.get_device_capability(0) >= (8, 0)
+    assert m["tf32"] is ampere and ref["tf32"] is False
+    peak = catalog.peak_tflops("local-gpu", "fp32", ampere)
+    assert m["mfu"] == pytest.approx(m["achieved_tflops"] / peak)
+    assert losses(m) == pytest.approx(losses(ref), rel=1e-3)
 
 
 @pytest.mark.parametrize("name", ["lora-fsdp", "lora-zero3", "full-zero3"])

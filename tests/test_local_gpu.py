@@ -56,6 +56,8 @@ def test_local_gpu_takes_the_figures_of_the_catalog_entry_with_that_gpu(gpus, re
     assert catalog.cost_usd("local-gpu", 3600, nodes=1, world_size=2) == pytest.approx(2 * cheapest)
     if family == "V100":
         assert entry.bf16 is False  # bf16 cells are refused, as on p3
+    # TF32 where the GPU has it (Ampere and later): the same peak as the catalog's entry
+    assert entry.peak_tflops_tf32 == same[0].peak_tflops_tf32 and (entry.peak_tflops_tf32 is None) == (family == "V100")
 
 
 def test_local_gpu_without_a_gpu_fails_the_plan_and_cells_beyond_its_gpus_are_skipped(gpus):

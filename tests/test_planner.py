@@ -212,6 +212,35 @@ def test_study4_at_full_scale_the_plan_reproduces_what_fit_one_a100_80gb():
             assert planned == pytest.approx(reported, rel=0.2), key
 
 
+def test_the_verdict_is_whole_at_200_and_at_120_columns(capsys, monkeypatch):
+    """Study 4 over 20,000 steps (costs in the hundreds) makes a table of 126 columns: a
+    200-column terminal shows it whole, and at 120 rich takes a column off the others but never
+    off the verdict ("will not fi" when it took one off every column)."""
+    import io
+
+    spec = load_matrix(REPO / "configs" / "matrix" / "study4-litgpt-memory.yaml")
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": 20_000, "timeout_s": 1e7})})
+    planned, mplan = matrix_plan.plan_spec(spec, check="never", calibration=False, probe=False)
+    monkeypatch.setenv("COLUMNS", "200")
+    matrix_plan.show(planned, mplan)  # to stdout: the terminal's 200 columns
+    at_200 = capsys.readouterr().out
+    out = io.StringIO()
+    matrix_plan.show(planned, mplan, out=out, width=120)
+    at_120 = out.getvalue()
+    closes = [p.cell for p in planned if mplan.plans[p.cell.cell_id].verdict == "will not fit"]
+    assert len(closes) == 2
+    for text, width in ((at_200, 126), (at_120, 120)):
+        table = text.split("Cheapest fix:")[0].splitlines()
+        assert max(len(line) for line in table) == width
+        rows = [line for line in table if "/80.0" in line]
+        assert sum(" will not fit " in line for line in rows) == sum("will not" in line for line in rows) == 2
+    def unfit(text: str) -> list[list[str]]:
+        return [line.split() for line in text.split("Cheapest fix:")[0].splitlines() if "will not fit" in line]
+
+    assert [row[:2] for row in unfit(at_200)] == [matrix_plan.short_id(c).split() for c in closes]
+    assert [row[0] for row in unfit(at_120)] == [c.model for c in closes]
+
+
 def test_study2_at_full_scale_full_fine_tuning_does_not_fit_zero3_on_2_and_4_a100_40gb():
     verdicts = _verdicts("study2-p4d-tensor-zero3.yaml")
     assert [verdicts[("llama-2-7b", "full", "zero3", g, 8, "bf16-mixed", "adamw")] for g in (2, 4)] == \

@@ -130,6 +130,8 @@ def test_what_the_model_cannot_do_is_refused_with_the_reason(facts, folders):
         "train.lora_kernels computes LoRA on bias-free Linear layers and gpt2's c_attn (Conv1D with a bias), "
         "c_fc (Conv1D with a bias), c_proj (Conv1D with a bias) are not; use lora_kernels: false")
     assert compat.model_refusal(make_cell(train=everything), llama) is None
+    # where the kernels cannot serve the cell anyway (ZeRO-3), PEFT's modules run: nothing to refuse
+    assert compat.model_refusal(make_cell(model=folders["gpt2"], strategy="zero3", gpus=2, train=kernels), gpt2) is None
     phi3 = facts["models"][folders["phi3"]]
     assert compat.model_refusal(make_cell(model=folders["phi3"], peft="qlora", train=kernels), phi3) is None
 

@@ -38,6 +38,7 @@ def test_ddp_two_processes_trains_and_writes_metrics(ddp):
     assert m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]
     assert math.isfinite(m["val_loss"]) and 0 <= m["accuracy"] <= 1
     assert 0 < m["trainable_params"] < m["total_params"]
+    assert m["tf32"] is False and m["mfu"] is None  # train.tf32 auto: no TF32 (and no peak) on a CPU
     assert m["train_s"] > 0 and m["trainer_wall_s"] >= m["train_s"]
     assert m["warmup"]["steps"] == 1
     assert "step 8/8" in proc.stdout  # rank 0 alone prints progress

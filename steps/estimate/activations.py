@@ -12,13 +12,17 @@ under PEFT keeps something else. Each term below is one tensor autograd saves, c
   only, in its own width.
 - a frozen linear layer keeps nothing; a trained one (full fine-tuning) keeps its input, cast
   to the compute dtype by autocast once per layer that reads it (q, k and v: three copies).
-- a LoRA/DoRA layer: PEFT casts the input to the adapter's dtype (fp32), and autocast casts it
-  back for the matmul: one 16-bit copy per adapted layer under mixed precision, one fp32 copy
-  under bf16-true, the input itself in fp32; plus lora_A's output (r wide), autocast's 16-bit
-  copy of the adapter weights and, with dropout, its mask (CUDA's fused kernel: one byte per
-  element; not checked on CPU, whose dropout keeps an fp32 noise tensor). DoRA also keeps the
-  base and adapter outputs (the magnitude scales both).
-- QLoRA: bitsandbytes' 4-bit matmul keeps its input (and on CPU the dequantized weight).
+- a LoRA/DoRA layer keeps its input itself, once for the layers that share it: under a 16-bit
+  precision the trainer autocasts the fp32 adapters and turns PEFT's cast of the input to their
+  dtype off (`steps.trainer.modeling.autocast_dtype`); plus lora_A's output (r wide),
+  autocast's 16-bit copy of the adapter weights and, with dropout, its mask (CUDA's fused
+  kernel: one byte per element; not checked on CPU, whose dropout keeps an fp32 noise tensor).
+  DoRA also keeps the base and adapter outputs (the magnitude scales both). With PEFT's cast
+  (`input_cast`, runs measured before the trainer turned it off): one 16-bit copy per adapted
+  layer under mixed precision, one fp32 copy under bf16-true (which did not autocast then).
+- QLoRA: bitsandbytes' 4-bit matmul keeps its input (the same tensor as the adapters', where
+  a layer is adapted); the weights it did not quantize stay in the cell's 16-bit dtype, and
+  with them the residual stream.
 - attention: SDPA and FlashAttention keep q, k, v, the output and the log-sum-exp; k and v at
   their own (grouped-query) width unless a mask is present (packing, padding), when
   transformers repeats them to every head, and the output is kept again in its own layout.
@@ -32,8 +36,9 @@ under PEFT keeps something else. Each term below is one tensor autograd saves, c
 - LoRA's kernels (`train.lora_kernels`): an adapted projection keeps its input itself, once for
   the layers that share it, and nothing else (no cast copies, no lora_A output, no copies of
   the adapters, no dequantized 4-bit weights); a SwiGLU MLP whose three projections are adapted
-  keeps its input, gate and up (not the SiLU, nor the down projection's input). Under QLoRA with
-  mixed precision those are fp32, the width of the residual stream PEFT leaves QLoRA in.
+  keeps its input, gate and up (not the SiLU, nor the down projection's input), in the
+  activations' width. With dropout, each adapted layer keeps its mask too: one byte per
+  element of its input.
 - the loss, at its peak (the start of backward): the fp32 log-softmax, its incoming and
   outgoing gradients, 12 bytes per vocabulary entry per token; with `train.loss: chunked`, the
   final hidden states and one chunk's worth.
@@ -109,7 +114,6 @@ class Kernels:
     targets: frozenset[str] = frozenset()  # the adapted linear layers of a decoder layer
     lora_r: int = 8
     lora_dropout: float = 0.0
-    cuda: bool = True  # bitsandbytes' CUDA kernels (QLoRA) rather than its CPU fallback
     loss_chunk: int = 0  # train.loss: chunked, tokens per chunk; 0: the loss from whole logits
     # DeepSpeed casts the whole module, adapters included, to its 16-bit dtype (and autocast is
     # off): PEFT's cast of a layer's input to the adapter's dtype copies nothing.
@@ -117,16 +121,15 @@ class Kernels:
     # train.lora_kernels: an adapted projection keeps its input only; a SwiGLU MLP whose three
     # projections are adapted keeps its input, gate and up (steps.trainer.lora_kernels).
     lora_kernels: bool = False
+    # PEFT's cast of each adapted layer's input to the adapters' dtype, with no autocast under
+    # bf16-true: what the trainer did before it computed adapters in 16 bits (LoRA and DoRA runs
+    # measured then, such as the H100 bench).
+    input_cast: bool = False
 
     def __post_init__(self) -> None:
-        # The kernels route plain LoRA only (steps.plan.compat refuses them elsewhere).
+        # The kernels route plain LoRA only (elsewhere PEFT runs: steps.plan.lora_kernels).
         if self.method not in ("lora", "qlora"):
             object.__setattr__(self, "lora_kernels", False)
-        # QLoRA under bf16-true is fp32 but for bitsandbytes' matmuls: PEFT's
-        # prepare_model_for_kbit_training casts every weight it did not quantize to fp32 and
-        # nothing autocasts (under DeepSpeed, which casts the module to bf16 after, it is bf16).
-        if self.method == "qlora" and self.precision == "bf16-true" and not self.adapters16:
-            object.__setattr__(self, "precision", "fp32")
 
     @property
     def full(self) -> bool:
@@ -137,16 +140,21 @@ class Kernels:
         return self.precision in ("bf16-mixed", "fp16-mixed")
 
     @property
+    def autocast(self) -> bool:
+        """Matmuls autocast to 16 bits: mixed precision, and bf16-true adapters (fp32 master
+        weights computed in bf16), but not under DeepSpeed (which casts the adapters to bf16)."""
+        return self.mixed or (self.precision == "bf16-true" and not self.full and not self.adapters16
+                              and not self.input_cast)
+
+    @property
     def act(self) -> int:
         """Bytes of an activation: 16-bit under any 16-bit precision, fp32 otherwise."""
         return 4 if self.precision == "fp32" else 2
 
     @property
     def kernel_io(self) -> int:
-        """Bytes of what the LoRA kernels keep (inputs, gate, up): QLoRA's layers take and give the
-        fp32 residual stream under mixed precision (PEFT keeps the rest of the model in fp32,
-        bitsandbytes returns its input's dtype), the activation width otherwise."""
-        return 4 if self.precision == "fp32" or (self.method == "qlora" and self.mixed) else self.act
+        """Bytes of what the LoRA kernels keep (inputs, gate, up): the activations' width."""
+        return self.act
 
     @property
     def fused_mlp(self) -> bool:
@@ -188,9 +196,10 @@ def _input_copies(k: Kernels, group: tuple[str, ...], width_in: int, sdpa_output
             return copies * 2 * width_in  # autocast's 16-bit copy per layer that reads it
         return 0 if sdpa_output else k.residual * width_in  # the input itself (attention keeps its output)
     hit = [n for n in group if n in k.targets]
-    if not hit:
+    quantized = k.method == "qlora" and k.precision != "fp32"  # bitsandbytes' matmul keeps its input
+    if not hit and not quantized:
         return 0
-    if k.precision == "fp32" or k.adapters16:
+    if not hit or not k.input_cast or k.precision == "fp32" or k.adapters16:
         return 0 if sdpa_output else k.act * width_in  # the input itself, shared
     copy = 4 if k.precision == "bf16-true" else 2  # PEFT's fp32 cast; under autocast its 16-bit cast
     return (1 if k.compiled else len(hit)) * copy * width_in
@@ -223,42 +232,38 @@ def per_layer_token(shape: DecoderShape, k: Kernels, seq_len: int) -> float:
     else:
         mlp_in = k.kernel_io if k.lora_kernels and set(MLP_IN) & k.targets else a
         total += (2 if fused_pointwise else 3) * mlp_in * i
-    if k.lora_kernels:  # nor lora_A's output, nor bitsandbytes' copies
-        return total
+    if k.lora_kernels:  # nor lora_A's output, nor bitsandbytes' copies; dropout's mask, a byte an input
+        linears = shape.linears()
+        return total + (sum(linears[n][0] for n in k.targets) if k.lora_dropout > 0 else 0)
     # Adapters.
     if not k.full:
         linears = shape.linears()
-        adapter = 2 if k.adapters16 else 4 if k.precision in ("fp32", "bf16-true") else 2
+        adapter = 2 if k.autocast or k.adapters16 else 4  # lora_A's output
+        uncast = not k.input_cast or k.precision == "fp32" or k.adapters16
         for name in k.targets:
             fan_in, fan_out = linears[name]
             total += adapter * k.lora_r
             if k.lora_dropout > 0:  # the mask (and, where the input was not cast, a new input)
-                total += fan_in * (1 + (k.act if k.precision == "fp32" or k.adapters16 else 0))
+                total += fan_in * (1 + (k.act if uncast else 0))
             if k.method == "dora":
                 total += 2 * a * fan_out
-        if k.method == "qlora" and k.precision != "fp32":
-            # bitsandbytes' 4-bit matmul keeps each quantized layer's input
-            total += 2 * a * h + a * i
     return total
 
 
 def fixed_per_layer(shape: DecoderShape, k: Kernels) -> float:
     """Bytes per decoder layer kept whatever the batch: autocast's copies of trained weights,
-    DoRA's merged weights, bitsandbytes' dequantized weights on CPU."""
+    DoRA's merged weights."""
     linears = shape.linears()
     if k.lora_kernels:  # backward recasts and dequantizes again: nothing kept
         return 0.0
     # autocast's 16-bit copies of the fp32 adapters
-    casts = 2 * k.lora_r * sum(a + b for n, (a, b) in linears.items() if n in k.targets) if k.mixed else 0
+    casts = 2 * k.lora_r * sum(a + b for n, (a, b) in linears.items() if n in k.targets) if k.autocast else 0
     if k.full and k.mixed:
         return 2 * sum(a * b for a, b in linears.values())
     if k.method == "dora":
         # PEFT passes an identity matrix (in x in) through lora_A to build the merged weight's
         # norm; what it keeps comes to about half a byte per entry per activation byte.
         return casts + k.act / 2 * sum(a * a for n, (a, _) in linears.items() if n in k.targets)
-    if k.method == "qlora" and not k.cuda and k.mixed:  # bitsandbytes' CPU path under autocast
-        # keeps the dequantized weights
-        return casts + 2 * sum(a * b for a, b in linears.values())
     return casts
 
 
@@ -294,8 +299,7 @@ def activation_bytes(shape: DecoderShape, k: Kernels, seq_len: int, micro_batch:
         kept = shape.layers * k.residual * shape.hidden * tokens + layer
     else:
         kept = shape.layers * layer
-    # autocast's 16-bit copy of an fp32 head: full fine-tuning's, and QLoRA's (PEFT keeps every
-    # layer but the quantized ones in fp32)
-    head = 2.0 * shape.vocab * shape.hidden if k.mixed and (k.full or k.method == "qlora") else 0.0
+    # autocast's 16-bit copy of full fine-tuning's fp32 head
+    head = 2.0 * shape.vocab * shape.hidden if k.mixed and k.full else 0.0
     chunk = 12.0 * shape.vocab * min(k.loss_chunk, tokens) if k.loss_chunk else 0.0  # one chunk's logits
     return kept + outside_per_token(shape, k, seq_len) * tokens + head + chunk

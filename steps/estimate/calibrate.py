@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steps.estimate import cost, planner, step_time
-from steps.plan import catalog
+from steps.plan import catalog, lora_kernels
 from steps.plan.schema import CellSpec
 from steps.plan.settings import contended, leaf_paths, put
 
@@ -133,8 +133,10 @@ def _keys(cell: CellSpec, depth: str | None = None) -> list[str]:
     where = cell.instance if device == "cpu" else "gpu"
     t = cell.train
     paths = f"compile={t.compile},liger={t.liger},loss={t.loss},fused={t.fused_optimizer}" + (
-        ",lora_kernels" if t.lora_kernels else "")
-    base = f"{device}|{where}|{cell.strategy}|{cell.precision}|{cell.peft}"
+        ",lora_kernels" if lora_kernels.applies(cell) else "")  # as the cell runs
+    # fp32 on TF32 tensor cores reaches another share of another peak than on CUDA cores
+    precision = "fp32+tf32" if cell.precision == "fp32" and catalog.tf32(cell) else cell.precision
+    base = f"{device}|{where}|{cell.strategy}|{precision}|{cell.peft}"
     broad = [f"{device}|{where}|{cell.strategy}", f"{device}|{where}"]
     specific = [f"{base}|{paths}", base]
     split = [x for k in specific for x in ((f"{k}|{depth}", k) if depth else (k,))]

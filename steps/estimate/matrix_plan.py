@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -270,10 +271,12 @@ def short_id(cell: CellSpec) -> str:
 
 def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, width: int | None = None,
          max_rows: int | None = None) -> None:
-    """The plan as a table that fits a 120-column terminal: the columns that decide (the
-    breakdown by part with `wide`, and always in plan.csv); the totals and the calibrations used
-    under it. `max_rows`: at most so many cells (the refused and those that will not fit first),
-    the rest counted under it (`start`'s log of a 1,000-cell matrix; plan.csv has them all)."""
+    """The plan as a table that fits a 120-column terminal (a wider terminal's width, or `width`):
+    the columns that decide (the breakdown by part with `wide`, and always in plan.csv); the
+    totals and the calibrations used under it. `max_rows`: at most so many cells (the refused and
+    those that will not fit first), the rest counted under it (`start`'s log of a 1,000-cell
+    matrix; plan.csv has them all). A table wider than the console loses a column or two off every
+    column but the verdict, which keeps its longest word ("will not fi" otherwise)."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -289,7 +292,7 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, w
     for col in columns:
         table.add_column(col, justify="right" if col in ("ranks", "tokens/s", "interval", "wall", "$")
                          else "left", overflow="fold", no_wrap=col != "cheapest fix",
-                         min_width=10 if col == "cheapest fix" else None)
+                         min_width={"cheapest fix": 10, "verdict": len("will not fit")}.get(col))
     shown = planned
     if max_rows is not None and len(planned) > max_rows:
         def worst(p):
@@ -320,7 +323,10 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, w
                       _k(plan.tokens_per_s), f"{_k(span[0], 2)}-{_k(span[1], 2)}" if span else "",
                       _short_duration(plan.wall_s), "?" if plan.cost_usd is None else f"{plan.cost_usd:,.2f}",
                       *((plan.basis + (" + calibrated" if plan.calibration else ""),) if wide else ()))
-    console = Console(file=out or sys.stdout, width=width or (260 if wide else 120))
+    if width is None:  # a terminal wider than the default gives the table its room
+        terminal = shutil.get_terminal_size((0, 0)).columns if out is None else 0
+        width = max(260 if wide else 120, terminal)
+    console = Console(file=out or sys.stdout, width=width)
     console.print(table)
     if len(shown) < len(planned):
         console.print(f"... and {len(planned) - len(shown)} more cells (the refused and those predicted not to fit "

@@ -41,7 +41,7 @@ from typing import Any
 from steps.estimate import activations
 from steps.estimate.activations import DecoderShape
 from steps.estimate.params import ParamCounts
-from steps.plan import catalog
+from steps.plan import catalog, lora_kernels
 from steps.plan.layout import ParallelLayout
 from steps.plan.schema import CellSpec, ParallelSettings, TrainSettings
 from steps.plan.settings import flatten
@@ -91,11 +91,11 @@ def estimate(r: Any, arch: dict[str, Any]) -> dict[str, float]:
         width = base = 4 if r["precision"] == "fp32" else 2
         state = 4 + optimizer(4)
     if r["peft"] == "qlora":
-        # 4-bit linear layers; the embeddings (and an untied head) stay unquantized, in fp32 as
-        # PEFT's prepare_model_for_kbit_training leaves them.
+        # 4-bit linear layers; the embeddings (and an untied head) stay unquantized, in the
+        # base's width (steps.trainer.modeling.apply_peft).
         dense = float(arch["vocab_size"]) * float(arch["hidden_size"]) * (
             1 if arch.get("tie_word_embeddings", False) else 2)
-        weights = (frozen - dense) * 0.5 + dense * 4
+        weights = (frozen - dense) * 0.5 + dense * base
     else:
         weights = frozen * base
     parts = {"weights": weights + trainable * width, "grads": trainable * width, "optim": trainable * state}
@@ -121,23 +121,26 @@ def kernels_of(r: Any, arch: dict[str, Any]) -> activations.Kernels:
     if not isinstance(targets, (list, tuple, str)) or not len(targets):
         targets = _setting(r, "train.lora.target_modules", None)
     shape = activations.DecoderShape.of(arch)
-    entry = catalog.instances().get(str(r.get("instance", "")))
     deepspeed16 = layout_of(r).deepspeed and r["precision"] != "fp32"
+    compiled = str(_setting(r, "train.compile", defaults.compile))
+    kernels_run = bool(_setting(r, "train.lora_kernels", defaults.lora_kernels)) and (  # as the cell runs
+        lora_kernels.why_not(str(r["peft"]), layout_of(r), compiled) is None)
     return activations.Kernels(
         method=str(r["peft"]), precision="bf16-true" if deepspeed16 else str(r["precision"]), attention=attention,
         masked=attention in ("sdpa", "eager"),
         liger=bool(_setting(r, "train.liger", defaults.liger)),
-        compiled=str(_setting(r, "train.compile", defaults.compile)) != "off",
+        compiled=compiled != "off",
         checkpointed=bool(_setting(r, "train.gradient_checkpointing", defaults.gradient_checkpointing)),
         targets=activations.adapted(targets, list(shape.linears()), shape.model_type) if r["peft"] != "full"
         else frozenset(),
         lora_r=int(_setting(r, "train.lora.r", defaults.lora.r)),
         lora_dropout=float(_setting(r, "train.lora.dropout", defaults.lora.dropout)),
-        cuda=entry is not None and entry.accelerator != "cpu",
         loss_chunk=int(_setting(r, "train.loss_chunk", defaults.loss_chunk))
         if _setting(r, "train.loss", defaults.loss) == "chunked" else 0,
         adapters16=deepspeed16,
-        lora_kernels=bool(_setting(r, "train.lora_kernels", defaults.lora_kernels)))
+        # runs measured while PEFT still cast each adapted layer's input up (activations.Kernels)
+        input_cast=bool(r.get("adapter_input_cast", False)) if hasattr(r, "get") else False,
+        lora_kernels=kernels_run)
 
 
 # ------------------------------------------------------------------------ a cell, as planned
@@ -188,8 +191,7 @@ def buffers_bytes(cell: CellSpec, shape: DecoderShape, counts: ParamCounts, whol
         # The root unit (embeddings, final norm, untied head) is not resharded after the
         # forward pass: gathered from the forward pass through the backward pass.
         root = shape.vocab * shape.hidden * (1 if shape.tied else 2) + shape.hidden
-        root_width = 4 if cell.precision == "fp32" or cell.peft == "qlora" or (
-            cell.peft == "full" and cell.precision != "bf16-true") else 2
+        root_width = 4 if cell.precision == "fp32" or (cell.peft == "full" and cell.precision != "bf16-true") else 2
         return 2 * layer * width + 4 * trainable_layer + root * root_width * (1 - 1 / layout.dp_size)
     return 0.0
 

@@ -45,13 +45,14 @@ CPU_LINK_BYTES_S = 2e9  # gloo over shared memory
 
 
 def peak_tflops(cell: CellSpec) -> float | None:
-    """The device's dense peak for the cell's precision; a nominal core for CPU types."""
+    """The device's dense peak for the cell's precision (an fp32 cell's TF32 peak where
+    `train.tf32` puts its matmuls on TF32 tensor cores); a nominal core for CPU types."""
     entry = catalog.instances().get(cell.instance)
     if entry is None:
         return None
     if entry.local:
         return CPU_CORE_TFLOPS * (entry.cores_per_device or 1)
-    return catalog.peak_tflops(cell.instance, cell.precision)
+    return catalog.peak_tflops(cell.instance, cell.precision, catalog.tf32(cell))
 
 
 def link_bytes_s(cell: CellSpec) -> float | None:

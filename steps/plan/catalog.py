@@ -46,6 +46,8 @@ class Instance(Strict):
     peak_tflops_bf16: float | None = None
     peak_tflops_fp16: float | None = None
     peak_tflops_fp32: float | None = None
+    # fp32 matmuls on TF32 tensor cores (Ampere and later); None: the device has no TF32.
+    peak_tflops_tf32: float | None = None
     bf16: bool = True
     interconnect: str = ""  # between the devices of one node
     network_gbps: float | None = None  # between nodes
@@ -174,7 +176,8 @@ def local_gpu_instance(entry: Instance, catalog: dict[str, Instance],
         ref = min(same, key=lambda e: (abs((e.memory_per_device_gb or 0) - memory), e.price_per_hour_usd
                                        / e.devices_per_node))
         update.update(peak_tflops_bf16=ref.peak_tflops_bf16, peak_tflops_fp16=ref.peak_tflops_fp16,
-                      peak_tflops_fp32=ref.peak_tflops_fp32, bf16=ref.bf16, interconnect=ref.interconnect,
+                      peak_tflops_fp32=ref.peak_tflops_fp32, peak_tflops_tf32=ref.peak_tflops_tf32,
+                      bf16=ref.bf16, interconnect=ref.interconnect,
                       memory_per_device_gb=ref.memory_per_device_gb,
                       price_per_hour_usd=ref.price_per_hour_usd / ref.devices_per_node, price_per="device",
                       price_region=ref.price_region, price_date=ref.price_date,
@@ -201,14 +204,28 @@ def device_kind(instance: str) -> str:
     return "cpu" if entry is None or entry.local else "gpu"
 
 
-def peak_tflops(instance: str, precision: str) -> float | None:
-    """Per-device peak for the precision the matmuls run in (fp32 cells use the fp32 peak)."""
+def peak_tflops(instance: str, precision: str, tf32: bool = False) -> float | None:
+    """Per-device peak for the precision the matmuls run in: an fp32 cell's is the TF32 tensor
+    cores' where its matmuls ran on them (`tf32`), else the CUDA cores' fp32 peak."""
     entry = instances().get(instance)
     if entry is None:
         return None
     if precision == "fp32":
-        return entry.peak_tflops_fp32
+        return entry.peak_tflops_tf32 if tf32 and entry.peak_tflops_tf32 else entry.peak_tflops_fp32
     return entry.peak_tflops_fp16 if precision.startswith("fp16") else entry.peak_tflops_bf16
+
+
+def tf32(cell: Any) -> bool:
+    """Whether the cell's fp32 matmuls are planned on TF32 tensor cores: `train.tf32` is auto or
+    true and the instance's GPU has them (a TF32 peak in the catalog).
+
+    `true` on a device without TF32 (V100, T4, a CPU) is not refused: it runs in full fp32 and
+    its results row says `tf32` false. TF32 is a math mode, not something the cell needs to run,
+    and train settings are shared by a matrix's instances: refusing would skip the V100 and CPU
+    cells (a study's CPU twin) of a matrix that asks TF32 for its A100s. The trainer decides
+    again from the device it finds (`steps.trainer.tf32`) and says so in the cell's log."""
+    entry = instances().get(cell.instance)
+    return cell.train.tf32 != "false" and entry is not None and entry.peak_tflops_tf32 is not None
 
 
 def cost_usd(instance: str, seconds: float | None, nodes: int, world_size: int) -> float | None:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from steps.plan import catalog
+from steps.plan import catalog, lora_kernels
 from steps.plan.schema import ALL_LINEAR, CellSpec
 
 
@@ -128,27 +128,6 @@ def cores_fit(cell: CellSpec) -> str | None:
             f"with compute: kubernetes, batch or sagemaker")
 
 
-def lora_kernels(cell: CellSpec) -> str | None:
-    """`train.lora_kernels` computes plain LoRA on whole modules: it reads each adapted module's
-    weights without calling the module."""
-    if not cell.train.lora_kernels:
-        return None
-    if cell.peft not in ("lora", "qlora"):
-        return f"train.lora_kernels computes LoRA's own maths; {cell.peft} is not plain LoRA: use lora or qlora"
-    if cell.train.lora.dropout:
-        return (f"train.lora_kernels: the kernels have no dropout (train.lora.dropout={cell.train.lora.dropout:g}); "
-                f"use dropout 0, or lora_kernels: false")
-    if cell.layout.model_split == "tensor":
-        return (f"train.lora_kernels with tensor parallelism ({cell.strategy}): the plan splits the adapted "
-                f"projections across ranks; use pipeline, ddp or fsdp, or lora_kernels: false")
-    if cell.layout.zero_stage == 3:
-        return (f"train.lora_kernels with {cell.strategy}: ZeRO-3 gathers a module's weights as the module is "
-                f"called, and the kernels read them without calling it; use zero2 or fsdp, or lora_kernels: false")
-    if cell.train.compile != "off":
-        return "train.lora_kernels with train.compile: compile traces PEFT's own ops; use one of the two"
-    return None
-
-
 def fast_paths(cell: CellSpec) -> str | None:
     """The `train:` fast paths where they cannot run."""
     t = cell.train
@@ -178,7 +157,7 @@ def fast_paths(cell: CellSpec) -> str | None:
 
 RULES: list[Callable[[CellSpec], str | None]] = [
     quantized_tensor_parallel, dora_tensor_parallel, adapter_on_sharded_head, hybrid_shape, model_split_of_one,
-    split_fits_model, precision_supported, devices_fit, cores_fit, fast_paths, lora_kernels,
+    split_fits_model, precision_supported, devices_fit, cores_fit, fast_paths,
 ]
 
 
@@ -202,7 +181,7 @@ def model_refusal(cell: CellSpec, model: dict[str, Any] | None) -> str | None:
         return (f"QLoRA would train {kind} unquantized: bitsandbytes quantizes torch.nn.Linear layers and "
                 f"{kind}'s {', '.join(sorted(odd))} are {', '.join(sorted(set(odd.values())))}; use lora")
     adapter = model.get("adapters", {}).get(adapter_key(cell)) or {}
-    if cell.train.lora_kernels and cell.peft in ("lora", "qlora") and adapter.get("not_plain"):
+    if lora_kernels.applies(cell) and adapter.get("not_plain"):  # elsewhere PEFT runs anyway
         odd = adapter["not_plain"]
         plain = sorted(set(adapter.get("targeted", [])) - set(odd))
         instead = f"target_modules among {', '.join(plain)}, or " if plain else ""

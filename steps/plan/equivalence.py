@@ -3,7 +3,10 @@
 Two cells are in one class when everything that can change their losses is equal: the model,
 the method and its settings, the precision, the learning rate and its schedule, the global
 batch (micro-batch x accumulation x data-parallel replicas), the steps or epochs, the seeds,
-the data. What cannot change them is left out, because the tests prove it:
+the data, and whether fp32 matmuls run on TF32 tensor cores (`train.tf32` as the instance
+resolves it: TF32 rounds their inputs to 10 mantissa bits; counted under every precision, as
+no test shows which matmuls mixed precision leaves in fp32). What cannot change them is left
+out, because the tests prove it:
 
 - the strategy and how the global batch is split over ranks, micro-batches and pipeline
   stages: every method under every strategy gives the losses of one process on the same
@@ -11,7 +14,8 @@ the data. What cannot change them is left out, because the tests prove it:
   bf16 within 5e-3);
 - the fast paths (fused optimizer, compile, Liger, the chunked loss, the attention kernel,
   activation checkpointing, LoRA's kernels): each gives the losses of the run without it
-  (tests/test_fast_paths.py, tests/test_lora_kernels.py);
+  (tests/test_fast_paths.py, tests/test_lora_kernels.py: the kernels draw PEFT's dropout masks,
+  and a cell they cannot serve runs without them);
 - where and how a cell runs: instance, nodes, GPUs, launcher, time limits, checkpoints, a
   memory cap, evaluation frequency, what is saved.
 
@@ -25,6 +29,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from steps.plan import catalog
 from steps.plan.schema import CellSpec
 from steps.plan.settings import RUN_LIMITS
 
@@ -41,11 +46,16 @@ NOT_NUMERIC_AXES = frozenset({"cell_id", "matrix", "repeat", "strategy", "instan
 
 
 def class_settings(cell: CellSpec) -> dict[str, Any]:
-    """What decides a cell's losses, as plain data (its global batch in place of the split)."""
+    """What decides a cell's losses, as plain data (its global batch in place of the split, and
+    TF32 as it resolves on the cell's instance: auto on an A100 and true there are one class,
+    auto on an A100 and on a V100 two). Named only where on, so that the classes of cells without
+    TF32 keep the names they had before the setting."""
     exclude: dict[str, Any] = {axis: True for axis in NOT_NUMERIC_AXES}
-    exclude["train"] = set(NOT_NUMERIC_TRAIN)
+    exclude["train"] = {*NOT_NUMERIC_TRAIN, "tf32"}  # the setting; what it resolves to counts
     out = cell.model_dump(mode="json", exclude=exclude)
     out["global_batch"] = cell.global_batch
+    if catalog.tf32(cell):
+        out["tf32"] = True
     return out
 
 

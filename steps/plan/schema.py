@@ -133,6 +133,10 @@ class TrainSettings(Strict):
     tokenizer: Literal["auto", "byte"] = "auto"
     # auto: what transformers picks for the model (the fastest it supports and is installed).
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    # fp32 matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 sums): NVIDIA Ampere and
+    # later (A10G, L4, L40S, A100, H100, H200, B200); auto: on where the device has them. It
+    # changes losses (a little), so it splits equivalence classes (`steps.plan.catalog.tf32`).
+    tf32: Literal["auto", "true", "false"] = "auto"
     # Fast paths. Each gives the losses of the run without it (within the tolerance its test
     # states) and is refused, with the reason, under a strategy it cannot run with.
     # The optimizer's fused kernel (one launch for all parameters); auto: on for CUDA devices.
@@ -150,7 +154,8 @@ class TrainSettings(Strict):
     loss_chunk: PositiveInt = 1024
     # LoRA's forward and backward written out (`steps.trainer.lora_kernels`): each adapted
     # projection one autograd function, a SwiGLU MLP whose three projections are adapted another,
-    # keeping less for backward; lora and qlora, dropout 0, modules left whole by the strategy.
+    # keeping less for backward; lora and qlora (dropout too) on modules the strategy leaves whole.
+    # A cell they cannot serve runs PEFT's modules and says why (steps.plan.lora_kernels).
     lora_kernels: bool = False
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     # false: no validation at all (an `economy:` speed cell, which shares its class's).
@@ -181,6 +186,13 @@ class TrainSettings(Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     qlora: QLoraSettings = Field(default_factory=QLoraSettings)
     parallel: ParallelSettings = Field(default_factory=ParallelSettings)
+
+    @field_validator("tf32", mode="before")
+    @classmethod
+    def _tf32_words(cls, value: Any) -> Any:
+        """YAML reads true/false (and on/off) as booleans; kept as words, so that a results-table
+        column of auto, true and false has one type (Parquet's rule)."""
+        return str(value).lower() if isinstance(value, bool) else value
 
 
 class DataSettings(Strict):

@@ -236,9 +236,10 @@ DEFINITIONS = """## How the numbers are defined
 - tokens/s: non-padding tokens through the forward pass, summed over ranks, over the timed steps
   (warm-up steps excluded); per GPU = divided by the number of ranks.
 - MFU: achieved model FLOP/s over the catalog's dense peak of the devices used (fp16 peak for
-  fp16-mixed, bf16 for bf16, fp32 for fp32). FLOPs per token: 6N for full fine-tuning, 4N + 6N
-  trainable with a frozen base (no weight gradients for frozen weights), plus the attention term
-  12·L·H·Q·T (scaled the same way). No MFU on CPU: no published peak.
+  fp16-mixed, bf16 for bf16, fp32 for fp32; for fp32 on TF32 tensor cores, the `tf32` column,
+  the TF32 peak). FLOPs per token: 6N for full fine-tuning, 4N + 6N trainable with a frozen base
+  (no weight gradients for frozen weights), plus the attention term 12·L·H·Q·T (scaled the same
+  way). No MFU on CPU: no published peak.
 - peak mem: the largest rank's; GPU `max_memory_allocated`, CPU the process's peak resident set.
 - val loss: mean next-token loss over the answer tokens of the held-out split; accuracy: exact match
   of the whole answer (teacher-forced argmax).

@@ -142,6 +142,9 @@ class CellMetrics(_Record):
     # What ran: the attention kernel transformers picked, and whether the optimizer was fused.
     attn_implementation: str | None = None
     fused_optimizer: bool | None = None
+    # train.tf32 as it ran: fp32 matmuls on TF32 tensor cores (an fp32 cell's MFU is then
+    # against the TF32 peak); false on a device without them (before Ampere, a CPU)
+    tf32: bool | None = None
     # train.lora_kernels: how many SwiGLU MLPs and adapted projections ran through the kernels
     lora_kernels: dict[str, int] | None = None
     pipeline_schedule: str | None = None

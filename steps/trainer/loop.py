@@ -242,9 +242,10 @@ def summarize(cell: CellSpec, d: Dist, m: CellMetrics, progress: Progress, facts
         tokens_per_s = progress.tokens_per_s
         flops = measure.flops_per_token(facts.config, facts.trainable, facts.total - facts.trainable,
                                         facts.embedding, progress.mean_seq_tokens, full=cell.peft == "full")
-        # The catalog's peak is the instance's GPU's: a GPU cell that ran on a CPU has no MFU.
+        # The catalog's peak is the instance's GPU's: a GPU cell that ran on a CPU has no MFU. An
+        # fp32 cell whose matmuls ran on TF32 tensor cores is measured against their peak.
         on_gpu = d.device.type == "cuda"
-        peak = catalog.peak_tflops(cell.instance, cell.precision) if on_gpu else None
+        peak = catalog.peak_tflops(cell.instance, cell.precision, bool(m.tf32)) if on_gpu else None
         achieved = tokens_per_s * flops / 1e12
         m.update(tokens_per_s=tokens_per_s, tokens_per_s_per_device=tokens_per_s / d.world, step_s=progress.step_s,
                  epoch_s=progress.step_s * m.steps_per_epoch, flops_per_token=flops, achieved_tflops=achieved,

@@ -26,7 +26,7 @@ from steps.plan import catalog, compat
 from steps.plan.schema import CellSpec, validate
 from steps.results import metrics
 from steps.results.metrics import EXIT_ERROR, EXIT_OK, EXIT_OOM, CellMetrics
-from steps.trainer import distributed, limits, loop, measure, track
+from steps.trainer import distributed, limits, loop, measure, tf32, track
 from steps.trainer.distributed import Dist
 from steps.trainer.liveness import Heartbeat, RankPrefix
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(d.device)
         limits.apply_memory_cap(cell, d.device)
-        m.update(versions=metrics.versions(), device=measure.device_name(d.device))
+        m.update(versions=metrics.versions(), device=measure.device_name(d.device), tf32=tf32.apply(cell, d))
         libraries = ("transformers", "peft", *(("deepspeed",) if cell.layout.deepspeed else ()))
         baseline = measure.runtime_gb(d.device, libraries)
         trackers = track.Trackers(cell, out, d.is_main)

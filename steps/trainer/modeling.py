@@ -15,6 +15,7 @@ import torch
 
 from steps import cache_root
 from steps.plan import catalog
+from steps.plan import lora_kernels as where  # where train.lora_kernels applies
 from steps.plan.schema import ALL_LINEAR, CellSpec
 from steps.trainer.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
@@ -57,6 +58,19 @@ def weights_dtype(cell: CellSpec) -> torch.dtype:
 def compute_dtype(cell: CellSpec) -> torch.dtype:
     return {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
             "fp16-mixed": torch.float16}.get(cell.precision, torch.float32)
+
+
+def autocast_dtype(cell: CellSpec) -> torch.dtype | None:
+    """What matmuls are autocast to (None: nothing autocasts). Mixed precision autocasts; so does
+    bf16-true with adapters: the base and the residual stream are bf16, and the adapters keep
+    fp32 master weights for the optimizer (PEFT's `autocast_adapter_dtype`) but compute in bf16,
+    as LitGPT's and torchtune's bf16 adapters do. Without it PEFT would cast each adapted
+    layer's input up to fp32 and keep that copy for backward."""
+    if cell.precision in ("bf16-mixed", "fp16-mixed"):
+        return compute_dtype(cell)
+    if cell.precision == "bf16-true" and cell.peft != "full":
+        return torch.bfloat16
+    return None
 
 
 def is_random_init(cell: CellSpec) -> bool:
@@ -248,12 +262,14 @@ def apply_peft(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:
         model.config.use_cache = False
     if cell.peft == "full":
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    if cell.peft == "qlora":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cell.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+    # QLoRA without PEFT's `prepare_model_for_kbit_training`: it freezes the base (get_peft_model
+    # does too), makes inputs require grads for reentrant checkpointing (ours is not reentrant),
+    # and casts every weight it did not quantize to fp32, which under a 16-bit precision makes the
+    # embeddings, norms and head fp32 and with them the whole residual stream and every saved
+    # activation, so that QLoRA kept more than LoRA. Those weights stay in the cell's 16-bit
+    # dtype, as LitGPT and torchtune keep them (the norms still compute in fp32 inside).
     lora = cell.train.lora
     torch.manual_seed(cell.train.seed + 1)  # adapter init is the same on every rank
     model = get_peft_model(
@@ -265,11 +281,26 @@ def apply_peft(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:
     )
     _fix_tensor_parallel_lora(model)
     _init_lora_a(model, cell.train.seed)
-    if cell.train.lora_kernels:
+    if autocast_dtype(cell) is not None:
+        _keep_adapter_inputs_16bit(model)
+    if where.applies(cell):  # elsewhere PEFT's modules run, and the row says why
         from steps.trainer import lora_kernels
 
         model.lora_kernels = lora_kernels.apply(model)  # a metric: what ran through them
     return model
+
+
+def _keep_adapter_inputs_16bit(model: torch.nn.Module) -> None:
+    """Under autocast, PEFT's cast of an adapted layer's input to the adapter's dtype (fp32)
+    makes a copy that autocast casts back for the matmul and keeps: one 16-bit copy per adapted
+    layer, where the 16-bit input itself, kept once for the layers that share it, gives the same
+    numbers (a 16-bit value cast up and down is itself). Turned off as PEFT's
+    `disable_input_dtype_casting` does, for good: the matmuls autocast the fp32 adapters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 @torch.no_grad()
@@ -353,7 +384,7 @@ def apply_fast_paths(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:
         # The loss stays this trainer's (a sum over target tokens from the logits).
         _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
-        if cell.train.lora_kernels:  # Liger replaced the MLPs' forward: the LoRA MLP keeps less
+        if where.applies(cell):  # Liger replaced the MLPs' forward: the LoRA MLP keeps less
             from steps.trainer import lora_kernels
 
             model.lora_kernels = lora_kernels.apply(model)

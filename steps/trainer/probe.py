@@ -33,7 +33,7 @@ import torch
 
 from steps import REPO_ROOT
 from steps.plan.schema import CellSpec
-from steps.trainer import data, modeling
+from steps.trainer import data, modeling, tf32
 from steps.trainer.distributed import Dist
 
 WARM, REPS = 5, 20  # untimed steps (the trainer's timing warm-up), timed ones at most
@@ -177,6 +177,7 @@ def _step_rank(rank: int, request: dict[str, Any], ports: list[int], answer: str
     alone = cell.world_size == 1  # a copy: its own group of one
     _rank_env(0 if alone else rank, cell.world_size, ports[rank] if alone else ports[0])
     d = distributed.init(timeout_s=600, gpu=request.get("device") == "gpu")
+    tf32.apply(cell, d)  # its matmuls as the cell will run them
     splits, batches, data_s = _splits(cell)
     first, second = request["layers"]
     from steps.trainer.engines import build_engine

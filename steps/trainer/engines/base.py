@@ -62,9 +62,9 @@ class ModelFacts:
 
 
 def autocast(cell: CellSpec, device: torch.device) -> contextlib.AbstractContextManager:
-    if cell.precision not in ("bf16-mixed", "fp16-mixed"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=modeling.compute_dtype(cell))
+    """Mixed precision's autocast, and bf16-true adapters' (`modeling.autocast_dtype`)."""
+    dtype = modeling.autocast_dtype(cell)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
