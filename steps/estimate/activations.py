@@ -152,11 +152,6 @@ class Kernels:
         return 4 if self.precision == "fp32" else 2
 
     @property
-    def kernel_io(self) -> int:
-        """Bytes of what the LoRA kernels keep (inputs, gate, up): the activations' width."""
-        return self.act
-
-    @property
     def fused_mlp(self) -> bool:
         """The kernels' SwiGLU: all three MLP projections adapted."""
         return self.lora_kernels and set(MLP_IN + MLP_OUT) <= self.targets
@@ -189,7 +184,7 @@ def _input_copies(k: Kernels, group: tuple[str, ...], width_in: int, sdpa_output
     if k.lora_kernels:  # the input itself, once (attention's output: kept by SDPA already)
         hit = any(n in k.targets for n in group)
         fused_away = group == MLP_OUT and k.fused_mlp  # recomputed from gate and up
-        return 0 if not hit or fused_away or sdpa_output else k.kernel_io * width_in
+        return 0 if not hit or fused_away or sdpa_output else k.act * width_in
     if k.full:
         if k.mixed and not sdpa_output:
             copies = 1 if k.compiled else len(group)
@@ -228,10 +223,9 @@ def per_layer_token(shape: DecoderShape, k: Kernels, seq_len: int) -> float:
             total += a * h
     # Gated MLP: gate output, SiLU, up output (fused kernels recompute the SiLU).
     if k.fused_mlp:
-        total += 2 * k.kernel_io * i
+        total += 2 * a * i
     else:
-        mlp_in = k.kernel_io if k.lora_kernels and set(MLP_IN) & k.targets else a
-        total += (2 if fused_pointwise else 3) * mlp_in * i
+        total += (2 if fused_pointwise else 3) * a * i
     if k.lora_kernels:  # nor lora_A's output, nor bitsandbytes' copies; dropout's mask, a byte an input
         linears = shape.linears()
         return total + (sum(linears[n][0] for n in k.targets) if k.lora_dropout > 0 else 0)

@@ -139,7 +139,7 @@ def kernels_of(r: Any, arch: dict[str, Any]) -> activations.Kernels:
         if _setting(r, "train.loss", defaults.loss) == "chunked" else 0,
         adapters16=deepspeed16,
         # runs measured while PEFT still cast each adapted layer's input up (activations.Kernels)
-        input_cast=bool(r.get("adapter_input_cast", False)) if hasattr(r, "get") else False,
+        input_cast=bool(_setting(r, "adapter_input_cast", False)),
         lora_kernels=kernels_run)
 
 
