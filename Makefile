@@ -55,17 +55,19 @@ browser:
 
 # Debian's container and build tools for the container tests (podman with runc, debootstrap for a
 # base image without any registry; strace lets the Kubernetes test check that nothing leaves
-# loopback). Installed when missing and apt-get can run; otherwise those tests skip.
-ENGINE_PACKAGES := podman buildah runc debootstrap uidmap fuse-overlayfs slirp4netns containernetworking-plugins strace
+# loopback), and Slurm with munge for the tests that start a one-node Slurm cluster of their own
+# (tests/engines/slurm.py). Installed when missing and apt-get can run; otherwise those tests skip.
+ENGINE_PACKAGES := podman buildah runc debootstrap uidmap fuse-overlayfs slirp4netns containernetworking-plugins strace \
+	slurm-wlm slurm-client munge
 engines:
 	@missing=$$(for p in $(ENGINE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing Debian's $$(echo $$missing) for the container tests"; \
+		echo "installing Debian's $$(echo $$missing) for the container and Slurm tests"; \
 		(apt-get install -y -q $$missing >/dev/null 2>&1 || \
 		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$missing >/dev/null 2>&1)) || \
-		echo "could not install $$(echo $$missing): the container tests will skip"; \
-	else echo "$$(echo $$missing) not installed and apt-get not usable: the container tests will skip"; fi
+		echo "could not install $$(echo $$missing): the container and Slurm tests will skip"; \
+	else echo "$$(echo $$missing) not installed and apt-get not usable: the container and Slurm tests will skip"; fi
 
 run: setup
 	$(BIN)/python flows/finetune_matrix.py run

@@ -89,7 +89,8 @@ class FinetuneMatrixFlow(FlowSpec):
         runs.keep_node_files(runs.run_dir(current.run_id), self.cell,
                              [(i.node, getattr(i, "files", None)) for i in inputs])
         self.loss_curve = self.metrics.get("loss_curve", [])
-        current.card["cell"].extend(cards.cell_card(self.cell, self.metrics))
+        if hasattr(current, "card"):  # none in a dry run
+            current.card["cell"].extend(cards.cell_card(self.cell, self.metrics))
         self.next(self.join)
 
     @step

@@ -57,7 +57,7 @@ os.environ.setdefault("METAFLOW_USER", "tests")
 # next free worker, in collection order. The files that take minutes go first, longest first (as
 # measured on a clean clone), so that the last files handed out are short ones and no worker is
 # left running a long one alone at the end.
-LONGEST_FIRST = ("test_start_checks.py", "test_plan_memory_cpu.py", "test_sagemaker.py", "test_sweep.py",
+LONGEST_FIRST = ("test_start_checks.py", "test_plan_memory_cpu.py", "test_sagemaker.py", "test_slurm.py", "test_sweep.py",
                  "test_economy.py", "test_flow_failures.py", "test_track.py", "test_flow_parallel.py",
                  "test_strategies.py", "test_trainer_features.py", "test_plan_time.py", "test_preflight.py",
                  "test_launcher.py", "test_flow.py", "test_architectures.py", "test_live_card.py",

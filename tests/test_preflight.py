@@ -164,7 +164,7 @@ def test_every_pre_launch_mistake_is_reported_together(tmp_path, folders):
         f"data.path: {bad}:3: not valid JSON (Expecting property name enclosed in double quotes: line 2 column 1 "
         f"(char 22))",
         "instance: p3.2xlarge (NVIDIA V100-SXM2-16GB) with compute: local would train on this machine, which has "
-        "no GPU; use compute: sagemaker (or kubernetes/batch) to run on p3.2xlarge, or instance: local-cpu to train "
+        "no GPU; use compute: sagemaker (or kubernetes, batch, slurm) to run on p3.2xlarge, or instance: local-cpu to train "
         "here",
     ]
 
@@ -214,7 +214,7 @@ def test_a_gpu_instance_runs_locally_where_this_machine_has_that_gpu():
     two_v100 = {"gpus": ["Tesla V100-SXM2-16GB", "Tesla V100-SXM2-16GB"]}
     assert preflight.machine_problems(spec, two_v100) == [
         "instance: g5.12xlarge (NVIDIA A10G) with compute: local would train on this machine, which has 2 GPU(s): "
-        "Tesla V100-SXM2-16GB, Tesla V100-SXM2-16GB; use compute: sagemaker (or kubernetes/batch) to run on "
+        "Tesla V100-SXM2-16GB, Tesla V100-SXM2-16GB; use compute: sagemaker (or kubernetes, batch, slurm) to run on "
         "g5.12xlarge, or instance: local-gpu to train here"]
     assert preflight.machine_problems(spec.model_copy(update={"compute": "sagemaker"}), two_v100) == []
 

@@ -330,7 +330,7 @@ def _range(x: float | None, q: float) -> tuple[float, float] | None:
     return None if x is None else (x * math.exp(-q), x * math.exp(q))
 
 
-def predict(cell: CellSpec, calibration: Calibration | None, compute: str = "local",
+def predict(cell: CellSpec, calibration: Calibration | None, compute: cost.Compute = "local",
             facts: dict[str, Any] | None = None, fixes: bool = False,
             probe: dict[str, Any] | None = None) -> planner.CellPlan:
     """The planner's answer with the calibration applied, and its intervals: the calibration's
@@ -339,7 +339,7 @@ def predict(cell: CellSpec, calibration: Calibration | None, compute: str = "loc
 
 
 def apply(cell: CellSpec, plan: planner.CellPlan, calibration: Calibration | None,
-          compute: str = "local") -> planner.CellPlan:
+          compute: cost.Compute = "local") -> planner.CellPlan:
     """A first-principles plan of `cell` calibrated, with its intervals."""
     if plan.step_s is None:
         return plan

@@ -1,12 +1,14 @@
 """How much money: a cell's steps, wall time (steps x step time + start-up) and cost at the
-catalog's price (SageMaker's under `compute: sagemaker`); no torch."""
+catalog's price (SageMaker's under `compute: sagemaker`, the cluster's own GPU-hour rate under
+`compute: slurm`, else unknown); no torch."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from steps.plan import catalog
-from steps.plan.schema import CellSpec
+from steps.plan.schema import CellSpec, MatrixSpec
 
 STARTUP_S = {"gpu": 60.0, "cpu": 10.0}  # process start, model load, rendezvous
 
@@ -24,8 +26,29 @@ def steps_of(cell: CellSpec) -> int | None:
     return min(n, t.stop_after_steps) if t.stop_after_steps is not None else n
 
 
-def hourly_usd(cell: CellSpec, compute: str = "local") -> float | None:
-    """What the cell's instances cost per hour: per device for local CPU types, per node else."""
+@dataclass(frozen=True)
+class Pricing:
+    """Where the cells run, as far as their price goes: a compute's name is enough except on a
+    Slurm cluster, whose rate is its own (`remote.price_per_gpu_hour`), not a cloud's."""
+
+    compute: str = "local"
+    gpu_hour_usd: float | None = None
+
+    @classmethod
+    def of(cls, spec: MatrixSpec) -> Pricing:
+        return cls(spec.compute, spec.remote.price_per_gpu_hour if spec.compute == "slurm" else None)
+
+
+Compute = str | Pricing  # what the planning functions take as `compute`
+
+
+def hourly_usd(cell: CellSpec, compute: Compute = "local") -> float | None:
+    """What the cell's instances cost per hour: per device for local CPU types, per node else;
+    on Slurm, the cluster's rate for each of the cell's devices (None without one)."""
+    pricing = compute if isinstance(compute, Pricing) else Pricing(compute)
+    compute = pricing.compute
+    if compute == "slurm":
+        return pricing.gpu_hour_usd * cell.world_size if pricing.gpu_hour_usd is not None else None
     entry = catalog.instances().get(cell.instance)
     if entry is None:
         return None
@@ -35,7 +58,7 @@ def hourly_usd(cell: CellSpec, compute: str = "local") -> float | None:
     return rate * (cell.world_size if entry.price_per == "device" else cell.nodes)
 
 
-def wall_and_cost(cell: CellSpec, step_s: float, compute: str = "local", startup_s: float | None = None,
+def wall_and_cost(cell: CellSpec, step_s: float, compute: Compute = "local", startup_s: float | None = None,
                   eval_s: float = 0.0) -> tuple[int | None, float | None, float | None]:
     """(steps, wall seconds, dollars) of the whole cell at `step_s` per step, after `startup_s`
     (the catalog's typical start-up where not measured) and with `eval_s` of evaluations; None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from steps.estimate import calibrate, economy, planner
+from steps.estimate import calibrate, cost, economy, planner
 from steps.estimate.planner import CellPlan
 from steps.plan import catalog, preflight
 from steps.plan.matrix import expand
@@ -35,9 +35,14 @@ class MatrixPlan:
     unknown: list[str]  # cells without a time or cost prediction
     saving: economy.Saving | None = None  # under `economy:`, this run against every cell to the end
     probes: dict[str, Any] = field(default_factory=dict)  # this machine's probe entries, by cell id
+    cost_note: str | None = None  # why no cell has a price, where the compute has none to give
 
 
-def plan_matrix(planned: list, facts: dict[str, Any] | None = None, compute: str = "local",
+SLURM_NO_PRICE = ("cost unknown: compute slurm prices a cell at your cluster's own rate, which the catalog's "
+                  "cloud prices are not; set remote.price_per_gpu_hour (your allocation's rate per GPU-hour)")
+
+
+def plan_matrix(planned: list, facts: dict[str, Any] | None = None, compute: cost.Compute = "local",
                 predict_cell: Callable[[CellSpec], CellPlan] | None = None) -> MatrixPlan:
     """`planned`: PlannedCells (`steps.plan.matrix.expand`, after `preflight.check`);
     `predict_cell`: the planner with a calibration (`steps.estimate.calibrate`), else its defaults."""
@@ -179,11 +184,12 @@ def plan_spec(spec: MatrixSpec, check: str = "auto", calibration: calibrate.Cali
     probes = probing.profile(live, echo=echo, facts=facts["models"]) if probe else {}
 
     def predict_cell(cell):
-        return calibrate.predict(cell, calibration or None, spec.compute, facts["models"], fixes=True,
+        return calibrate.predict(cell, calibration or None, cost.Pricing.of(spec), facts["models"], fixes=True,
                                  probe=probes.get(cell.cell_id))
-    matrix_plan = plan_matrix(planned, facts["models"], spec.compute, predict_cell)
+    matrix_plan = plan_matrix(planned, facts["models"], cost.Pricing.of(spec), predict_cell)
     planned, matrix_plan = apply_settings(spec, planned, matrix_plan)
-    return planned, replace(matrix_plan, probes=probes)
+    note = SLURM_NO_PRICE if spec.compute == "slurm" and spec.remote.price_per_gpu_hour is None else None
+    return planned, replace(matrix_plan, probes=probes, cost_note=note)
 
 
 def _gb(x: float | None) -> str:
@@ -335,9 +341,11 @@ def show(planned: list, matrix_plan: MatrixPlan, out=None, wide: bool = False, w
     if not wide:
         show_fixes(shown, matrix_plan, console)
     fitting = matrix_plan.runs - len(matrix_plan.predicted_oom)
-    cost = "?" if matrix_plan.cost_usd is None else f"${matrix_plan.cost_usd:,.2f}"
-    console.print(f"Cells predicted to fit: {fitting}, one after another {_duration(matrix_plan.wall_s)}, {cost}"
+    dollars = "?" if matrix_plan.cost_usd is None else f"${matrix_plan.cost_usd:,.2f}"
+    console.print(f"Cells predicted to fit: {fitting}, one after another {_duration(matrix_plan.wall_s)}, {dollars}"
                   + (f" ({len(matrix_plan.unknown)} without a prediction)" if matrix_plan.unknown else ""))
+    if matrix_plan.cost_note:
+        console.print(matrix_plan.cost_note, highlight=False)
     console.print(basis_summary(matrix_plan), soft_wrap=False)
     if matrix_plan.saving is not None:
         show_economy(planned, matrix_plan.saving, console)

@@ -103,7 +103,7 @@ def counts_of(cell: CellSpec, arch: dict[str, Any], facts: dict[str, Any] | None
     return params.ParamCounts(total, trainable, counted.embedding)
 
 
-def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: str = "local",
+def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: cost.Compute = "local",
             efficiency: dict[str, float] | None = None, fixes: bool = True, overhead_s: float = 0.0,
             probe: dict[str, Any] | None = None) -> CellPlan:
     """The planner's answer for one cell (`facts`: the models' facts, for models that are not

@@ -15,6 +15,9 @@ CARD_METRICS = (
     ("accuracy", "accuracy"), ("final_train_loss", "final train loss"), ("train_s", "train s"),
     ("wall_s", "wall s"), ("overhead_s", "start-up and teardown s"), ("cost_usd", "cost $"),
     ("trainable_params", "trainable params"), ("total_params", "total params"),
+    # a cell that ran as a job (SageMaker, Slurm): which, where, how it ended, how long it queued
+    ("job_name", "job"), ("job_id", "Slurm job id"), ("job_nodes", "nodes"), ("job_status", "job status"),
+    ("queued_s", "queued s"),
 )
 
 
@@ -98,12 +101,14 @@ class LiveCard:
     Drawn every `every_s` from its own thread until `finish`; a card that cannot be drawn is
     one warning in the log, never the cell's failure."""
 
-    def __init__(self, card: Any, cell: dict[str, Any], out_dir: Any, every_s: float | None = None):
+    def __init__(self, card: Any, cell: dict[str, Any], out_dir: Any, every_s: float | None = None,
+                 ranks_here: bool = True):
         import threading
 
         from metaflow.cards import Markdown, VegaChart
 
         self.card, self.out, self.every = card, out_dir, every_s or live_every_s(cell)
+        self.ranks_here = ranks_here  # a Slurm job's ranks run on other nodes: their pids mean nothing here
         self.title = f"{cell['cell_id']}: training"
         self.chart = VegaChart(loss_chart_spec({}, self.title))
         self.stats = Markdown("starting: no step yet")
@@ -140,7 +145,7 @@ class LiveCard:
         curves = {"loss_curve": [p.model_dump() for p in loss], "val_curve": [p.model_dump() for p in val]}
         span = loss[-1].time_s - loss[0].time_s
         rate = sum(p.tokens for p in loss[1:]) / span if span > 0 else None
-        memory = _resident_gb(launcher.trainer_pids(Path(self.out)))
+        memory = _resident_gb(launcher.trainer_pids(Path(self.out))) if self.ranks_here else None
         with self.drawing:
             if self.stopped.is_set():
                 return

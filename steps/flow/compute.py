@@ -24,7 +24,7 @@ from steps import REPO_ROOT
 from steps.plan import catalog
 from steps.plan.matrix import plain
 
-TRAIN_STEP = "train"
+TRAIN_STEP, GATHER_STEP = "train", "gather"
 MEMORY_SHARE = 0.9  # of the instance's memory: the rest for the node's own daemons
 PACKAGED = (("steps", "*.py"), ("configs", "*.yaml"))
 
@@ -133,10 +133,10 @@ class MatrixCompute(FlowMutator):
             if name == TRAIN_STEP:
                 for deco, kwargs in train_decorators(matrix):
                     step.add_decorator(deco, deco_kwargs=kwargs, duplicates=step.OVERRIDE)
-                if matrix["plan"].get("dry_run"):
-                    # Nothing trains: no live card to draw, and two card processes a cell fewer
-                    # (Metaflow renders a card once more when its task ends).
-                    step.remove_decorator("card")
+            if name in (TRAIN_STEP, GATHER_STEP) and matrix["plan"].get("dry_run"):
+                # Nothing trains: no live card to draw, no cell card to show (a dry-run row), and
+                # three card processes a cell fewer (Metaflow renders a card once more at a task's end).
+                step.remove_decorator("card")
 
     def add_to_package(self):
         for path, name in package_files():

@@ -59,6 +59,11 @@ def plan(matrix: dict[str, Any], run_id: str | None = None, flow: str = "Finetun
         if spec.compute == "sagemaker" and (unset := unset_names(spec.remote.env)):
             raise ConfigError([f"remote.env: {', '.join(unset)} not set on this machine; each cell's job gets the "
                                "variables remote.env names from the environment the flow starts in"], spec.name)
+        if spec.compute == "slurm":
+            from steps.flow.slurm.submit import missing_client
+
+            if reason := missing_client():
+                raise ConfigError([reason], spec.name)
         planned, planned_matrix = matrix_plan.plan_spec(spec, check="always")
         if all(p.refused for p in planned):
             raise ConfigError(nothing_runs(planned), spec.name)
@@ -139,8 +144,8 @@ class CellFailed(RuntimeError):
 
 def placement(planned: dict[str, Any], matrix: dict[str, Any]) -> tuple[int, int]:
     """How many @parallel tasks (nodes) the cell needs, and the rendezvous port they share.
-    A SageMaker cell is one task: its job holds all the cell's instances."""
-    one = planned["refused"] or matrix["compute"] == "sagemaker"
+    A SageMaker or Slurm cell is one task: its job holds all the cell's instances or nodes."""
+    one = planned["refused"] or matrix["compute"] in JOBS
     return (1 if one else int(planned["cell"]["nodes"])), launcher.free_port()
 
 
@@ -151,6 +156,7 @@ def node_dir(out_root: Path, cell: CellSpec, node_index: int) -> Path:
 
 RUNNING_LOCK = ".running"  # held while a cell runs (`_running`)
 REMOTE = ("kubernetes", "batch")  # computes whose train task runs in a container that is gone after it
+JOBS = ("sagemaker", "slurm")  # computes whose train task submits the cell as one job and follows it
 # What a remote node's folder leaves behind: checkpoints (large; a multi-node cell's need storage
 # every node reaches anyway) and the launcher's working files.
 LEFT_BEHIND = ("checkpoints", HEARTBEAT_DIR, PARTIAL_CURVES, RUNNING_LOCK)
@@ -209,7 +215,8 @@ def train_node(planned: dict[str, Any], out_root: Path, node_index: int = 0,
             and _live_card_renders(matrix):
         from steps.flow.cards import LiveCard
 
-        live = LiveCard(card, planned["cell"], node_dir(out_root, cell, node_index))
+        live = LiveCard(card, planned["cell"], node_dir(out_root, cell, node_index),
+                        ranks_here=matrix is None or matrix["compute"] != "slurm")
     m, log = _train_node(cell, out_root, node_index, main_ip, port, matrix, run, in_task)
     if in_task:
         priority.lower()  # what is left of this task (card, artifacts) is bookkeeping
@@ -243,6 +250,13 @@ def _train_node(cell: CellSpec, out_root: Path, node_index: int, main_ip: str, p
         run_id, attempt, origin = run or (Path(out_root).name, 0, None)
         with _running(out, keep=keep_devices):
             return submit.run_cell(cell, out, plain(matrix)["remote"], run_id, attempt, origin)
+    if matrix is not None and matrix["compute"] == "slurm":
+        from steps.flow.slurm import submit as slurm
+
+        with _running(out, keep=keep_devices):  # the cell's folder is shared: no files to carry back
+            m, log = slurm.run_cell(cell, out, plain(matrix)["remote"])
+        tracking.close_cell(cell, out, m.to_dict())
+        return m, log
     with _running(out, keep=keep_devices):
         m = launcher.run_cell(cell, out, node_rank=node_index, master_addr=main_ip, port=port,
                               keep_devices=keep_devices)
@@ -329,8 +343,8 @@ def fail_if_error(metrics: dict[str, Any], out_root: Path, matrix: dict[str, Any
     final = attempt >= int(matrix["retries"])
     if final and matrix["on_error"] == "record" and not compute.catches(matrix):
         return  # no @catch here: the row records the error
-    if final and matrix["on_error"] == "fail" and matrix["compute"] in ("local", "sagemaker"):
-        wait_for_running(out_root)  # sagemaker: a killed step could not stop its job
+    if final and matrix["on_error"] == "fail" and matrix["compute"] in ("local", *JOBS):
+        wait_for_running(out_root)  # a job: a killed step could not stop it
     raise CellFailed(f"{metrics.get('cell_id')}: {metrics.get('error')}")
 
 

@@ -175,6 +175,15 @@ def _compute_problems(spec: MatrixSpec) -> list[str]:
     if spec.compute == "local":
         return problems
     instances = sorted({*spec.instance, *(i for r in spec.include for i in (r.instance or []))})
+    if spec.compute == "slurm":
+        remote = spec.remote
+        if remote.image and not remote.container:
+            problems.append("remote.container: an image on Slurm needs the runtime that runs it on the nodes: "
+                            "pyxis (srun --container-image, enroot) or apptainer")
+        if remote.container and not remote.image:
+            problems.append(f"remote.image: remote.container: {remote.container} needs the image it runs "
+                            "(e.g. the project's, `make image`)")
+        return problems
     if spec.compute == "sagemaker":
         offered = [n for n, e in catalog.instances().items() if e.sagemaker_instance]
         problems += [f"instance: {name!r} is not offered by SageMaker training (no sagemaker_instance "

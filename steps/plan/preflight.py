@@ -200,7 +200,7 @@ def machine_problems(spec: MatrixSpec, machine: dict[str, Any]) -> list[str]:
             here = f"{len(gpus)} GPU(s): {', '.join(gpus)}" if gpus else "no GPU"
             problems.append(
                 f"instance: {name} ({instance.accelerator}) with compute: local would train on this "
-                f"machine, which has {here}; use compute: sagemaker (or kubernetes/batch) to run on "
+                f"machine, which has {here}; use compute: sagemaker (or kubernetes, batch, slurm) to run on "
                 f"{name}, or instance: {'local-gpu' if gpus else 'local-cpu'} to train here")
     return problems
 

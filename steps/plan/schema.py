@@ -296,8 +296,8 @@ class PlanSettings(Strict):
     # Time this machine's cells (local CPU types, local-gpu) with a probe of a few seconds each
     # before planning them (cached per machine and library versions); false: the catalog's peaks.
     probe: bool = True
-    # Rehearse the flow: every cell goes through its launch, train and gather tasks, card and
-    # results row (outcome `skipped`, "dry run") without starting its trainer.
+    # Rehearse the flow: every cell goes through its launch, train and gather tasks to its
+    # results row (outcome `skipped`, "dry run") without starting its trainer (and with no card).
     dry_run: bool = False
 
 
@@ -420,13 +420,58 @@ class RemoteSettings(Strict):
     security_groups: list[str] = Field(default_factory=list, max_length=5)
     tags: dict[str, str] = Field(default_factory=dict, max_length=50)
     # Beyond the cell's timeout_s, what a job may spend starting (image pull, installs, model
-    # download) before SageMaker stops it (MaxRuntimeInSeconds = timeout_s + this).
+    # download) before SageMaker stops it (MaxRuntimeInSeconds = timeout_s + this; Slurm: --time).
     startup_allowance_s: PositiveInt = 1800
-    poll_s: PositiveFloat = 15.0  # how often the train step asks SageMaker how its job is doing
+    poll_s: PositiveFloat = 15.0  # how often the train step asks SageMaker (or Slurm) how its job is doing
     # Variables of the machine that starts the flow each cell's job gets, by name (a token, the
     # tracker's credentials): no other value of this environment reaches a job. (Kubernetes and
     # Batch tasks are Metaflow's: its secrets give them variables by name, docs/remote.md.)
     env: list[str] = Field(default_factory=list, max_length=64)
+    # --- slurm (docs/slurm.md): each cell one batch job, submitted from the machine that runs
+    # the flow (a login node) with sbatch; the cell's folder must be on a filesystem the nodes share.
+    partition: str | None = Field(None, pattern=r"^[\w.,-]+$")
+    account: str | None = Field(None, pattern=r"^[\w.-]+$")
+    qos: str | None = Field(None, pattern=r"^[\w.-]+$")
+    # The job's time limit (--time); default train.timeout_s + startup_allowance_s. The cell's own
+    # timeout_s ends it `timeout` with its curve first; Slurm's limit is the backstop.
+    time_limit_s: PositiveInt | None = None
+    # GPUs per node as a generic resource, {gpus} the cell's processes per node: "gpu:{gpus}" or
+    # "gpu:a100:{gpus}". Default "gpu:{gpus}" for GPU instance types, none for CPU ones.
+    gres: str | None = Field(None, pattern=r"^[\w:{},.-]+$")
+    cpus_per_node: PositiveInt | None = None  # default: the instance's vCPUs (CPU types: a core per process)
+    mem_gb: PositiveFloat | None = None  # per node; default: 90% of the instance's memory, where known
+    # Lines run before the launch on every node: `module load cuda/12.4`, `source ~/venv/bin/activate`,
+    # `export NCCL_SOCKET_IFNAME=ib0`.
+    setup: list[str] = Field(default_factory=list, max_length=64)
+    sbatch: list[str] = Field(default_factory=list, max_length=64)  # extra options: "--constraint=a100"
+    # With `image`: the runtime that runs it on the nodes (pyxis/enroot's srun --container-image,
+    # or apptainer exec). Without an image the nodes run the flow's own checkout and Python.
+    container: Literal["pyxis", "apptainer"] | None = None
+    # The nodes' interpreter; default the `python` that `setup` makes, else the flow's own (a venv
+    # on the shared filesystem).
+    python: str | None = None
+    # What a GPU-hour costs on this cluster (your allocation's rate): the plan and the results price
+    # cells with it; without it their cost is unknown (the catalog's cloud prices do not apply).
+    price_per_gpu_hour: PositiveFloat | None = None
+
+    @field_validator("sbatch")
+    @classmethod
+    def _sbatch_options(cls, value: list[str]) -> list[str]:
+        if bad := [v for v in value if not v.startswith("-") or "\n" in v]:
+            raise ValueError(f"not sbatch options: {', '.join(map(repr, bad))} (one option a line, e.g. "
+                             "'--constraint=a100' or '--exclusive')")
+        return value
+
+    @field_validator("gres")
+    @classmethod
+    def _gres_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.format(gpus=1)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"the only placeholder is {{gpus}} (the cell's processes per node), "
+                                 f"not {exc}") from None
+        return value
 
     @field_validator("env")
     @classmethod
@@ -443,6 +488,8 @@ REMOTE_KEYS = {
     "batch": {"image", "queue", "shared_memory_mb"},
     "sagemaker": {"image", "role", "region", "s3_prefix", "spot", "max_wait_s", "volume_gb", "keep_alive_s",
                   "subnets", "security_groups", "tags", "startup_allowance_s", "poll_s", "env"},
+    "slurm": {"image", "partition", "account", "qos", "time_limit_s", "gres", "cpus_per_node", "mem_gb", "setup",
+              "sbatch", "container", "python", "price_per_gpu_hour", "startup_allowance_s", "poll_s"},
 }
 
 
@@ -514,9 +561,9 @@ class MatrixSpec(Strict):
     # Settings multiplied like axes, by their dotted names: {train.lora.r: [8, 16, 64]}.
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     # Where the train step runs: here, on Metaflow's @kubernetes / @batch with resources from
-    # the instance catalog (one instance type per run), or as one SageMaker training job per
-    # cell (any instance type SageMaker offers, several per run).
-    compute: Literal["local", "kubernetes", "batch", "sagemaker"] = "local"
+    # the instance catalog (one instance type per run), as one SageMaker training job per
+    # cell (any instance type SageMaker offers, several per run), or as one Slurm job per cell.
+    compute: Literal["local", "kubernetes", "batch", "sagemaker", "slurm"] = "local"
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
     # A real failure (an exception in the trainer, a lost node) is retried this many times,
     # then fails the run (`on_error: fail`, so that `resume` re-runs only the failed cells)

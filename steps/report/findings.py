@@ -27,7 +27,8 @@ LOSSES = ("val_loss", "loss_at_tokens")  # judged against the loss spread, the r
 SPEED_OF = {"updates_per_s": "step_s", "time_to_target_s": "tokens_per_s"}  # whose same-shape spread is theirs
 # Settings a sentence may name to say where it holds, in this order (and any swept train/data setting).
 CONTEXT = ["model", "peft", "strategy", "world_size", "precision", "micro_batch", "grad_accum", "seq_len", "instance"]
-FAILED = {"oom": "ran out of memory", "hang": "hung", "timeout": "timed out", "diverged": "diverged"}
+FAILED = {"oom": "ran out of memory", "hang": "hung", "timeout": "timed out", "diverged": "diverged",
+          "stopped": "was stopped on its cluster"}
 COUNTED = {"micro_batch": "micro-batch", "grad_accum": "accum", "seq_len": "seq"}  # named before their number
 
 

@@ -80,9 +80,9 @@ def plan(spec: MatrixSpec) -> tuple[list[PlannedCell], matrix_plan.MatrixPlan, l
     fitted = store.calibration()
 
     def predict_cell(cell: CellSpec) -> CellPlan:
-        return calibrate.predict(cell, fitted, spec.compute, {}, fixes=True)
+        return calibrate.predict(cell, fitted, cost.Pricing.of(spec), {}, fixes=True)
 
-    planned_plan = matrix_plan.plan_matrix(planned, {}, spec.compute, predict_cell)
+    planned_plan = matrix_plan.plan_matrix(planned, {}, cost.Pricing.of(spec), predict_cell)
     try:
         planned, planned_plan = matrix_plan.apply_settings(spec, planned, planned_plan)
     except ConfigError as exc:
@@ -90,7 +90,7 @@ def plan(spec: MatrixSpec) -> tuple[list[PlannedCell], matrix_plan.MatrixPlan, l
     return planned, planned_plan, []
 
 
-def predicted(c: Configuration, objective: str, compute: str) -> tuple[float, tuple[float, float]] | None:
+def predicted(c: Configuration, objective: str, compute: cost.Compute) -> tuple[float, tuple[float, float]] | None:
     """The plan's value of an objective for a configuration and its interval; None where the plan
     has none. Tokens per dollar: tokens/s over the instance's price per second (exact: the interval
     is the tokens/s one); peak memory: as a run measures it, ±`MEMORY_SPREAD`."""
@@ -113,7 +113,7 @@ def predicted(c: Configuration, objective: str, compute: str) -> tuple[float, tu
     return float(value), (float(span[0]), float(span[1]))
 
 
-def exclusion(c: Configuration, goal: Goal, compute: str) -> str | None:
+def exclusion(c: Configuration, goal: Goal, compute: cost.Compute) -> str | None:
     """Why a configuration cannot answer the goal at full scale, or None: predicted not to fit,
     refused before launch, no prediction, a constraint broken, or no predicted value."""
     p = c.plan
@@ -139,7 +139,7 @@ def exclusion(c: Configuration, goal: Goal, compute: str) -> str | None:
         return f"no predicted {decision.OBJECTIVES[goal.objective][0]}: " + _missing(c, goal.objective, compute)
 
 
-def _missing(c: Configuration, objective: str, compute: str) -> str:
+def _missing(c: Configuration, objective: str, compute: cost.Compute) -> str:
     """Why the plan has no value of the objective for a configuration that it planned."""
     if objective in ("wall_s", "cost_usd") and c.plan is not None and c.plan.steps is None:
         return ("`train.epochs` without `data.train_samples`: its steps are not known until the data is read; "
@@ -159,7 +159,8 @@ def noise(objective: str) -> str:
             "spread")
 
 
-def decide(configs: list[Configuration], goals: list[Goal], default: bool, compute: str) -> list[dict[str, Any]]:
+def decide(configs: list[Configuration], goals: list[Goal], default: bool,
+           compute: cost.Compute) -> list[dict[str, Any]]:
     """`decision.decide`'s records, predicted: per goal (and per model where the matrix has several)
     the choice among the configurations predicted to fit, its value and interval, the runner-up and
     margin, the configurations tied within the intervals, the excluded cells with their reasons. A
@@ -188,7 +189,7 @@ def _record(goal: Goal, default: bool, model: str | None) -> dict[str, Any]:
 
 
 def _decide_one(configs: list[Configuration], goal: Goal, default: bool, model: str | None,
-                compute: str) -> dict[str, Any]:
+                compute: cost.Compute) -> dict[str, Any]:
     record = _record(goal, default, model)
     excluded: dict[str, str] = {}
     live = []
@@ -255,7 +256,8 @@ def project(meta: dict[str, Any]) -> Projection | None:
     planned, planned_plan, problems = plan(spec)
     configs = configurations(planned, planned_plan.plans)
     goals, default = decision.goals_of(meta)
-    return Projection(path, spec, configs, decide(configs, goals, default, spec.compute), len(planned), problems)
+    decided = decide(configs, goals, default, cost.Pricing.of(spec))
+    return Projection(path, spec, configs, decided, len(planned), problems)
 
 
 # ---------------------------------------------------------------- the report's section

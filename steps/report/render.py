@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 # learning rate (0.0002), s as seconds to a tenth.
 KINDS = ("text", "int", "num", "pct", "usd", "x", "lr", "s")
 Cols = list[tuple[str, str, str]]  # (column, header, kind) for each column a table shows
-FAILED_OUTCOMES = ("oom", "diverged", "hang", "timeout", "error", "skipped")  # outcomes that stand out in the HTML page
+# outcomes that stand out in the HTML page
+FAILED_OUTCOMES = ("oom", "diverged", "hang", "timeout", "stopped", "error", "skipped")
 
 
 @dataclass

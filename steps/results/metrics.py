@@ -20,13 +20,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
-Outcome = Literal["running", "ok", "oom", "diverged", "error", "timeout", "hang", "skipped"]
+Outcome = Literal["running", "ok", "oom", "diverged", "error", "timeout", "hang", "stopped", "skipped"]
 
 
 def mlflow_status(outcome: str) -> str:
     """A cell's outcome as its MLflow run's status: ok FINISHED; stopped by the launcher (hang,
     timeout) KILLED; oom, diverged, error FAILED (the tag `outcome` says which)."""
-    return {"ok": "FINISHED", "hang": "KILLED", "timeout": "KILLED"}.get(outcome, "FAILED")
+    return {"ok": "FINISHED", "hang": "KILLED", "timeout": "KILLED", "stopped": "KILLED"}.get(outcome, "FAILED")
 
 # Working files the trainer leaves for the launcher's hang watch, in the cell's folder: one
 # heartbeat file per rank, and rank 0's curve so far (one JSON point per line).
@@ -220,8 +220,11 @@ class CellMetrics(_Record):
     cost_usd: float | None = None
     # compute: sagemaker: the cell's training job, and what SageMaker billed (seconds per
     # instance; managed spot bills less than it ran: spot_savings = 1 - billable / training).
+    # compute: slurm: the job's id, name, state at the end (COMPLETED, TIMEOUT, ...) and nodes.
     job_name: str | None = None
     job_arn: str | None = None
+    job_id: str | None = None
+    job_nodes: str | None = None
     job_status: str | None = None  # status/secondary status at the end, e.g. Failed/Failed
     billable_s: float | None = None
     spot_savings: float | None = None

@@ -1,8 +1,9 @@
-"""One cell's result from its nodes: a cell over N nodes (Metaflow's @parallel tasks, or a
-SageMaker job's instances) measures on node 0, and any failed node fails it."""
+"""One cell's result from its nodes: a cell over N nodes (Metaflow's @parallel tasks, a
+SageMaker job's instances or a Slurm job's nodes) measures on node 0, and any failed node fails it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from steps.results.metrics import CellMetrics
@@ -26,3 +27,18 @@ def gather(nodes: list[Node]) -> tuple[dict[str, Any], str]:
                  error=m.error or str(getattr(failure, "exception", failure)).strip().splitlines()[-1])
     log = "".join(text if i == 0 else f"\n===== node {i} =====\n{text}" for i, _, text, _ in nodes)
     return m.to_dict(), log
+
+
+def read_nodes(out_dir: Path) -> list[Node]:
+    """What each node of a job wrote (node 0 in the cell folder, others in node<i>/), in the
+    shape `gather` combines, as for @parallel nodes."""
+    nodes: list[Node] = []
+    for index, folder in [(0, out_dir), *sorted((int(p.name[4:]), p) for p in out_dir.glob("node[0-9]*"))]:
+        try:
+            m = CellMetrics.read(folder / "metrics.json")
+        except ValueError as exc:
+            m = CellMetrics(outcome="error", error=str(exc)[:2000])
+        log = folder / "train.log"
+        text = log.read_text(errors="replace") if log.exists() else "(no log came back)\n" if index == 0 else ""
+        nodes.append((index, m.to_dict() if m else None, text, None))
+    return nodes

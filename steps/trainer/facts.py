@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0], encoding="utf-8") as fh:
         cells = [CellSpec.model_validate(c) for c in json.load(fh)]
+    modeling.block_unused_imports(cells)
     facts = {"models": model_facts(cells), "data": data_facts(cells), "machine": machine_facts()}
     with open(argv[1], "w", encoding="utf-8") as fh:
         json.dump(facts, fh)

@@ -26,7 +26,7 @@ from steps.plan import catalog, compat
 from steps.plan.schema import CellSpec, validate
 from steps.results import metrics
 from steps.results.metrics import EXIT_ERROR, EXIT_OK, EXIT_OOM, CellMetrics
-from steps.trainer import distributed, limits, loop, measure, tf32, track
+from steps.trainer import distributed, limits, loop, measure, modeling, tf32, track
 from steps.trainer.distributed import Dist
 from steps.trainer.liveness import Heartbeat, RankPrefix
 
@@ -54,13 +54,6 @@ def load_cell(path: str) -> CellSpec:
         return validate(CellSpec, yaml.safe_load(fh), path)
 
 
-def block_unused_imports(cell: CellSpec) -> None:
-    """peft and transformers import bitsandbytes whenever it is installed (about 1 s per
-    process); a cell with no 4-bit weights and no 8-bit optimizer makes it look absent."""
-    if cell.peft != "qlora" and cell.train.optimizer != "paged_adamw_8bit":
-        sys.modules.setdefault("bitsandbytes", None)  # find_spec() then returns None
-
-
 def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
     """One cell in this process. end_process_group=False leaves the process group (and the
     groups built on it) up for a caller that trains further cells in the same processes."""
@@ -82,7 +75,7 @@ def main(argv: list[str] | None = None, end_process_group: bool = True) -> int:
     code = EXIT_OK
     try:
         cell = load_cell(args.cell)
-        block_unused_imports(cell)
+        modeling.block_unused_imports([cell])
         m.update(cell_id=cell.cell_id, world_size=cell.world_size, dp_size=cell.dp_size,
                  global_batch=cell.global_batch)
         if reason := compat.refusal(cell):

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,13 @@ from steps.trainer.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                 "uint8": torch.uint8}
+
+
+def block_unused_imports(cells: list[CellSpec]) -> None:
+    """peft and transformers import bitsandbytes whenever it is installed (about 1 s per
+    process); where no cell has 4-bit weights or an 8-bit optimizer it is made to look absent."""
+    if all(c.peft != "qlora" and c.train.optimizer != "paged_adamw_8bit" for c in cells):
+        sys.modules.setdefault("bitsandbytes", None)  # find_spec() then returns None
 
 
 def load_tokenizer(cell: CellSpec) -> Tokenizer:

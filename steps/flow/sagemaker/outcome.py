@@ -17,7 +17,7 @@ from typing import Any
 
 from steps.plan.schema import CellSpec
 from steps.results.metrics import CellMetrics
-from steps.results.nodes import gather  # node 0 measures the cell; a failed node fails it
+from steps.results.nodes import gather, read_nodes  # node 0 measures the cell; a failed node fails it
 
 TERMINAL = ("Completed", "Failed", "Stopped")
 CAPACITY = ("CapacityError", "ResourceLimitExceeded", "InsufficientInstanceCapacity",
@@ -32,21 +32,6 @@ def refused_result(cell: CellSpec, code: str, message: str) -> CellMetrics:
                        error=f"SageMaker job not created ({kind}): {code}: {message}"[:2000])
 
 
-def _nodes(out_dir: Path) -> list[tuple[int, dict | None, str, None]]:
-    """What each instance uploaded (node 0 in the cell folder, others in node<i>/), in the
-    shape `steps.results.nodes.gather` combines, as for @parallel nodes."""
-    nodes = []
-    for index, folder in [(0, out_dir), *sorted((int(p.name[4:]), p) for p in out_dir.glob("node[0-9]*"))]:
-        try:
-            m = CellMetrics.read(folder / "metrics.json")
-        except ValueError as exc:
-            m = CellMetrics(outcome="error", error=str(exc)[:2000])
-        log = folder / "train.log"
-        text = log.read_text(errors="replace") if log.exists() else "(no log came back)\n" if index == 0 else ""
-        nodes.append((index, m.to_dict() if m else None, text, None))
-    return nodes
-
-
 def _seconds(a, b) -> float | None:
     return (b - a).total_seconds() if a is not None and b is not None else None
 
@@ -55,7 +40,7 @@ def job_result(cell: CellSpec, job: dict[str, Any], out_dir: Path) -> tuple[Cell
     """The cell's metrics from the ended job (`DescribeTrainingJob`) and what it uploaded."""
     status, secondary = job["TrainingJobStatus"], job.get("SecondaryStatus", "")
     reason = job.get("FailureReason") or ""
-    nodes = _nodes(Path(out_dir))
+    nodes = read_nodes(Path(out_dir))
     combined, log = gather(nodes)
     m = CellMetrics.from_dict(combined)
     if nodes[0][1] is None:

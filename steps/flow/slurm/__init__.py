@@ -1,0 +1,1 @@
+"""`compute: slurm`: each cell one Slurm batch job, submitted and watched from the flow's train step."""
