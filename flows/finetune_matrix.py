@@ -32,17 +32,23 @@ priority.for_this_process(sys.argv)  # Metaflow's tasks and card processes yield
 
 from metaflow import Config, FlowSpec, card, current, parallel, step  # noqa: E402
 
-from steps.flow import cards  # noqa: E402
-from steps.flow import tasks as runs  # noqa: E402
+from steps import CONFIGS_DIR, lazy_module  # noqa: E402
 from steps.flow.compute import MatrixCompute  # noqa: E402
-from steps.results import nodes  # noqa: E402
+from steps.flow.problems import problems_last  # noqa: E402
+
+# Loaded when a step first uses them: every process Metaflow starts loads this file, and its card
+# processes (two or three a cell) use none of them (a third of a second of CPU each: the planner,
+# pydantic, the schema).
+cards = lazy_module("steps.flow.cards")
+runs = lazy_module("steps.flow.tasks")
+nodes = lazy_module("steps.results.nodes")
 
 
 @MatrixCompute  # @retry/@catch and @kubernetes/@batch on `train`, from the matrix
 class FinetuneMatrixFlow(FlowSpec):
     """start: plan -> launch (per cell) -> train (per node) -> gather: cell card -> join -> end."""
 
-    matrix = Config("matrix", default=str(runs.DEFAULT_MATRIX),
+    matrix = Config("matrix", default=str(CONFIGS_DIR / "matrix" / "default.yaml"),
                     parser="steps.plan.matrix.parse_matrix_text", help="matrix YAML file")
 
     @step
@@ -113,5 +119,5 @@ class FinetuneMatrixFlow(FlowSpec):
 
 
 if __name__ == "__main__":
-    with runs.problems_last(sys.argv):
+    with problems_last(sys.argv):
         FinetuneMatrixFlow()

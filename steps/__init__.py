@@ -1,11 +1,20 @@
 """finetune-matrix: the code the flow's steps call, and the trainer they launch."""
 
+import importlib.util
 import os
 import subprocess
+import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
+
+
+def plain(matrix: Any) -> dict[str, Any]:
+    """A matrix as plain dicts and lists (Metaflow hands Config values over as ConfigValue)."""
+    return matrix.to_dict() if hasattr(matrix, "to_dict") else dict(matrix)
 
 
 def reports_root() -> Path:
@@ -25,3 +34,17 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (proc.stdout.strip() or None) if proc.returncode == 0 else None
+
+
+def lazy_module(name: str) -> ModuleType:
+    """`name`, imported when one of its attributes is first read (the standard library's
+    LazyLoader recipe); an already imported module as it is."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module

@@ -20,9 +20,7 @@ from metaflow import FlowMutator
 from metaflow.exception import MetaflowException
 from metaflow.packaging_sys import ContentType
 
-from steps import REPO_ROOT
-from steps.plan import catalog
-from steps.plan.matrix import plain
+from steps import REPO_ROOT, plain
 
 TRAIN_STEP, GATHER_STEP = "train", "gather"
 MEMORY_SHARE = 0.9  # of the instance's memory: the rest for the node's own daemons
@@ -44,6 +42,8 @@ def remote_resources(matrix: dict[str, Any]) -> dict[str, Any]:
     A cell owns the whole machine (all its GPUs), so timings are not shared and the cost is
     the instance's hourly price. CPU and memory leave a margin for the node's own daemons.
     """
+    from steps.plan import catalog
+
     instance = catalog.instances()[matrix["instance"][0]]
     remote = matrix["remote"]
     memory_bytes = (instance.memory_gb or 16) * 2**30 * MEMORY_SHARE
@@ -125,6 +125,9 @@ def remote_problems(matrix: dict[str, Any], datastore: str) -> list[str]:
 
 
 class MatrixCompute(FlowMutator):
+    """Runs at every load of the flow (each task and card process): it imports nothing of the
+    planner's (pydantic, the schema), which a card process never needs."""
+
     def pre_mutate(self, mutable_flow) -> None:
         matrix = plain(dict(mutable_flow.configs)["matrix"])
         if {"run", "resume"} & set(sys.argv) and (problems := remote_problems(matrix, datastore_of(sys.argv))):

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import tarfile
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -19,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from metaflow.exception import MetaflowException
 
-from steps import REPO_ROOT, git_commit, reports_root
+from steps import git_commit, reports_root
 from steps.estimate import calibrate, matrix_plan
 from steps.flow import compute, cpu_slots, launcher, priority, tracking
+from steps.flow.problems import PROBLEMS_FILE
 from steps.plan import catalog, equivalence
 from steps.plan.credentials import redact_tree, unset_names
 from steps.plan.matrix import parse_matrix, plain
@@ -31,7 +31,6 @@ from steps.results.metrics import HEARTBEAT_DIR, PARTIAL_CURVES, CellMetrics, ve
 if TYPE_CHECKING:  # only join reads tables: the other steps start without pandas
     import pandas as pd
 
-DEFAULT_MATRIX = REPO_ROOT / "configs" / "matrix" / "default.yaml"
 START_ROWS = 100  # cells of the plan's table in start's log (a 1,000-row table took 2.6 s to draw)
 PLAN_CSV = calibrate.PLAN_CSV
 
@@ -94,7 +93,6 @@ def nothing_runs(planned: list) -> list[str]:
 
 
 DRY_RUN = "dry run (plan.dry_run: true): the cell's tasks ran, its trainer did not"
-PROBLEMS_FILE = "FINETUNE_MATRIX_PROBLEMS_FILE"  # where `start` leaves its problems for the runtime
 
 
 class MatrixRefused(MetaflowException):
@@ -116,26 +114,6 @@ def refused(exc: ConfigError, run_id: str | None) -> MatrixRefused:
     if os.environ.get(PROBLEMS_FILE):
         Path(os.environ[PROBLEMS_FILE]).write_text(str(exc) + "\n")
     return MatrixRefused(message)
-
-
-@contextlib.contextmanager
-def problems_last(argv: list[str]):
-    """Around the flow's command line: a `run` or `resume` whose `start` found problems ends
-    with them, after Metaflow's own lines about the failed step."""
-    if "step" in argv or not {"run", "resume"} & set(argv):
-        yield
-        return
-    fd, path = tempfile.mkstemp(prefix="finetune-matrix-problems-")
-    os.close(fd)
-    os.environ[PROBLEMS_FILE] = path
-    try:
-        yield
-    finally:
-        text = Path(path).read_text()
-        Path(path).unlink(missing_ok=True)
-        if text.strip():
-            print(f"\nThe matrix cannot run; start found, before any cell ran:\n{text.rstrip()}",
-                  file=sys.stderr, flush=True)
 
 
 class CellFailed(RuntimeError):

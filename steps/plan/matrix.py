@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from steps import CONFIGS_DIR, REPO_ROOT
+from steps import CONFIGS_DIR, REPO_ROOT, plain  # noqa: F401 - plain: the flow's steps import it from here
 from steps.plan import catalog, compat, preflight
 from steps.plan.schema import (
     AXES,
@@ -285,11 +285,6 @@ def parse_matrix(data: Any, source: str = "matrix") -> MatrixSpec:
     if problems:
         raise ConfigError(problems, source)
     return spec
-
-
-def plain(matrix: Any) -> dict[str, Any]:
-    """A matrix as plain dicts and lists (Metaflow hands Config values over as ConfigValue)."""
-    return matrix.to_dict() if hasattr(matrix, "to_dict") else dict(matrix)
 
 
 def parse_matrix_text(text: str) -> dict[str, Any]:
