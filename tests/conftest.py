@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,17 @@ LONGEST_FIRST = ("test_start_checks.py", "test_plan_memory_cpu.py", "test_sagema
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file, as written
+
+
+def ctrl_c(proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    """Ctrl-C in the terminal: SIGINT to the flow's process group (started with
+    start_new_session); the test fails, with the flow's log, if it has not ended within
+    `timeout` s. The caller kills what is left of the group in its `finally`."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the flow did not end within {timeout:g} s of Ctrl-C: {log.read_text()[-3000:]}")
 
 
 def make_cell(**overrides) -> CellSpec:

@@ -18,7 +18,6 @@ import contextlib
 import importlib.metadata
 import os
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 from steps import REPO_ROOT
 from steps.flow import launcher
 from steps.flow.compute import package_files
+from steps.flow.jobs import stop_job_on_exit
 from steps.flow.sagemaker import job as jobs
 from steps.flow.sagemaker.outcome import TERMINAL, job_result, refused_result
 from steps.flow.sagemaker.service_model import request_problems
@@ -259,24 +259,6 @@ def clear(s3, uri: str) -> None:
         s3.delete_objects(Bucket=batch[0][0], Delete={"Objects": [{"Key": key} for _, key, _ in batch]})
 
 
-@contextlib.contextmanager
-def stop_on_exit(client, job_holder: dict[str, str]):
-    """SIGTERM (Metaflow stopping a task, a timeout) and Ctrl-C end the step through an
-    exception; on the way out the job is stopped. SIGKILL cannot be caught: MaxRuntimeInSeconds
-    then bounds what the job can cost."""
-
-    def terminate(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if job_holder.get("name"):
-            stop(client, job_holder["name"])
-
-
 def run_cell(cell: CellSpec, out_dir: Path, remote: dict[str, Any], run_id: str, attempt: int,
              checkpoint_run: str | None = None, echo=_print) -> tuple[CellMetrics, str]:
     """One attempt of a cell as a SageMaker training job; its metrics and its log, with the
@@ -291,7 +273,9 @@ def run_cell(cell: CellSpec, out_dir: Path, remote: dict[str, Any], run_id: str,
     clear(s3, plan.s3.results)
     refuse_bad_requests(session)
     holder: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="fm-sagemaker-") as tmp, stop_on_exit(client, holder):
+    # SIGKILL cannot be stopped: MaxRuntimeInSeconds then bounds what the job can cost
+    with tempfile.TemporaryDirectory(prefix="fm-sagemaker-") as tmp, \
+            stop_job_on_exit(holder, "name", lambda job: stop(client, job)):
         trainer = model_trainer(cell, plan, session, stage_source(cell, plan, Path(tmp)))
         echo(f"sagemaker: {cell.cell_id} as {plan.instance_count} x {plan.instance_type}, image "
              f"{trainer.training_image}" + (" (spot)" if plan.spot else ""))

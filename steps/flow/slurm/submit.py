@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from steps.flow import launcher
+from steps.flow.jobs import stop_job_on_exit
 from steps.flow.slurm.outcome import TERMINAL, job_result, parse_record, state_of, summary
 from steps.flow.slurm.script import job_script, slurm_time, time_limit_s
 from steps.plan.schema import CellSpec
@@ -81,24 +81,6 @@ def cancel(job_id: str, echo=_print) -> None:
         if record is None or state_of(record) in TERMINAL:
             return
         time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def cancel_on_exit(holder: dict[str, str], echo=_print):
-    """SIGTERM (Metaflow stopping a task) and Ctrl-C end the step through an exception; on the
-    way out the job is cancelled. SIGKILL cannot be caught: the job's --time then bounds it, and
-    `squeue --name fm-<cell id>` finds it."""
-
-    def terminate(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if holder.get("id"):
-            cancel(holder["id"], echo)
 
 
 class LogTail:
@@ -163,7 +145,8 @@ def run_cell(cell: CellSpec, out_dir: Path, remote: dict[str, Any], echo=_print)
     script = out_dir / "job.sbatch"
     script.write_text(job_script(cell, remote, out_dir))
     holder: dict[str, str] = {}
-    with cancel_on_exit(holder, echo):
+    # SIGKILL cannot be cancelled: the job's --time bounds it, and `squeue --name fm-<cell id>` finds it
+    with stop_job_on_exit(holder, "id", lambda job: cancel(job, echo)):
         try:
             job_id = submit(script)
         except (SlurmError, FileNotFoundError) as exc:
