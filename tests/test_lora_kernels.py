@@ -251,6 +251,7 @@ def trained(tmp_path_factory):
             for (name, cell), m in zip(cells.items(), found, strict=True)}
 
 
+@pytest.mark.slow  # one launch of four cells (torchrun, 6 steps): seconds
 def test_the_row_says_what_ran_through_the_kernels_and_why_not(trained):
     layers = ARCH["num_hidden_layers"]
     assert [trained[n]["outcome"] for n in ("kernels", "peft", "dora", "full")] == ["ok"] * 4
@@ -262,6 +263,7 @@ def test_the_row_says_what_ran_through_the_kernels_and_why_not(trained):
     assert trained["dora"]["train.lora_kernels"] is trained["full"]["train.lora_kernels"] is True
 
 
+@pytest.mark.slow
 def test_with_dropout_the_kernels_train_to_peft_s_losses(trained):
     """Six steps with dropout 0.05: the kernels draw PEFT's masks step after step, so the losses
     are PEFT's (what lets `steps.plan.equivalence` leave lora_kernels out of the class)."""

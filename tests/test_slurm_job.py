@@ -201,6 +201,11 @@ def test_each_end_of_a_job_is_the_outcome_a_local_cell_would_have(tmp_path):
     c = _folder(tmp_path / "own", outcome_="oom", steps=1)
     m, _ = outcome.job_result(c, _record("FAILED", "3:0"), tmp_path / "own")
     assert m.outcome == "oom"
+    for state in ("CANCELLED", "TIMEOUT"):  # ... and a cell that had ended stays ended, oom or ok
+        for own in ("oom", "ok"):
+            c = _folder(tmp_path / f"{own}-then-{state}", outcome_=own, steps=2)
+            m, _ = outcome.job_result(c, _record(state, "0:15"), tmp_path / f"{own}-then-{state}")
+            assert (m.outcome, m.job_status) == (own, state), (own, state, m.error)
 
     (tmp_path / "unshared").mkdir()
     m, log = outcome.job_result(cell(), _record("FAILED", "97:0"), tmp_path / "unshared")

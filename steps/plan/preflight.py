@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from steps.plan import catalog, compat
+from steps.plan import catalog, compat, facts_cache
 from steps.plan import data_sources as sources
 from steps.plan.compat import adapter_key
 from steps.plan.schema import CellSpec, ConfigError, DataSettings, MatrixSpec, PlannedCell
@@ -38,21 +38,29 @@ def data_key(cell: CellSpec) -> str:
 
 def gather_facts(cells: list[CellSpec]) -> dict[str, Any]:
     """`steps.trainer.facts` on one cell per distinct (model, adapter setting) and per distinct
-    dataset as a cell reads it (`data_key`)."""
+    dataset as a cell reads it (`data_key`); the same question asked again is answered from this
+    machine's cache (`steps.plan.facts_cache`)."""
     seen: dict[tuple, CellSpec] = {}
     for cell in cells:
         seen.setdefault((cell.model, cell.train.init, cell.train.trust_remote_code, adapter_key(cell)), cell)
         seen.setdefault(("data", data_key(cell)), cell)
+    cells_json = [c.model_dump(mode="json") for c in seen.values()]
+    kept = facts_cache.key(cells_json) if facts_cache.enabled() else None
+    if kept and (facts := facts_cache.read(kept)) is not None:
+        return facts
     with tempfile.TemporaryDirectory(prefix="finetune-matrix-facts-") as tmp:
         query, answer = Path(tmp, "cells.json"), Path(tmp, "facts.json")
-        query.write_text(json.dumps([c.model_dump(mode="json") for c in seen.values()]))
+        query.write_text(json.dumps(cells_json))
         path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
         proc = subprocess.run([sys.executable, "-m", "steps.trainer.facts", str(query), str(answer)],
                               cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=FACTS_TIMEOUT_S)
         if proc.returncode != 0 or not answer.exists():
             raise RuntimeError(f"reading the models' facts failed (steps.trainer.facts):\n{proc.stderr[-3000:]}")
-        return json.loads(answer.read_text())
+        facts = json.loads(answer.read_text())
+    if kept:
+        facts_cache.write(kept, facts)
+    return facts
 
 
 def model_problems(planned: list[PlannedCell], models: dict[str, Any]) -> list[str]:

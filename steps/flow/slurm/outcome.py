@@ -1,7 +1,8 @@
 """What a Slurm job's end means for its cell: the same outcomes as a local cell.
 
 - the trainer's own outcome (ok, oom, diverged, error, timeout, hang) from the metrics.json the
-  nodes wrote in the shared cell folder, whatever the job's state;
+  nodes wrote in the shared cell folder: an ended cell (ok, oom, diverged) stays so whatever came
+  to its job afterwards (a cancel or the time limit during teardown);
 - TIMEOUT (the job's --time) and DEADLINE: `timeout`, with the curve trained so far;
 - OUT_OF_MEMORY (the node's cgroup killed it): `oom`;
 - NODE_FAIL, PREEMPTED, BOOT_FAIL: `error` with the reason, which the flow retries per `retries`
@@ -28,6 +29,7 @@ from steps.results.nodes import gather, read_nodes
 TERMINAL = ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED")
 RETRIED = ("NODE_FAIL", "PREEMPTED", "BOOT_FAIL")  # the cell did not fail: its node or its place did
+ENDED = ("ok", "oom", "diverged")  # the trainer's verdict on a cell that ran to its end
 _FIELD = re.compile(r"(\w+)=(\S*)")
 
 
@@ -81,7 +83,9 @@ def job_result(cell: CellSpec, record: dict[str, str], out_dir: Path, cancelled_
             m.update(loss_curve=loss_curve, val_curve=val_curve)
     steps_done = len(m.loss_curve)
     job = f"Slurm job {record.get('JobId', '?')}"
-    if state in ("TIMEOUT", "DEADLINE") and m.outcome not in ("oom", "diverged"):
+    if got_metrics and m.outcome in ENDED and state in ("TIMEOUT", "DEADLINE", "CANCELLED"):
+        pass  # the cell had ended; what came to its job afterwards changes nothing
+    elif state in ("TIMEOUT", "DEADLINE"):
         m.update(outcome="timeout", stopped_after_steps=steps_done,
                  error=f"{job} stopped at its time limit ({state}, --time={limit or record.get('TimeLimit', '?')}; "
                        f"{steps_done} steps done)")
