@@ -70,15 +70,40 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file, as written
 
 
-def ctrl_c(proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    """Ctrl-C in the terminal: SIGINT to the flow's process group (started with
-    start_new_session); the test fails, with the flow's log, if it has not ended within
-    `timeout` s. The caller kills what is left of the group in its `finally`."""
-    os.killpg(proc.pid, signal.SIGINT)
+def interrupt(proc: subprocess.Popen, log: Path, how: str = "ctrl-c", timeout: float = 60) -> None:
+    """Ctrl-C in the terminal (SIGINT to the flow's process group, started with
+    start_new_session), or `sigterm` to the flow's runtime alone (as a scheduler stops it); the
+    test fails, with the flow's log and its processes, if it has not ended within `timeout` s.
+    The caller kills what is left of the group in its `finally`."""
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the flow did not end within {timeout:g} s of Ctrl-C: {log.read_text()[-3000:]}")
+        pytest.fail(f"the flow did not end within {timeout:g} s of {how}: {log.read_text()[-3000:]}\n"
+                    f"its processes:\n{processes_of(proc.pid)}")
+
+
+def processes_of(session: int) -> str:
+    """Each process of the flow's session: state, where it waits, its signal masks, CPU time and
+    command (what a flow that does not act on a signal is doing)."""
+    lines = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if os.getsid(int(status.parent.name)) != session:
+                continue
+            wchan = (status.parent / "wchan").read_text()
+            cmd = (status.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+            cpu = sum(map(int, (status.parent / "stat").read_text().rsplit(")", 1)[1].split()[11:13]))
+        except (OSError, ValueError):
+            continue
+        lines.append(f"{status.parent.name} {fields.get('State', '?').strip()} wchan={wchan} "
+                     f"blk={fields.get('SigBlk', '?').strip()} ign={fields.get('SigIgn', '?').strip()} "
+                     f"cgt={fields.get('SigCgt', '?').strip()} cpu_ticks={cpu} nice={os.getpriority(os.PRIO_PROCESS, int(status.parent.name))} {cmd}")
+    return "\n".join(sorted(lines)) + "\n" + subprocess.run(["uptime"], capture_output=True, text=True).stdout
 
 
 def make_cell(**overrides) -> CellSpec:

@@ -42,7 +42,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -52,7 +51,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, interrupt
 from tests.engines import batch as local_batch
 from tests.engines import netns, podman
 
@@ -408,14 +407,7 @@ def test_an_interrupted_flow_leaves_no_job_and_no_container(engines, cpu_image, 
                 run = found[0]
                 running = [j for j in engines.jobs(("RUNNING",))["RUNNING"] if f"-{run}-train-" in j["jobName"]]
         assert running, f"no job ran within 300 s: {log.read_text()[-3000:]}"
-        if how == "ctrl-c":
-            os.killpg(proc.pid, signal.SIGINT)
-        else:
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the flow did not end within 60 s of {how}: {log.read_text()[-3000:]}")
+        interrupt(proc, log, how)
         left = engines.wait_until_no_job(timeout_s=60)
     finally:
         netns.stop(proc)  # what is left of its process group (nothing, if all went well)

@@ -27,7 +27,7 @@ from steps.flow.sagemaker import submit
 from steps.flow.sagemaker.service_model import request_problems
 from steps.plan.matrix import expand, load_matrix
 from tests.aws.endpoint import LocalAWS
-from tests.conftest import REPO, ctrl_c, make_cell
+from tests.conftest import REPO, interrupt, make_cell
 from tests.test_flow import FLOW
 
 ROLE = "arn:aws:iam::123456789012:role/finetune-matrix-tests"
@@ -253,7 +253,7 @@ def test_interrupted_step_stops_its_job(aws, tmp_path):
             name = running[0] if running else None
             time.sleep(0.5)
         assert name, f"no job reached Training: {log.read_text()[-3000:]}"
-        ctrl_c(proc, log)
+        interrupt(proc, log)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ from steps import REPO_ROOT
 from steps.flow import launcher
 from steps.plan.schema import CellSpec
 from steps.results.metrics import PARTIAL_CURVES, CellMetrics
-from tests.conftest import METAFLOW_ROOT, ctrl_c
+from tests.conftest import METAFLOW_ROOT, interrupt
 from tests.engines.slurm import client_env, slurm_cluster
 from tests.test_flow_failures import save_model
 
@@ -198,7 +198,7 @@ def test_ctrl_c_on_the_flow_cancels_its_jobs(cluster, tmp_path):
                                 stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         job = _long_job(cluster, "llama-debug")
-        ctrl_c(proc, log)
+        interrupt(proc, log)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
