@@ -53,6 +53,14 @@ for _name, _value in {"METAFLOW_DATASTORE_SYSROOT_LOCAL": METAFLOW_ROOT,
 os.environ[_OWNED] = ",".join(sorted(_owned))
 os.environ.setdefault("METAFLOW_USER", "tests")
 
+# Ctrl-C works in the flows the tests start however the tests were started: a shell without job
+# control starts a background command (`nohup make test &`, as a CI script may) with SIGINT
+# ignored, every process it starts inherits that, and a Python that starts with SIGINT ignored
+# never raises KeyboardInterrupt (the interrupt tests' flows then ran on through their SIGINT).
+# A handler, unlike "ignored", is not inherited: the flows start with SIGINT at its default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 # `pytest -n N --dist loadfile --no-loadscope-reorder` (make test) hands each file whole to the
 # next free worker, in collection order. The files that take minutes go first, longest first (as

@@ -411,6 +411,8 @@ def test_an_interrupted_flow_leaves_no_job_and_no_container(engines, cpu_image, 
         left = engines.wait_until_no_job(timeout_s=60)
     finally:
         netns.stop(proc)  # what is left of its process group (nothing, if all went well)
+        if engines.terminate_unfinished("the interrupt test ended"):  # not left to fail the next test
+            engines.wait_until_no_job(timeout_s=60)
     assert not any(left.values()), left  # nothing SUBMITTED, PENDING, RUNNABLE, STARTING or RUNNING
     (job,) = batch_jobs(engines, run)
     assert job["status"] == "FAILED" and job["statusReason"] == "Metaflow initiated job termination."
