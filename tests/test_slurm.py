@@ -205,3 +205,44 @@ def test_ctrl_c_on_the_flow_cancels_its_jobs(cluster, tmp_path):
     assert cluster.wait(job, timeout=30)["JobState"] == "CANCELLED"
     assert cluster.jobs() == [], cluster.run("squeue").stdout
     assert f"slurm {job}: cancelled (the step ended before the job)" in log.read_text()
+
+
+def test_a_job_whose_node_fails_is_retried_as_a_new_job(cluster, tmp_path):
+    """The node goes down under a running job (`scontrol update State=DOWN`, as when a node
+    stops answering): the job ends NODE_FAIL, Slurm does not run it again (--no-requeue), the
+    cell's attempt is an `error` and the flow retries it (`retries: 1`) as a new job once the node
+    is back; the cell ends `ok`, its row naming the second job."""
+    from metaflow import Run, namespace
+
+    namespace(None)
+    matrix = default_matrix(models=["llama-debug"], strategy="single", lr=1e-2, retries=1)
+    failed: dict[str, object] = {}
+
+    def fail_the_node():
+        try:
+            job = _long_job(cluster, "llama-debug")
+            cluster.run("scontrol", "update", f"NodeName={cluster.node}", "State=DOWN", "Reason=finetune-matrix test")
+            failed["record"] = cluster.wait(job, timeout=60)
+        except Exception as exc:  # noqa: BLE001 - said by the test
+            failed["error"] = repr(exc)
+        finally:
+            cluster.run("scontrol", "update", f"NodeName={cluster.node}", "State=RESUME", check=False)
+
+    watcher = threading.Thread(target=fail_the_node, daemon=True)
+    watcher.start()
+    with runner(cluster, tmp_path, matrix) as r:
+        result = r.run(max_workers=1)
+        output = result.stdout + result.stderr
+    watcher.join(timeout=5)
+    assert "error" not in failed, failed["error"]
+    first = failed["record"]
+    assert (first["JobState"], first["Requeue"], first["Restarts"]) == ("NODE_FAIL", "0", "0"), first  # not rerun by Slurm
+    assert result.status == "successful", output[-4000:]
+    (train,) = list(Run(result.run.pathspec)["train"])
+    assert train.current_attempt == 1
+    df = result.run["join"].task["results"].data
+    (row,) = df.itertuples()
+    assert (row.outcome, row.job_status) == ("ok", "COMPLETED")
+    assert int(row.job_id) > int(first["JobId"])
+    assert f"slurm {first['JobId']}: NODE_FAIL" in output
+    assert cluster.jobs() == []

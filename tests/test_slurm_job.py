@@ -70,6 +70,7 @@ TWO_NODES = """\
 #SBATCH --account=proj-42
 #SBATCH --qos=high
 #SBATCH --output=/shared/reports/7/cells/llama-debug-lora-ddp-2x8-abc/slurm-%j.out
+#SBATCH --no-requeue
 #SBATCH --exclusive
 #SBATCH --constraint=a100
 # finetune-matrix cell llama-debug-lora-ddp-2x8-abc: 2 node(s) x 8 process(es)

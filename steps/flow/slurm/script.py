@@ -56,14 +56,16 @@ def resources(cell: CellSpec, remote: dict[str, Any]) -> dict[str, str]:
 
 def options(cell: CellSpec, remote: dict[str, Any], out_dir: Path) -> list[str]:
     """Every #SBATCH option of the cell's job, in order: name, resources, limit, where it runs
-    (partition, account, qos), its output file, then the matrix's own lines."""
+    (partition, account, qos), its output file, no requeue, then the matrix's own lines."""
     named = {"job-name": f"fm-{cell.cell_id}", **resources(cell, remote),
              "time": slurm_time(time_limit_s(cell, remote))}
     for key in ("partition", "account", "qos"):
         if remote.get(key):
             named[key] = str(remote[key])
     named["output"] = str(Path(out_dir) / "slurm-%j.out")
-    return [f"--{k}={v}" for k, v in named.items()] + list(remote.get("sbatch") or [])
+    # A job its node failed under ends NODE_FAIL and the flow retries the cell (a new attempt,
+    # from its checkpoint): requeued by Slurm, it would run again under the same attempt.
+    return [f"--{k}={v}" for k, v in named.items()] + ["--no-requeue"] + list(remote.get("sbatch") or [])
 
 
 def node_command(cell_file: Path, out_dir: Path, remote: dict[str, Any], cpus: str | None) -> str:
