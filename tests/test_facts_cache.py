@@ -76,14 +76,18 @@ def test_the_key_follows_each_thing_the_answer_depends_on(tmp_path, monkeypatch)
     assert changed != facts_cache.key(query, machine)
 
 
-def test_a_hub_id_is_keyed_by_its_copy_in_the_hugging_face_cache(tmp_path, monkeypatch):
+def test_a_hub_id_is_keyed_by_its_copies_in_the_hugging_face_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     query = [make_cell(model="org/some-model").model_dump(mode="json")]
     absent = facts_cache.key(query, {})
     snapshot = tmp_path / "hub" / "models--org--some-model" / "snapshots" / "abc"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
-    assert facts_cache.key(query, {}) != absent  # downloaded since
+    downloaded = facts_cache.key(query, {})
+    assert downloaded != absent  # downloaded since
+    (tmp_path / "hub" / "datasets--org--some-model").mkdir()
+    (tmp_path / "hub" / "datasets--org--some-model" / "data.parquet").write_text("rows")
+    assert facts_cache.key(query, {}) != downloaded  # a dataset of that name, as data.path would name it
 
 
 def test_problems_are_found_in_models_adapters_and_data():

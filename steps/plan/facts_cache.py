@@ -3,9 +3,10 @@ second `steps.plan`, the same model in the next matrix) does not pay the facts' 
 again: about 5 s of imports (torch, transformers, PEFT) for a debug model, more for a large one.
 
 An answer is reused only for the same question asked of the same things: the cells asked about,
-this machine (CPU, GPUs, the libraries' versions), this checkout's code and catalogs, the Hub
-settings, and every local file or folder the cells name (model folders, tokenizers, data files;
-sizes and modification times), with the Hugging Face cache's copy of each Hub id they name. An
+this machine (its host name, GPUs and Python, the libraries' versions), this checkout's code and
+catalogs, the Hub settings, and every local file or folder the cells name (model folders,
+tokenizers, data files; sizes and modification times), with the Hugging Face cache's copies of
+each Hub id they name (as a model and as a dataset). An
 answer that holds a problem (a model that cannot be found, data that does not parse) is never
 kept: the user is about to mend it. `FINETUNE_MATRIX_CACHE` moves the folder; `FINETUNE_MATRIX_FACTS_CACHE=0`
 turns this off.
@@ -132,8 +133,8 @@ def _named(value: Any) -> set[str]:
 
 
 def _fingerprint(name: str) -> Any:
-    """A local file or folder: its files' sizes and modification times; a Hub id: the refs and
-    snapshots of its copy in the Hugging Face cache (None when there is none)."""
+    """A local file or folder: its files' sizes and modification times; a Hub id: those of its
+    copies in the Hugging Face cache, as a model and as a dataset (None where there is none)."""
     if not os.path.isabs(name) and (REPO_ROOT / name).exists():  # as the facts' process (cwd: the checkout) reads it
         return {"here": _fingerprint(os.path.abspath(name)) if os.path.exists(name) else None,
                 "checkout": _fingerprint(str(REPO_ROOT / name))}
@@ -141,9 +142,8 @@ def _fingerprint(name: str) -> Any:
     if not path.exists():
         home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
         hub = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
-        path = hub / ("models--" + name.replace("/", "--"))
-        if not path.exists():
-            return None
+        copies = {kind: hub / f"{kind}--{name.replace('/', '--')}" for kind in ("models", "datasets")}
+        return {kind: _fingerprint(str(copy)) for kind, copy in copies.items() if copy.exists()} or None
     if path.is_file():
         stat = path.stat()
         return [stat.st_size, stat.st_mtime_ns]
