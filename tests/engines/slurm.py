@@ -17,10 +17,9 @@ Time limits: Slurm's resolution is a minute and slurmctld checks them every 30 s
 counted from its start), so `--time=1` times out 60 to 90 s after the job starts. `time_out(job)`
 (`scontrol update JobId=ID EndTime=now`, sent again if it reaches slurmctld in the second after
 the one the client read as "now", which slurmctld refuses as a time past) puts a running job
-past its time limit now: a job that
-then exits 0 by itself ends TIMEOUT at once; one still running is killed at slurmctld's next check
-(SIGTERM to every step, SIGKILL after KillWait, 5 s) and ends TIMEOUT; `next_limit_check()`
-says when that check comes.
+past its time limit now: a job that then exits 0 by itself ends TIMEOUT at once; one still
+running is killed at slurmctld's next check (SIGTERM to every step, SIGKILL after KillWait, 5 s)
+and ends TIMEOUT; `next_limit_check()` says when that check comes.
 
 Everything is stopped by process id on `stop()`: jobs cancelled, then slurmd, slurmctld and munged
 (SIGTERM, then SIGKILL), then any slurmstepd or job process of this cluster (found in /proc by
