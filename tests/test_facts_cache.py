@@ -45,6 +45,7 @@ def test_the_same_question_is_answered_from_the_cache_and_a_changed_file_asks_ag
     for other in _kept(tmp_path):
         other.write_text(json.dumps(marked))
     assert preflight.gather_facts(cells)["models"][str(folder)]["layers"] == 2
+    assert [json.loads(p.read_text()) for p in _kept(tmp_path)] == [marked]  # the answer was not kept
 
 
 @pytest.mark.slow
