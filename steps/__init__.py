@@ -4,6 +4,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,6 +16,17 @@ CONFIGS_DIR = REPO_ROOT / "configs"
 def plain(matrix: Any) -> dict[str, Any]:
     """A matrix as plain dicts and lists (Metaflow hands Config values over as ConfigValue)."""
     return matrix.to_dict() if hasattr(matrix, "to_dict") else dict(matrix)
+
+
+def library_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Each installed distribution's version, None for one that is not installed."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def reports_root() -> Path:

@@ -17,11 +17,10 @@ import platform
 import subprocess
 import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from steps import REPO_ROOT, cache_root
+from steps import REPO_ROOT, cache_root, library_versions
 from steps.plan import catalog
 from steps.plan.schema import CellSpec
 
@@ -42,14 +41,8 @@ def cpu_model() -> str:
 @functools.cache
 def machine() -> dict[str, Any]:
     """What the answers depend on: the CPU, its cores, the GPUs, and the libraries' versions."""
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpus": [name for name, _ in catalog.local_gpus()],
-            "python": platform.python_version(), "versions": versions, "probe": VERSION}
+            "python": platform.python_version(), "versions": library_versions(LIBRARIES), "probe": VERSION}
 
 
 def machine_key(info: dict[str, Any] | None = None) -> str:

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from metaflow.exception import MetaflowException
 
-from steps import git_commit, reports_root
+from steps import git_commit, plain, reports_root
 from steps.estimate import calibrate, matrix_plan
 from steps.flow import compute, cpu_slots, launcher, priority, tracking
 from steps.flow.problems import PROBLEMS_FILE
 from steps.plan import catalog, equivalence
 from steps.plan.credentials import redact_tree, unset_names
-from steps.plan.matrix import parse_matrix, plain
+from steps.plan.matrix import parse_matrix
 from steps.plan.schema import CellSpec, ConfigError
 from steps.results.metrics import HEARTBEAT_DIR, PARTIAL_CURVES, CellMetrics, versions
 

@@ -20,11 +20,10 @@ import os
 import platform
 import re
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from steps import CONFIGS_DIR, REPO_ROOT, cache_root
+from steps import CONFIGS_DIR, REPO_ROOT, cache_root, library_versions
 
 VERSION = 1  # what an answer holds: a change here invalidates every kept one
 KEPT = 200  # answers kept; the oldest go first
@@ -94,13 +93,7 @@ def _path(k: str) -> Path:
 
 
 def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return library_versions(LIBRARIES)
 
 
 def _code() -> str:

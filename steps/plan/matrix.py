@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from steps import CONFIGS_DIR, REPO_ROOT, plain  # noqa: F401 - plain: the flow's steps import it from here
+from steps import CONFIGS_DIR, REPO_ROOT
 from steps.plan import catalog, compat, preflight
 from steps.plan.schema import (
     AXES,

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from steps import library_versions
 
 EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
 Outcome = Literal["running", "ok", "oom", "diverged", "error", "timeout", "hang", "stopped", "skipped"]
@@ -45,13 +46,8 @@ LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "meta
 
 
 def versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for lib in LIBRARIES:
-        try:
-            out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            out[lib] = "not installed"
-    return out
+    return {"python": sys.version.split()[0],
+            **{lib: version or "not installed" for lib, version in library_versions(LIBRARIES).items()}}
 
 
 def write_json_atomic(path: Path, data: dict[str, Any], first_wins: bool = False) -> bool:
