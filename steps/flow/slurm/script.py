@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from steps import REPO_ROOT
+from steps.flow.compute import MEMORY_SHARE
 from steps.plan import catalog
 from steps.plan.schema import CellSpec
 
-MEMORY_SHARE = 0.9  # of the instance's memory: the rest for the node's own daemons
 NOT_SHARED = 97  # the exit code of a job that cannot see its cell folder
 IMAGE_ROOT = "/opt/finetune-matrix"  # where the project's image (Containerfile) keeps the code
 PORT_BASE, PORT_SPAN = 20000, 20000  # the rendezvous port: one per job id, the same on every node
