@@ -120,9 +120,22 @@ def test_the_refusals_are_the_models_own_limits(runs):
         for run in ("qlora-ddp", "qlora-zero3")}
 
 
+# PEFT's default targets that are not bias-free Linear layers: by default (`train.lora_kernels:
+# auto`) these models train on PEFT's modules, the others through the LoRA kernels.
+NOT_PLAIN = {"qwen2": "q_proj (Linear with a bias), v_proj (Linear with a bias) are",
+             "gpt2": "c_attn (Conv1D with a bias) is", "gpt_neox": "query_key_value (Linear with a bias) is",
+             "opt": "q_proj (Linear with a bias), v_proj (Linear with a bias) are"}
+
+
 @pytest.mark.parametrize("kind", list(ARCHITECTURES))
 def test_every_architecture_trains_under_every_strategy_it_can(runs, folders, kind):
     count = _peft_count(folders[kind], "lora")
+    _, one = runs[(kind, "lora-single")]
+    if kind in NOT_PLAIN:
+        assert (one["lora_kernels"], one["lora_kernels_off"]) == (
+            None, f"the kernels compute LoRA on bias-free Linear layers and {kind}'s {NOT_PLAIN[kind]} not")
+    else:
+        assert one["lora_kernels"]["linear"] > 0 and one["lora_kernels_off"] is None, one["lora_kernels"]
     single = [p["loss"] for p in runs[(kind, "lora-single")][1]["loss_curve"]]
     assert len(single) == STEPS and all(math.isfinite(x) for x in single)
     for run_id in IDS:

@@ -62,7 +62,7 @@ CELLS = {
     "qlora-drawn-on-gpu": gpu_cell("qlora", "bf16-mixed", train={"init_device": "device"}),
     "lora-unfused": gpu_cell("lora", "bf16-mixed", train={"fused_optimizer": "off"}),
     # train.lora_kernels against PEFT on the same layers (every linear one), and after Liger
-    **{f"{p}-all-linear": gpu_cell(p, "bf16-mixed", train={"lora": {"target_modules": "all-linear"}})
+    **{f"{p}-all-linear": gpu_cell(p, "bf16-mixed", train={"lora_kernels": False, "lora": {"target_modules": "all-linear"}})
        for p in ("lora", "qlora")},
     **{f"{p}-kernels": gpu_cell(p, "bf16-mixed", train={"lora_kernels": True, "lora": {"target_modules": "all-linear"}})
        for p in ("lora", "qlora")},

@@ -31,7 +31,7 @@ BF16 = 2e-2  # bf16 sums the gradient of a shared input in another order (measur
 def _cell(peft="lora", precision="fp32", targets=EVERY, dropout=0.0, **train):
     lora = {"r": 8, "alpha": 16, "target_modules": targets, "dropout": dropout}
     return make_cell(peft=peft, precision=precision, micro_batch=2, seq_len=48,
-                     train={"init": "random", "lora": lora, **train})
+                     train={"init": "random", "lora": lora, "lora_kernels": "false", **train})  # _run routes
 
 
 def _run(cell, kernels: bool, training: bool = True):
@@ -130,8 +130,29 @@ def test_a_cell_the_kernels_cannot_serve_runs_without_them_and_says_why(case):
     cell = make_cell(**settings, train=train)
     assert compat.refusal(cell) is None
     assert where.off_reason(cell) == OFF[case] and not where.applies(cell)
-    assert where.off_reason(cell.model_copy(update={"train": cell.train.model_copy(update={"lora_kernels": False})})) \
-        is None  # not set: nothing to say
+    off, auto = (cell.model_copy(update={"train": cell.train.model_copy(update={"lora_kernels": v})})
+                 for v in ("false", "auto"))
+    assert where.off_reason(off) is None  # not asked for: nothing to say
+    # the default asks only of LoRA and QLoRA cells: a full or DoRA cell has nothing to say
+    assert where.off_reason(auto) == (None if case in ("full", "dora") else OFF[case]) and not where.applies(auto)
+
+
+def test_by_default_the_kernels_serve_lora_and_qlora_and_nothing_else():
+    for peft in ("lora", "qlora"):
+        cell = make_cell(peft=peft)
+        assert cell.train.lora_kernels == "auto" and where.applies(cell) and where.off_reason(cell) is None
+    for peft in ("full", "dora"):
+        cell = make_cell(peft=peft)
+        assert not where.applies(cell) and where.off_reason(cell) is None
+    # a model whose adapted layers are not bias-free Linear layers (its facts) keeps PEFT's modules
+    odd = {"c_attn": "Conv1D with a bias"}
+    assert not where.applies(make_cell(), odd)
+    assert where.off_reason(make_cell(), odd, "gpt2") == (
+        "the kernels compute LoRA on bias-free Linear layers and gpt2's c_attn (Conv1D with a bias) is not")
+    # written out as booleans (YAML, older results rows), the setting reads as its words
+    assert make_cell(train={"lora_kernels": True}).train.lora_kernels == "true"
+    assert [where.setting(v) for v in (True, False, None, float("nan"), "auto")] == [
+        "true", "false", "false", "false", "auto"]
 
 
 @pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp", "zero1", "zero2", "pipeline", "hybrid"])
@@ -210,7 +231,7 @@ def test_a_matrix_that_sets_the_kernels_plans_every_cell_as_it_will_run():
     seen = {}
     for p in planned:
         cell = p.cell
-        without = cell.model_copy(update={"train": cell.train.model_copy(update={"lora_kernels": False})})
+        without = cell.model_copy(update={"train": cell.train.model_copy(update={"lora_kernels": "false"})})
         gb, gb_without = (planner.predict(c).memory_gb["activations"] for c in (cell, without))
         assert (gb < gb_without) if where.applies(cell) else (gb == gb_without), cell.cell_id
         assert ("lora_kernels" in calibrate._keys(cell)[1]) == where.applies(cell)
@@ -260,7 +281,7 @@ def test_the_row_says_what_ran_through_the_kernels_and_why_not(trained):
     assert (trained["peft"]["lora_kernels"], trained["peft"]["lora_kernels_off"]) == (None, None)
     assert (trained["dora"]["lora_kernels"], trained["dora"]["lora_kernels_off"]) == (None, OFF["dora"])
     assert (trained["full"]["lora_kernels"], trained["full"]["lora_kernels_off"]) == (None, OFF["full"])
-    assert trained["dora"]["train.lora_kernels"] is trained["full"]["train.lora_kernels"] is True
+    assert trained["dora"]["train.lora_kernels"] == trained["full"]["train.lora_kernels"] == "true"
 
 
 @pytest.mark.slow

@@ -225,18 +225,19 @@ STUDY4_ADAPTERS = {
     ("tinyllama-1.1b", "lora"): 8.0, ("open-llama-3b", "lora"): 17.0, ("open-llama-7b", "lora"): 30.0,
     ("open-llama-13b", "lora"): 51.5, ("open-llama-7b", "qlora"): 21.3,
 }
-# With PEFT's layers (the default) each adapted projection keeps its dropped-out input and mask,
-# seven per layer where LitGPT's fused qkv keeps five: the plan is above the study by up to this.
-# Through `train.lora_kernels` (one byte of mask per element, the input shared with the frozen
-# matmul) it is at or below the study's numbers (QLoRA 0.80 of it, LoRA about 0.9).
+# With the defaults the adapted projections run through `train.lora_kernels` (one byte of mask
+# per element, the input shared with the frozen matmul): at or below the study's numbers (QLoRA
+# 0.80 of it, LoRA 0.89-0.91; QLoRA / LoRA at 7B 0.64). With PEFT's modules (`lora_kernels:
+# false`) each adapted projection keeps its dropped-out input and mask, seven per layer where
+# LitGPT's fused qkv keeps five: the plan is above the study by up to this.
 ADAPTERS_ABOVE = 0.26
 
 
 def test_study4_s_adapter_cells_are_planned_against_what_the_study_measured():
-    """Every LoRA and QLoRA cell of the study against its measured GB: with defaults within
-    ADAPTERS_ABOVE above it, through the kernels at or below it; QLoRA keeps under 0.75 of
-    LoRA's memory at 7B either way (the study: 0.71)."""
-    for train, low, high in (({}, 1.0, 1 + ADAPTERS_ABOVE), ({"lora_kernels": True}, 0.75, 1.0)):
+    """Every LoRA and QLoRA cell of the study against its measured GB: with defaults at or below
+    it (no lower than 0.75 of it), with PEFT's modules within ADAPTERS_ABOVE above it; QLoRA
+    keeps under 0.75 of LoRA's memory at 7B either way (the study: 0.71)."""
+    for train, low, high in (({}, 0.75, 1.0), ({"lora_kernels": False}, 1.0, 1 + ADAPTERS_ABOVE)):
         plans = {(k[0], k[1]): p for k, p in _plans("study4-litgpt-memory.yaml", **train).items()
                  if k[1] in ("lora", "qlora")}
         planned = {k: plans[k].peak_gb - plans[k].memory_gb["runtime"] for k in STUDY4_ADAPTERS}

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from steps.estimate import planner
 from steps.plan import compat, preflight
 from steps.plan.matrix import expand, parse_matrix
 from steps.plan.schema import ConfigError
@@ -123,12 +124,18 @@ def test_what_the_model_cannot_do_is_refused_with_the_reason(facts, folders):
     # train.lora_kernels: bias-free torch.nn.Linear layers only (GPT-2's are Conv1D with a bias)
     kernels = {"lora_kernels": True}
     assert compat.model_refusal(make_cell(model=folders["gpt2"], train=kernels), gpt2) == (
-        "train.lora_kernels computes LoRA on bias-free Linear layers and gpt2's c_attn (Conv1D with a bias) "
-        "is not; use lora_kernels: false")
+        "train.lora_kernels: the kernels compute LoRA on bias-free Linear layers and gpt2's c_attn (Conv1D with "
+        "a bias) is not; use lora_kernels: auto (PEFT's modules for this model)")
+    # by default (auto) the cell runs PEFT's modules, and its plan counts them
+    assert compat.model_refusal(make_cell(model=folders["gpt2"]), gpt2) is None
+    assert planner.kernels_off(make_cell(model=folders["gpt2"]), facts["models"]) == (
+        "the kernels compute LoRA on bias-free Linear layers and gpt2's c_attn (Conv1D with a bias) is not")
+    assert planner.kernels_off(make_cell(), facts["models"]) is None
     everything = {**kernels, "lora": {"target_modules": "all-linear"}}
     assert compat.model_refusal(make_cell(model=folders["gpt2"], train=everything), gpt2) == (
-        "train.lora_kernels computes LoRA on bias-free Linear layers and gpt2's c_attn (Conv1D with a bias), "
-        "c_fc (Conv1D with a bias), c_proj (Conv1D with a bias) are not; use lora_kernels: false")
+        "train.lora_kernels: the kernels compute LoRA on bias-free Linear layers and gpt2's c_attn (Conv1D with "
+        "a bias), c_fc (Conv1D with a bias), c_proj (Conv1D with a bias) are not; use lora_kernels: auto (PEFT's "
+        "modules for this model)")
     assert compat.model_refusal(make_cell(train=everything), llama) is None
     # where the kernels cannot serve the cell anyway (ZeRO-3), PEFT's modules run: nothing to refuse
     assert compat.model_refusal(make_cell(model=folders["gpt2"], strategy="zero3", gpus=2, train=kernels), gpt2) is None

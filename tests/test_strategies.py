@@ -47,7 +47,7 @@ VARIANTS = {  # what a variant changes in a cell, beside the strategy's shape
     "sgd": {"lr": 0.5, "train": {"optimizer": "sgd", "max_grad_norm": None}},
     # train.lora_kernels, on every linear layer (so the MLP runs as one SwiGLU function), and
     # PEFT on the same layers to compare with
-    "all-linear": {"train": {"lora": {"target_modules": "all-linear"}}},
+    "all-linear": {"train": {"lora_kernels": False, "lora": {"target_modules": "all-linear"}}},
     "kernels": {"train": {"lora_kernels": True, "lora": {"target_modules": "all-linear"}}},
     "bf16-true": {"precision": "bf16-true"},
 }

@@ -118,6 +118,7 @@ def shape(cell: CellSpec) -> str:
                                             exclude={"cell_id", "matrix", "repeat", "track", "track_context"})
     body["train"].pop("seed", None)
     body["data"].pop("seed", None)
+    body["train"]["lora_kernels"] = lora_kernels.applies(cell)  # as it runs: auto is false where they cannot
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 

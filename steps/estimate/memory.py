@@ -123,8 +123,9 @@ def kernels_of(r: Any, arch: dict[str, Any]) -> activations.Kernels:
     shape = activations.DecoderShape.of(arch)
     deepspeed16 = layout_of(r).deepspeed and r["precision"] != "fp32"
     compiled = str(_setting(r, "train.compile", defaults.compile))
-    kernels_run = bool(_setting(r, "train.lora_kernels", defaults.lora_kernels)) and (  # as the cell runs
-        lora_kernels.why_not(str(r["peft"]), layout_of(r), compiled) is None)
+    kernels_run = (lora_kernels.setting(_setting(r, "train.lora_kernels", None)) != "false"  # as the cell runs
+                   and lora_kernels.why_not(str(r["peft"]), layout_of(r), compiled) is None
+                   and not _setting(r, "lora_kernels_off", None))
     return activations.Kernels(
         method=str(r["peft"]), precision="bf16-true" if deepspeed16 else str(r["precision"]), attention=attention,
         masked=attention in ("sdpa", "eager"),
@@ -144,12 +145,13 @@ def kernels_of(r: Any, arch: dict[str, Any]) -> activations.Kernels:
 
 
 # ------------------------------------------------------------------------ a cell, as planned
-def row_of(cell: CellSpec, counts: ParamCounts) -> dict[str, Any]:
+def row_of(cell: CellSpec, counts: ParamCounts, kernels_off: str | None = None) -> dict[str, Any]:
     """The cell as a results-table row (settings by their dotted names, parameter counts), the
-    form `estimate` reads."""
+    form `estimate` reads (`kernels_off`: why the model's own layers keep the LoRA kernels off,
+    from its facts: `steps.plan.lora_kernels.off_reason`)."""
     top = cell.model_dump(mode="json", exclude={"train", "data"})
     return {**top, **flatten(cell), "world_size": cell.world_size, "total_params": counts.total,
-            "trainable_params": counts.trainable}
+            "trainable_params": counts.trainable, "lora_kernels_off": kernels_off or lora_kernels.off_reason(cell)}
 
 
 def device_memory_gb(cell: CellSpec) -> float | None:
@@ -197,10 +199,10 @@ def buffers_bytes(cell: CellSpec, shape: DecoderShape, counts: ParamCounts, whol
 
 
 def memory_parts(cell: CellSpec, arch: dict[str, Any], counts: ParamCounts,
-                 whole_weights: float) -> dict[str, float]:
+                 whole_weights: float, kernels_off: str | None = None) -> dict[str, float]:
     """GB per rank: weights, gradients, optimizer states, activations, framework buffers,
-    runtime (`whole_weights`: `whole_weights_bytes` of the cell)."""
-    parts = estimate(row_of(cell, counts), arch)
+    runtime (`whole_weights`: `whole_weights_bytes` of the cell; `kernels_off`: `row_of`'s)."""
+    parts = estimate(row_of(cell, counts, kernels_off), arch)
     shape = DecoderShape.of(arch)
     if cell.layout.model_split == "pipeline":
         # In flight on the first stage: every micro-batch under GPipe, one per stage under 1F1B.

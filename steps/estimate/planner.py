@@ -17,7 +17,7 @@ from typing import Any
 from steps.estimate import cost, memory, params, step_time
 from steps.estimate.activations import DecoderShape
 from steps.estimate.fixes import cheapest_fix
-from steps.plan import catalog
+from steps.plan import catalog, lora_kernels
 from steps.plan.compat import adapter_key
 from steps.plan.schema import CellSpec
 
@@ -103,6 +103,15 @@ def counts_of(cell: CellSpec, arch: dict[str, Any], facts: dict[str, Any] | None
     return params.ParamCounts(total, trainable, counted.embedding)
 
 
+def kernels_off(cell: CellSpec, facts: dict[str, Any] | None) -> str | None:
+    """Why the LoRA kernels leave the cell to PEFT's modules, the model's facts considered (its
+    adapted layers that are not bias-free Linear layers); None where they run or are not asked."""
+    entry = (facts or {}).get(cell.model) or {}
+    adapter = entry.get("adapters", {}).get(adapter_key(cell), {}) if cell.peft != "full" else {}
+    model_type = (entry.get("arch") or {}).get("model_type", cell.model)
+    return lora_kernels.off_reason(cell, adapter.get("not_plain"), model_type)
+
+
 def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: cost.Compute = "local",
             efficiency: dict[str, float] | None = None, fixes: bool = True, overhead_s: float = 0.0,
             probe: dict[str, Any] | None = None) -> CellPlan:
@@ -115,7 +124,7 @@ def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: cost.C
     shape = DecoderShape.of(arch)
     counts = counts_of(cell, arch, facts)
     whole = memory.whole_weights_bytes(cell, arch, counts)
-    parts = memory.memory_parts(cell, arch, counts, whole)
+    parts = memory.memory_parts(cell, arch, counts, whole, kernels_off(cell, facts))
     device = memory.device_memory_gb(cell)
     plan = CellPlan(cell.cell_id, parts, device, load_gb=memory.load_gb(cell, counts, whole),
                     step_gb=memory.step_gb(cell, parts, counts))

@@ -181,13 +181,14 @@ def model_refusal(cell: CellSpec, model: dict[str, Any] | None) -> str | None:
         return (f"QLoRA would train {kind} unquantized: bitsandbytes quantizes torch.nn.Linear layers and "
                 f"{kind}'s {', '.join(sorted(odd))} are {', '.join(sorted(set(odd.values())))}; use lora")
     adapter = model.get("adapters", {}).get(adapter_key(cell)) or {}
-    if lora_kernels.applies(cell) and adapter.get("not_plain"):  # elsewhere PEFT runs anyway
+    # Asked for outright (`true`), the kernels refuse a model they cannot compute; under `auto`
+    # such a cell runs PEFT's modules and says why (steps.plan.lora_kernels).
+    if cell.train.lora_kernels == "true" and lora_kernels.applies(cell) and adapter.get("not_plain"):
         odd = adapter["not_plain"]
         plain = sorted(set(adapter.get("targeted", [])) - set(odd))
         instead = f"target_modules among {', '.join(plain)}, or " if plain else ""
-        return (f"train.lora_kernels computes LoRA on bias-free Linear layers and {kind}'s "
-                f"{', '.join(f'{n} ({what})' for n, what in odd.items())} {'is' if len(odd) == 1 else 'are'} not; "
-                f"use {instead}lora_kernels: false")
+        return (f"train.lora_kernels: {lora_kernels.model_why_not(kind, odd)}; "
+                f"use {instead}lora_kernels: auto (PEFT's modules for this model)")
     if split == "tensor" and not model["tensor_plan"]:
         return (f"tensor parallelism needs the model's own tensor-parallel plan and transformers has "
                 f"none for {kind}; use fsdp or zero3 to shard it, or pipeline")

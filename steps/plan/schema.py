@@ -154,9 +154,12 @@ class TrainSettings(Strict):
     loss_chunk: PositiveInt = 1024
     # LoRA's forward and backward written out (`steps.trainer.lora_kernels`): each adapted
     # projection one autograd function, a SwiGLU MLP whose three projections are adapted another,
-    # keeping less for backward; lora and qlora (dropout too) on modules the strategy leaves whole.
-    # A cell they cannot serve runs PEFT's modules and says why (steps.plan.lora_kernels).
-    lora_kernels: bool = False
+    # keeping less for backward (PEFT's losses and gradients); lora and qlora (dropout too) on
+    # modules the strategy leaves whole. auto: wherever they serve the cell, PEFT's modules
+    # elsewhere; true: the same, and a LoRA model whose adapted layers they cannot compute is
+    # refused; false: PEFT's modules. A LoRA cell that runs without them says why
+    # (steps.plan.lora_kernels).
+    lora_kernels: Literal["auto", "true", "false"] = "auto"
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     # false: no validation at all (an `economy:` speed cell, which shares its class's).
     evaluate: bool = True
@@ -187,9 +190,9 @@ class TrainSettings(Strict):
     qlora: QLoraSettings = Field(default_factory=QLoraSettings)
     parallel: ParallelSettings = Field(default_factory=ParallelSettings)
 
-    @field_validator("tf32", mode="before")
+    @field_validator("tf32", "lora_kernels", mode="before")
     @classmethod
-    def _tf32_words(cls, value: Any) -> Any:
+    def _switch_words(cls, value: Any) -> Any:
         """YAML reads true/false (and on/off) as booleans; kept as words, so that a results-table
         column of auto, true and false has one type (Parquet's rule)."""
         return str(value).lower() if isinstance(value, bool) else value

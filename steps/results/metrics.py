@@ -143,6 +143,10 @@ class CellMetrics(_Record):
     tf32: bool | None = None
     # train.lora_kernels: how many SwiGLU MLPs and adapted projections ran through the kernels
     lora_kernels: dict[str, int] | None = None
+    # why they did not run although the cell asked for them, where the trainer found it in the
+    # model (adapted layers that are not bias-free Linear layers); the results row's
+    # `lora_kernels_off` holds it, or the reason the settings give
+    lora_kernels_off: str | None = None
     pipeline_schedule: str | None = None
     resumed_from_step: int | None = None
     device: str | None = None

@@ -51,7 +51,8 @@ def row(run_id: str, cell: dict[str, Any], metrics: dict[str, Any]) -> dict[str,
     for name in METRICS:
         out.setdefault(name, getattr(m, name))
     out["warmup_tokens_per_s"] = m.warmup.tokens_per_s if m.warmup else None
-    out["lora_kernels_off"] = lora_kernels.off_reason(spec)  # set, and PEFT's modules ran: why
+    # asked for, and PEFT's modules ran: why (the model's layers, as the trainer found them, or the settings)
+    out["lora_kernels_off"] = m.lora_kernels_off or lora_kernels.off_reason(spec)
     own = m.speed_curve or m.loss_curve  # a speed cell's loss_curve is its class's
     out["train_steps"] = len(own)
     out["train_tokens"] = float(sum(p.tokens for p in own))

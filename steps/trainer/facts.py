@@ -22,7 +22,7 @@ from steps.plan import catalog
 from steps.plan.compat import adapter_key
 from steps.plan.preflight import FILE_TASKS, data_key
 from steps.plan.schema import CellSpec
-from steps.trainer import modeling
+from steps.trainer import lora_kernels, modeling
 
 HUB_TIMEOUT_S = 10.0
 OFFLINE_HINT = ("download it once where the Hub is reachable (`hf download {name}`) and set "
@@ -137,24 +137,7 @@ def adapter_facts(cell: CellSpec, config) -> dict[str, Any]:
     trainable, _ = model.get_nb_trainable_parameters()
     targeted = sorted({n.rsplit(".", 1)[-1] for n in model.base_model.targeted_module_names})
     return {"trainable_params": trainable, "targets": targets, "targeted": targeted,
-            "not_plain": _not_plain_linear(model)}
-
-
-def _not_plain_linear(model) -> dict[str, str]:
-    """Adapted layers that are not a bias-free torch.nn.Linear (what `train.lora_kernels`
-    computes), by last name: {"c_attn": "Conv1D with a bias", "q_proj": "Linear with a bias"}."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    odd = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        base = module.get_base_layer()
-        kind = type(base).__name__ if not isinstance(base, torch.nn.Linear) else ""
-        bias = " with a bias" if getattr(base, "bias", None) is not None else ""
-        if kind or bias:
-            odd[name.rsplit(".", 1)[-1]] = f"{kind or 'Linear'}{bias}"
-    return dict(sorted(odd.items()))
+            "not_plain": lora_kernels.not_plain(model)}
 
 
 def model_facts(cells: list[CellSpec]) -> dict[str, Any]:

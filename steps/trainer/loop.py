@@ -44,7 +44,8 @@ def train(cell: CellSpec, d: Dist, m: CellMetrics, out: Path, resume: bool, beat
              lora_targets=list(engine.facts.adapted) or None, pipeline_schedule=engine.schedule_name,
              weights_dtype=engine.facts.weights_dtype, trainable_dtype=engine.facts.trainable_dtype,
              attn_implementation=getattr(engine.facts.config, "_attn_implementation", None),
-             fused_optimizer=fused(cell, engine.params), lora_kernels=engine.facts.lora_kernels)
+             fused_optimizer=fused(cell, engine.params), lora_kernels=engine.facts.lora_kernels,
+             lora_kernels_off=engine.facts.lora_kernels_off)
     # The dataset and model are long-lived: keep them out of the garbage collector's full scans,
     # which otherwise walk every token list of the dataset during training steps.
     gc.collect()

@@ -285,3 +285,21 @@ def apply(model: torch.nn.Module) -> dict[str, int]:
                 module.forward = types.MethodType(_linear_forward, module)
             counts["linear"] += 1
     return counts
+
+
+def not_plain(model: torch.nn.Module) -> dict[str, str]:
+    """Adapted layers that are not a bias-free torch.nn.Linear (what the kernels compute), by last
+    name: {"c_attn": "Conv1D with a bias", "q_proj": "Linear with a bias"}. The model's facts
+    report them before a cell runs (`steps.trainer.facts`); the trainer asks again as it routes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    odd = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        base = module.get_base_layer()
+        kind = type(base).__name__ if not isinstance(base, torch.nn.Linear) else ""
+        bias = " with a bias" if getattr(base, "bias", None) is not None else ""
+        if kind or bias:
+            odd[name.rsplit(".", 1)[-1]] = f"{kind or 'Linear'}{bias}"
+    return dict(sorted(odd.items()))

@@ -291,11 +291,25 @@ def apply_peft(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:
     _init_lora_a(model, cell.train.seed)
     if autocast_dtype(cell) is not None:
         _keep_adapter_inputs_16bit(model)
-    if where.applies(cell):  # elsewhere PEFT's modules run, and the row says why
-        from steps.trainer import lora_kernels
-
-        model.lora_kernels = lora_kernels.apply(model)  # a metric: what ran through them
+    _route_lora_kernels(model, cell)
     return model
+
+
+def _route_lora_kernels(model: torch.nn.Module, cell: CellSpec) -> None:
+    """Route the adapted layers through the LoRA kernels where `train.lora_kernels` serves the
+    cell; elsewhere PEFT's modules run, and the row says why (`steps.plan.lora_kernels`). A model
+    whose adapted layers are not all bias-free Linear layers keeps PEFT's modules whole (under
+    `true` the plan refused it), so that it runs as it was planned. Sets the metrics
+    `lora_kernels` (what ran through them) and `lora_kernels_off` (why not, from the model)."""
+    if not where.applies(cell):
+        return
+    from steps.trainer import lora_kernels
+
+    odd = lora_kernels.not_plain(model)
+    if odd:
+        model.lora_kernels_off = where.model_why_not(model.config.model_type, odd)
+        return
+    model.lora_kernels = lora_kernels.apply(model)
 
 
 def _keep_adapter_inputs_16bit(model: torch.nn.Module) -> None:
@@ -392,7 +406,7 @@ def apply_fast_paths(model: torch.nn.Module, cell: CellSpec) -> torch.nn.Module:
         # The loss stays this trainer's (a sum over target tokens from the logits).
         _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
-        if where.applies(cell):  # Liger replaced the MLPs' forward: the LoRA MLP keeps less
+        if getattr(model, "lora_kernels", None):  # Liger replaced the MLPs' forward: the LoRA MLP keeps less
             from steps.trainer import lora_kernels
 
             model.lora_kernels = lora_kernels.apply(model)

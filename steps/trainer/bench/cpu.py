@@ -36,6 +36,7 @@ def bench_cell(args) -> dict:
         "micro_batch": args.micro_batch, "seq_len": args.seq_len, "precision": "fp32",
         "train": {"max_steps": args.steps, "timing_warmup_steps": args.warmup, "lr_schedule": "constant",
                   "max_grad_norm": None, "save_adapter": False,
+                  "lora_kernels": "false",  # PEFT's modules, as the other two loops run them
                   "lora": {"r": args.r, "alpha": 2 * args.r,
                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
         "data": {"task": "synthetic-reverse", "packing": True, "train_samples": 4096, "val_samples": 8},

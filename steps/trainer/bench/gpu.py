@@ -53,7 +53,7 @@ def bench_cell(model: str, peft: str, micro_batch: int, fast: bool, steps: int, 
                   "lr_schedule": "constant", "save_adapter": False, "attn_implementation": "sdpa",
                   "fused_optimizer": "auto" if fast else "off",
                   "compile": "layers" if fast and compile_layers and not kernels else "off", "liger": fast,
-                  **({"lora_kernels": True} if kernels else {}),  # (unset: the saved runs' cell ids)
+                  "lora_kernels": "true" if kernels else "false",  # false: PEFT's modules, for the comparison
                   "loss": "chunked" if fast else "logits",
                   "timeout_s": 1200, "hang_after_s": 600,
                   "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}},
@@ -97,7 +97,7 @@ def memory_estimate(cell: dict, m) -> dict:
            "lora_targets": m.lora_targets, "train.optimizer": "adamw", "train.gradient_checkpointing": False,
            "train.liger": cell["train"]["liger"], "train.compile": cell["train"]["compile"],
            "train.lora.r": cell["train"]["lora"]["r"], "train.lora.dropout": cell["train"]["lora"]["dropout"],
-           "train.loss": cell["train"]["loss"], "train.lora_kernels": cell["train"].get("lora_kernels", False)}
+           "train.loss": cell["train"]["loss"], "train.lora_kernels": cell["train"]["lora_kernels"]}
     parts = memory.estimate(row, catalog.model_presets()[cell["model"]].config)
     total = sum(parts.values()) / 1e9
     return {**{k: v / 1e9 for k, v in parts.items()}, "total_gb": total,

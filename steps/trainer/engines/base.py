@@ -48,6 +48,7 @@ class ModelFacts:
     weights_dtype: str = ""  # how the frozen base (full fine-tuning: the weights) is stored
     trainable_dtype: str = ""  # how the trainable parameters are stored
     lora_kernels: dict[str, int] | None = None  # what train.lora_kernels routed (steps.trainer.lora_kernels)
+    lora_kernels_off: str | None = None  # why the model's own layers kept them off
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelFacts:
@@ -58,7 +59,8 @@ class ModelFacts:
         return cls(trainable, total, modeling.embedding_parameters(model), model.config, tuple(adapted),
                    weights_dtype=modeling.storage_dtype(frozen or list(model.parameters())),
                    trainable_dtype=modeling.storage_dtype([p for p in model.parameters() if p.requires_grad]),
-                   lora_kernels=getattr(model, "lora_kernels", None))
+                   lora_kernels=getattr(model, "lora_kernels", None),
+                   lora_kernels_off=getattr(model, "lora_kernels_off", None))
 
 
 def autocast(cell: CellSpec, device: torch.device) -> contextlib.AbstractContextManager:
