@@ -18,7 +18,7 @@ from steps.estimate import cost, memory, params, step_time
 from steps.estimate.activations import DecoderShape
 from steps.estimate.fixes import cheapest_fix
 from steps.plan import catalog, lora_kernels
-from steps.plan.compat import adapter_key
+from steps.plan.compat import adapter_facts
 from steps.plan.schema import CellSpec
 
 
@@ -97,7 +97,7 @@ def counts_of(cell: CellSpec, arch: dict[str, Any], facts: dict[str, Any] | None
     entry = (facts or {}).get(cell.model) or {}
     if catalog.model_presets().get(cell.model) or "total_params" not in entry:
         return counted
-    adapter = entry.get("adapters", {}).get(adapter_key(cell), {})
+    adapter = adapter_facts(cell, entry)
     trainable = entry["total_params"] if cell.peft == "full" else adapter.get("trainable_params", counted.trainable)
     total = entry["total_params"] + (0 if cell.peft == "full" else trainable)
     return params.ParamCounts(total, trainable, counted.embedding)
@@ -107,9 +107,8 @@ def kernels_off(cell: CellSpec, facts: dict[str, Any] | None) -> str | None:
     """Why the LoRA kernels leave the cell to PEFT's modules, the model's facts considered (its
     adapted layers that are not bias-free Linear layers); None where they run or are not asked."""
     entry = (facts or {}).get(cell.model) or {}
-    adapter = entry.get("adapters", {}).get(adapter_key(cell), {}) if cell.peft != "full" else {}
-    model_type = (entry.get("arch") or {}).get("model_type", cell.model)
-    return lora_kernels.off_reason(cell, adapter.get("not_plain"), model_type)
+    return lora_kernels.off_reason(cell, adapter_facts(cell, entry).get("not_plain"),
+                                   entry.get("model_type", cell.model))
 
 
 def predict(cell: CellSpec, facts: dict[str, Any] | None = None, compute: cost.Compute = "local",

@@ -168,6 +168,11 @@ def adapter_key(cell: CellSpec) -> str:
     return json.dumps([peft, lora.r, lora.target_modules], separators=(",", ":"))
 
 
+def adapter_facts(cell: CellSpec, model: dict[str, Any]) -> dict[str, Any]:
+    """The model's facts about the cell's adapter (`steps.trainer.facts`); {} where none were read."""
+    return model.get("adapters", {}).get(adapter_key(cell)) or {}
+
+
 PEFT_TENSOR_STYLES = ("colwise", "rowwise")  # the plan styles PEFT shards adapters along with
 
 
@@ -180,7 +185,7 @@ def model_refusal(cell: CellSpec, model: dict[str, Any] | None) -> str | None:
         odd = model["unquantizable"]
         return (f"QLoRA would train {kind} unquantized: bitsandbytes quantizes torch.nn.Linear layers and "
                 f"{kind}'s {', '.join(sorted(odd))} are {', '.join(sorted(set(odd.values())))}; use lora")
-    adapter = model.get("adapters", {}).get(adapter_key(cell)) or {}
+    adapter = adapter_facts(cell, model)
     # Asked for outright (`true`), the kernels refuse a model they cannot compute; under `auto`
     # such a cell runs PEFT's modules and says why (steps.plan.lora_kernels).
     if cell.train.lora_kernels == "true" and lora_kernels.applies(cell) and adapter.get("not_plain"):

@@ -53,11 +53,8 @@ def model_why_not(model_type: str, not_plain: dict[str, str]) -> str:
     """Why the kernels cannot serve a model whose adapted layers are not all bias-free Linear
     layers (`not_plain`: {last name: what it is}, the model's facts or the trainer's look)."""
     odd = ", ".join(f"{name} ({what})" for name, what in sorted(not_plain.items()))
-    return f"the kernels compute LoRA on bias-free Linear layers and {model_type}'s {odd} {_are(not_plain)} not"
-
-
-def _are(items: dict) -> str:
-    return "is" if len(items) == 1 else "are"
+    are = "is" if len(not_plain) == 1 else "are"
+    return f"the kernels compute LoRA on bias-free Linear layers and {model_type}'s {odd} {are} not"
 
 
 def off_reason(cell: CellSpec, not_plain: dict[str, str] | None = None, model_type: str = "the model") -> str | None:
